@@ -1,0 +1,186 @@
+//! The tower middleware: find the tenant, resolve its shard, hand the handler a
+//! [`TenantDb`](crate::TenantDb).
+//!
+//! [`ShardRouterLayer`] wraps any `Service<http::Request<B>>` (an axum `Router`, a
+//! tonic server, a bare `service_fn`). For each request it runs the tenant
+//! extractor, resolves the tenant against the live map, inserts a
+//! [`TenantDb`](crate::TenantDb) into the request's extensions and calls the inner
+//! service inside a tracing span carrying `tenant`, `shard` and `map_version`.
+//! A request without a valid tenant is answered 400 here and never reaches the
+//! inner service, so it issues no query. Connections are checked out lazily by the
+//! handle, so the layer itself never waits on a pool.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//! use shard_router::{map::MapLoader, ShardRouter, ShardRouterLayer, TenantDb};
+//! use shard_router::tenant::HeaderExtractor;
+//!
+//! async fn whoami(db: TenantDb) -> String {
+//!     format!("{} on {} (map v{})", db.tenant(), db.shard(), db.map_version())
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let map = MapLoader::without_env()
+//!     .load_str("version = 1\n[shards.a]\nurl = \"postgres://postgres@127.0.0.1/app\"")
+//!     .unwrap();
+//! let router = ShardRouter::new(map).unwrap();
+//! let app: Router = Router::new()
+//!     .route("/whoami", get(whoami))
+//!     .layer(ShardRouterLayer::new(router, HeaderExtractor::default()));
+//! # }
+//! ```
+
+mod extract;
+mod future;
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+pub use future::ResponseFuture;
+
+use crate::tenant::TenantExtractor;
+use crate::{Rejection, ShardRouter};
+
+/// Applies [`ShardRouterService`] to a service. Cheap to clone.
+///
+/// ```
+/// # use shard_router::{map::MapLoader, ShardRouter, ShardRouterLayer, tenant::PathSegmentExtractor};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+/// let layer = ShardRouterLayer::new(router, PathSegmentExtractor::new(1));
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct ShardRouterLayer<E> {
+    router: ShardRouter,
+    extractor: Arc<E>,
+}
+
+impl<E> Clone for ShardRouterLayer<E> {
+    fn clone(&self) -> Self {
+        ShardRouterLayer {
+            router: self.router.clone(),
+            extractor: Arc::clone(&self.extractor),
+        }
+    }
+}
+
+impl<E: TenantExtractor> ShardRouterLayer<E> {
+    /// Routes with `router`, finding tenants with `extractor`.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter, ShardRouterLayer, tenant::HeaderExtractor};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// let layer = ShardRouterLayer::new(router, HeaderExtractor::default());
+    /// # }
+    /// ```
+    pub fn new(router: ShardRouter, extractor: E) -> Self {
+        ShardRouterLayer {
+            router,
+            extractor: Arc::new(extractor),
+        }
+    }
+}
+
+impl<S, E> Layer<S> for ShardRouterLayer<E> {
+    type Service = ShardRouterService<S, E>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ShardRouterService {
+            inner,
+            router: self.router.clone(),
+            extractor: Arc::clone(&self.extractor),
+        }
+    }
+}
+
+/// The middleware made by [`ShardRouterLayer`].
+///
+/// `poll_ready` is the inner service's; a rejected request does not call the
+/// inner service.
+///
+/// ```
+/// use shard_router::{map::MapLoader, ShardRouter, ShardRouterLayer, TenantDb};
+/// use shard_router::tenant::HeaderExtractor;
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+/// let inner = service_fn(|req: http::Request<String>| async move {
+///     let db = req.extensions().get::<TenantDb>().unwrap();
+///     Ok::<_, std::convert::Infallible>(http::Response::new(db.shard().to_owned()))
+/// });
+/// let service = ShardRouterLayer::new(router, HeaderExtractor::default()).layer(inner);
+///
+/// let ok = service.clone().oneshot(
+///     http::Request::builder().header("x-tenant-id", "acme").body(String::new()).unwrap()
+/// ).await.unwrap();
+/// assert_eq!(ok.body(), "a");
+///
+/// let missing = service.oneshot(http::Request::new(String::new())).await.unwrap();
+/// assert_eq!(missing.status(), 400);
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct ShardRouterService<S, E> {
+    inner: S,
+    router: ShardRouter,
+    extractor: Arc<E>,
+}
+
+impl<S: Clone, E> Clone for ShardRouterService<S, E> {
+    fn clone(&self) -> Self {
+        ShardRouterService {
+            inner: self.inner.clone(),
+            router: self.router.clone(),
+            extractor: Arc::clone(&self.extractor),
+        }
+    }
+}
+
+impl<S, E, ReqBody, ResBody> Service<Request<ReqBody>> for ShardRouterService<S, E>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    E: TenantExtractor,
+    ResBody: From<&'static str>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        let tenant = match self.extractor.extract(&parts) {
+            Ok(tenant) => tenant,
+            Err(err) => {
+                tracing::debug!(error = %err, path = parts.uri.path(), "request rejected: no valid tenant");
+                return ResponseFuture::rejected(Rejection::from(&err).into_response());
+            }
+        };
+        let db = self.router.resolve(tenant);
+        let span = tracing::info_span!(
+            "tenant_request",
+            tenant = %db.tenant(),
+            shard = db.shard(),
+            map_version = db.map_version(),
+        );
+        let mut req = Request::from_parts(parts, body);
+        req.extensions_mut().insert(db);
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        ResponseFuture::inner(future, span)
+    }
+}

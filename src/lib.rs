@@ -1,0 +1,17 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![deny(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+pub mod db;
+pub mod layer;
+pub mod map;
+pub mod rejection;
+pub mod router;
+pub mod tenant;
+
+pub use db::{DbError, TenantDb, TenantWriter};
+pub use layer::{ShardRouterLayer, ShardRouterService};
+pub use map::{MapError, ShardMap};
+pub use rejection::Rejection;
+pub use router::{Applied, ApplyError, RoutingTable, ShardRouter};
+pub use tenant::{TenantExtractor, TenantId, TenantIdError};

@@ -1,0 +1,242 @@
+//! Reading a shard map: TOML through the `config` crate, plus environment overrides.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use config::{Config, Environment, File, FileFormat};
+
+use super::validate::{MapError, Problem, RawMap};
+use super::ShardMap;
+
+/// The default prefix of environment overrides.
+pub const DEFAULT_ENV_PREFIX: &str = "SHARD_ROUTER";
+
+/// Loads shard maps from TOML, applying environment overrides so that secrets
+/// such as shard URLs stay out of the file.
+///
+/// An override is `{PREFIX}__{PATH}` with `__` between path parts, upper or lower
+/// case: `SHARD_ROUTER__SHARDS__A__URL=postgres://app:secret@db-a/app` sets
+/// `shards.a.url`. Overrides may change shards the file declares, never add one:
+/// a shard only the environment names is refused, so a stray variable cannot
+/// create a shard.
+///
+/// # Example
+///
+/// ```
+/// use shard_router::map::MapLoader;
+///
+/// let loader = MapLoader::with_env_vars(
+///     "SHARD_ROUTER",
+///     [("SHARD_ROUTER__SHARDS__A__URL".to_owned(), "postgres://app:s3cret@db-a/app".to_owned())],
+/// );
+/// let map = loader.load_str("version = 1\n[shards.a]\nurl = \"postgres://placeholder/app\"").unwrap();
+/// assert_eq!(map.shards()[0].redacted_url(), "postgres://app:***@db-a/app");
+/// ```
+#[derive(Debug, Clone)]
+pub struct MapLoader {
+    env: EnvOverrides,
+}
+
+#[derive(Debug, Clone)]
+enum EnvOverrides {
+    None,
+    Process {
+        prefix: String,
+    },
+    Given {
+        prefix: String,
+        vars: HashMap<String, String>,
+    },
+}
+
+impl Default for MapLoader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MapLoader {
+    /// A loader with overrides from the process environment, prefix `SHARD_ROUTER`.
+    ///
+    /// ```
+    /// let _ = shard_router::map::MapLoader::new();
+    /// ```
+    pub fn new() -> Self {
+        Self::with_env_prefix(DEFAULT_ENV_PREFIX)
+    }
+
+    /// A loader with overrides from the process environment under `prefix`.
+    ///
+    /// ```
+    /// let _ = shard_router::map::MapLoader::with_env_prefix("BILLING_SHARDS");
+    /// ```
+    pub fn with_env_prefix(prefix: &str) -> Self {
+        MapLoader {
+            env: EnvOverrides::Process {
+                prefix: prefix.to_owned(),
+            },
+        }
+    }
+
+    /// A loader whose overrides come from `vars` instead of the process environment.
+    ///
+    /// ```
+    /// let _ = shard_router::map::MapLoader::with_env_vars("SR", std::iter::empty());
+    /// ```
+    pub fn with_env_vars(prefix: &str, vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        MapLoader {
+            env: EnvOverrides::Given {
+                prefix: prefix.to_owned(),
+                vars: vars.into_iter().collect(),
+            },
+        }
+    }
+
+    /// A loader that ignores the environment.
+    ///
+    /// ```
+    /// let _ = shard_router::map::MapLoader::without_env();
+    /// ```
+    pub fn without_env() -> Self {
+        MapLoader {
+            env: EnvOverrides::None,
+        }
+    }
+
+    /// Reads, parses and validates the map at `path`.
+    ///
+    /// ```no_run
+    /// let map = shard_router::map::MapLoader::new().load_file("shard-map.toml").unwrap();
+    /// ```
+    pub fn load_file(&self, path: impl AsRef<Path>) -> Result<ShardMap, MapError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|cause| MapError::Read {
+            path: path.display().to_string(),
+            cause,
+        })?;
+        self.load(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates a map given as TOML text.
+    ///
+    /// ```
+    /// let map = shard_router::map::MapLoader::without_env()
+    ///     .load_str("version = 1\n[shards.a]\nurl = \"postgres://h/a\"").unwrap();
+    /// assert_eq!(map.version(), 1);
+    /// ```
+    pub fn load_str(&self, toml: &str) -> Result<ShardMap, MapError> {
+        self.load(toml, "text")
+    }
+
+    fn load(&self, toml: &str, origin: &str) -> Result<ShardMap, MapError> {
+        let parse = |builder: config::ConfigBuilder<config::builder::DefaultState>| {
+            builder
+                .add_source(File::from_str(toml, FileFormat::Toml))
+                .build()
+                .and_then(|c| c.try_deserialize::<RawMap>())
+                .map_err(|e| MapError::Parse {
+                    origin: origin.to_owned(),
+                    cause: e.to_string(),
+                })
+        };
+        let file_only = parse(Config::builder())?;
+        let Some(env) = self.environment() else {
+            return file_only.validate();
+        };
+        // Overrides come after the file, so they win.
+        let with_env = Config::builder()
+            .add_source(File::from_str(toml, FileFormat::Toml))
+            .add_source(env)
+            .build()
+            .and_then(|c| c.try_deserialize::<RawMap>())
+            .map_err(|e| MapError::Parse {
+                origin: format!("{origin} with environment overrides"),
+                cause: e.to_string(),
+            })?;
+        let invented: Vec<Problem> = with_env
+            .shards
+            .keys()
+            .filter(|name| !file_only.shards.contains_key(*name))
+            .map(|name| Problem {
+                field: format!("shards.{name}"),
+                reason: "only set by an environment override; declare the shard in the file"
+                    .to_owned(),
+            })
+            .collect();
+        if !invented.is_empty() {
+            return Err(MapError::Invalid { problems: invented });
+        }
+        with_env.validate()
+    }
+
+    fn environment(&self) -> Option<Environment> {
+        let build = |prefix: &str| {
+            Environment::with_prefix(prefix)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+        };
+        match &self.env {
+            EnvOverrides::None => None,
+            EnvOverrides::Process { prefix } => Some(build(prefix)),
+            EnvOverrides::Given { prefix, vars } => Some(build(prefix).source(Some(vars.clone()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n";
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_overrides_change_declared_shards() {
+        let map = MapLoader::with_env_vars(
+            "SR",
+            vars(&[
+                ("SR__SHARDS__A__URL", "postgres://other/a"),
+                ("SR__SHARDS__A__WEIGHT", "3"),
+            ]),
+        )
+        .load_str(FILE)
+        .unwrap();
+        assert_eq!(map.shards()[0].url(), "postgres://other/a");
+        assert_eq!(map.shards()[0].weight(), 3);
+    }
+
+    #[test]
+    fn environment_cannot_invent_a_shard() {
+        let err = MapLoader::with_env_vars("SR", vars(&[("SR__SHARDS__B__URL", "postgres://x/b")]))
+            .load_str(FILE)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("shards.b: only set by an environment override"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_override_is_reported_like_a_bad_file() {
+        let err = MapLoader::with_env_vars("SR", vars(&[("SR__SHARDS__A__URL", "nonsense://")]))
+            .load_str(FILE)
+            .unwrap_err();
+        assert!(err.to_string().contains("shards.a.url"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_file_names_the_path() {
+        let err = MapLoader::without_env()
+            .load_file("/nonexistent/map.toml")
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/map.toml"), "{err}");
+    }
+}

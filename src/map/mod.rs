@@ -1,0 +1,514 @@
+//! The shard map: which shards exist, how tenants are placed on them, and which
+//! tenants are pinned or moving.
+//!
+//! A [`ShardMap`] only exists validated: [`MapLoader`] (or [`ShardMap::from_file`])
+//! parses TOML with the `config` crate, applies environment overrides, and checks
+//! every rule, reporting each problem with its field. Placement is a pure
+//! function of (map, tenant): moves first, then pins, then the ring
+//! (see [`placement`]).
+//!
+//! # Example
+//!
+//! ```
+//! use shard_router::map::{MapLoader, Reason};
+//! use shard_router::TenantId;
+//!
+//! let map = MapLoader::without_env().load_str(r#"
+//!     version = 3
+//!     [shards.a]
+//!     url = "postgres://postgres@127.0.0.1/shard_a"
+//!     [shards.b]
+//!     url = "postgres://postgres@127.0.0.1/shard_b"
+//!     [tenants]
+//!     acme = "b"
+//! "#).unwrap();
+//!
+//! let location = map.locate(&TenantId::new("acme").unwrap());
+//! assert_eq!(map.shard(location.shard).name(), "b");
+//! assert_eq!(location.reason, Reason::Pin);
+//! ```
+
+mod load;
+pub mod placement;
+mod validate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+pub use load::{MapLoader, DEFAULT_ENV_PREFIX};
+pub use validate::{MapError, Problem};
+
+use crate::TenantId;
+use placement::Ring;
+
+/// Default ring points per unit of weight.
+pub const DEFAULT_VNODES: u32 = 128;
+
+/// A validated, versioned shard map.
+///
+/// Build one with [`MapLoader`] or [`ShardMap::from_file`].
+#[derive(Debug, Clone)]
+pub struct ShardMap {
+    version: u64,
+    vnodes: u32,
+    tenant_column: String,
+    shards: Vec<Shard>,
+    pins: HashMap<Box<str>, ShardIndex>,
+    moves: HashMap<Box<str>, MoveRoute>,
+    ring: Ring,
+}
+
+/// The position of a shard in its map (shards are ordered by name).
+///
+/// Only meaningful together with the map it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardIndex(pub(crate) u16);
+
+impl ShardIndex {
+    /// The index as a `usize`.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// let first = map.shard_index("a").unwrap();
+    /// assert_eq!(first.get(), 0);
+    /// ```
+    pub fn get(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// One shard: a Postgres database and its pool settings.
+#[derive(Clone)]
+pub struct Shard {
+    name: String,
+    url: String,
+    pg: tokio_postgres::Config,
+    weight: u32,
+    pool: PoolSettings,
+}
+
+impl Shard {
+    /// The shard's name, as written under `[shards.NAME]`.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert_eq!(map.shards()[0].name(), "a");
+    /// ```
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The connection URL. It may hold a password: print [`Shard::redacted_url`] instead.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert_eq!(map.shards()[0].url(), "postgres://h/db");
+    /// ```
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL with any password replaced by `***`, for logs and output.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://app:secret@h/db\"").unwrap();
+    /// assert_eq!(map.shards()[0].redacted_url(), "postgres://app:***@h/db");
+    /// ```
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// The parsed connection settings.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert_eq!(map.shards()[0].pg_config().get_dbname(), Some("db"));
+    /// ```
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.pg
+    }
+
+    /// Ring weight; 0 means the shard takes no new tenants but still serves its pins.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert_eq!(map.shards()[0].weight(), 1);
+    /// ```
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// Pool settings.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert_eq!(map.shards()[0].pool().max_size, 16);
+    /// ```
+    pub fn pool(&self) -> &PoolSettings {
+        &self.pool
+    }
+
+    /// Whether a router can keep this shard's pool when moving from `self` to `other`.
+    pub(crate) fn same_connection(&self, other: &Shard) -> bool {
+        self.url == other.url && self.pool == other.pool
+    }
+}
+
+impl PartialEq for Shard {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.url == other.url
+            && self.weight == other.weight
+            && self.pool == other.pool
+    }
+}
+impl Eq for Shard {}
+
+impl fmt::Debug for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shard")
+            .field("name", &self.name)
+            .field("url", &self.redacted_url())
+            .field("weight", &self.weight)
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+/// Pool settings of a shard (`pool = { ... }` under the shard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolSettings {
+    /// Most connections open to the shard from one router. Default 16.
+    pub max_size: usize,
+    /// How long a request waits for a free connection before it gets 503. Default 2000 ms.
+    pub wait_timeout: Duration,
+    /// How long opening a new connection may take before it counts as failed. Default 2000 ms.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            max_size: 16,
+            wait_timeout: Duration::from_millis(2000),
+            connect_timeout: Duration::from_millis(2000),
+        }
+    }
+}
+
+/// How a tenant in flight is routed (`[moves.TENANT]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MoveRoute {
+    /// The shard the tenant is leaving.
+    pub from: ShardIndex,
+    /// The shard the tenant is going to.
+    pub to: ShardIndex,
+    /// Which side serves reads.
+    pub phase: MovePhase,
+}
+
+impl MoveRoute {
+    /// The shard that serves reads in this phase.
+    ///
+    /// ```
+    /// # use shard_router::map::{MapLoader, MovePhase};
+    /// # use shard_router::TenantId;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[shards.b]\nurl = \"postgres://h/b\"\n[moves.acme]\nfrom = \"a\"\nto = \"b\"\nphase = \"reversed\"").unwrap();
+    /// let route = map.move_of(&TenantId::new("acme").unwrap()).unwrap();
+    /// assert_eq!(route.phase, MovePhase::Reversed);
+    /// assert_eq!(map.shard(route.reads()).name(), "b");
+    /// ```
+    pub fn reads(&self) -> ShardIndex {
+        match self.phase {
+            MovePhase::DualWrite => self.from,
+            MovePhase::Reversed => self.to,
+        }
+    }
+}
+
+/// The phase of a move, as the map states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MovePhase {
+    /// `dual_write`: reads from the source; writes go to both shards.
+    DualWrite,
+    /// `reversed`: reads from the target; writes still go to both shards.
+    Reversed,
+}
+
+impl MovePhase {
+    /// The phase's name in the map file.
+    ///
+    /// ```
+    /// # use shard_router::map::MovePhase;
+    /// assert_eq!(MovePhase::DualWrite.as_str(), "dual_write");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MovePhase::DualWrite => "dual_write",
+            MovePhase::Reversed => "reversed",
+        }
+    }
+}
+
+/// Where a tenant is served, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// The shard that serves the tenant's reads (and, unless moving, its writes).
+    pub shard: ShardIndex,
+    /// Why the tenant is there.
+    pub reason: Reason,
+}
+
+/// Why a tenant is on its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// `[tenants]` pins it.
+    Pin,
+    /// The consistent-hash ring places it.
+    Ring,
+    /// It is moving (`[moves]`).
+    Move(MoveRoute),
+}
+
+impl Reason {
+    /// `pin`, `ring` or `move`, as printed by `shardctl tenant locate --json`.
+    ///
+    /// ```
+    /// # use shard_router::map::Reason;
+    /// assert_eq!(Reason::Pin.as_str(), "pin");
+    /// ```
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::Pin => "pin",
+            Reason::Ring => "ring",
+            Reason::Move(_) => "move",
+        }
+    }
+}
+
+impl ShardMap {
+    /// Loads and validates `path`, with environment overrides (`SHARD_ROUTER__...`).
+    /// Same as `MapLoader::new().load_file(path)`.
+    ///
+    /// ```no_run
+    /// let map = shard_router::ShardMap::from_file("shard-map.toml").unwrap();
+    /// ```
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<ShardMap, MapError> {
+        MapLoader::new().load_file(path)
+    }
+
+    /// The map's version; routers never go back to a lower one.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert_eq!(map.version(), 4);
+    /// ```
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Ring points per unit of weight (`[placement] vnodes`, default 128).
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert_eq!(map.vnodes(), 128);
+    /// ```
+    pub fn vnodes(&self) -> u32 {
+        self.vnodes
+    }
+
+    /// The column that marks a table as a tenant table (`tenant_column`, default `tenant_id`).
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert_eq!(map.tenant_column(), "tenant_id");
+    /// ```
+    pub fn tenant_column(&self) -> &str {
+        &self.tenant_column
+    }
+
+    /// The shards, ordered by name; a [`ShardIndex`] is a position in this slice.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.b]\nurl = \"postgres://h/b\"\n[shards.a]\nurl = \"postgres://h/a\"").unwrap();
+    /// let names: Vec<_> = map.shards().iter().map(|s| s.name()).collect();
+    /// assert_eq!(names, ["a", "b"]);
+    /// ```
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    /// The shard at `index`.
+    ///
+    /// # Panics
+    /// If `index` came from another map with fewer shards.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/a\"").unwrap();
+    /// let a = map.shard_index("a").unwrap();
+    /// assert_eq!(map.shard(a).name(), "a");
+    /// ```
+    pub fn shard(&self, index: ShardIndex) -> &Shard {
+        &self.shards[index.get()]
+    }
+
+    /// The index of the shard named `name`.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/a\"").unwrap();
+    /// assert!(map.shard_index("zzz").is_none());
+    /// ```
+    pub fn shard_index(&self, name: &str) -> Option<ShardIndex> {
+        self.shards
+            .binary_search_by(|s| s.name.as_str().cmp(name))
+            .ok()
+            .map(|i| ShardIndex(i as u16))
+    }
+
+    /// Where `tenant` is served: its move if it is moving, else its pin, else the ring.
+    ///
+    /// ```
+    /// # use shard_router::map::{MapLoader, Reason};
+    /// # use shard_router::TenantId;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/a\"").unwrap();
+    /// let location = map.locate(&TenantId::new("anyone").unwrap());
+    /// assert_eq!(location.reason, Reason::Ring);
+    /// ```
+    pub fn locate(&self, tenant: &TenantId) -> Location {
+        let id = tenant.as_str();
+        if !self.moves.is_empty() {
+            if let Some(route) = self.moves.get(id) {
+                return Location {
+                    shard: route.reads(),
+                    reason: Reason::Move(*route),
+                };
+            }
+        }
+        if let Some(shard) = self.pins.get(id) {
+            return Location {
+                shard: *shard,
+                reason: Reason::Pin,
+            };
+        }
+        Location {
+            // Validation guarantees a non-empty ring.
+            shard: self.ring.locate(id).unwrap_or(ShardIndex(0)),
+            reason: Reason::Ring,
+        }
+    }
+
+    /// The shard the ring alone would give `tenant`, ignoring pins and moves.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # use shard_router::TenantId;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/a\"").unwrap();
+    /// assert_eq!(map.ring_shard(&TenantId::new("x").unwrap()).get(), 0);
+    /// ```
+    pub fn ring_shard(&self, tenant: &TenantId) -> ShardIndex {
+        self.ring.locate(tenant.as_str()).unwrap_or(ShardIndex(0))
+    }
+
+    /// The move of `tenant`, if it is in flight.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # use shard_router::TenantId;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/a\"").unwrap();
+    /// assert!(map.move_of(&TenantId::new("acme").unwrap()).is_none());
+    /// ```
+    pub fn move_of(&self, tenant: &TenantId) -> Option<MoveRoute> {
+        self.moves.get(tenant.as_str()).copied()
+    }
+
+    /// The pins, sorted by tenant.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/a\"\n[tenants]\nacme = \"a\"").unwrap();
+    /// let pins = map.pins();
+    /// assert_eq!(pins[0].0, "acme");
+    /// ```
+    pub fn pins(&self) -> Vec<(&str, ShardIndex)> {
+        let mut pins: Vec<_> = self.pins.iter().map(|(t, s)| (&**t, *s)).collect();
+        pins.sort_unstable();
+        pins
+    }
+
+    /// Number of pinned tenants.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/a\"").unwrap();
+    /// assert_eq!(map.pin_count(), 0);
+    /// ```
+    pub fn pin_count(&self) -> usize {
+        self.pins.len()
+    }
+
+    /// The moves in flight, sorted by tenant.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/a\"").unwrap();
+    /// assert!(map.moves().is_empty());
+    /// ```
+    pub fn moves(&self) -> Vec<(&str, MoveRoute)> {
+        let mut moves: Vec<_> = self.moves.iter().map(|(t, m)| (&**t, *m)).collect();
+        moves.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        moves
+    }
+
+    /// Number of points on the placement ring.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/a\"\nweight = 2").unwrap();
+    /// assert_eq!(map.ring_points(), 256);
+    /// ```
+    pub fn ring_points(&self) -> usize {
+        self.ring.len()
+    }
+}
+
+/// Two maps are equal when they route every tenant alike over the same connections.
+impl PartialEq for ShardMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version
+            && self.vnodes == other.vnodes
+            && self.tenant_column == other.tenant_column
+            && self.shards == other.shards
+            && self.pins == other.pins
+            && self.moves == other.moves
+    }
+}
+impl Eq for ShardMap {}
+
+/// Replaces the password of a `postgres://user:password@host/db` URL with `***`.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}

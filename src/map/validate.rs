@@ -1,0 +1,490 @@
+//! Turning the parsed file into a [`ShardMap`], or into every problem it has.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::placement::Ring;
+use super::{MovePhase, MoveRoute, PoolSettings, Shard, ShardIndex, ShardMap, DEFAULT_VNODES};
+use crate::TenantId;
+
+/// The most shards a map may hold.
+pub(crate) const MAX_SHARDS: usize = 4096;
+/// The most ring points (vnodes × total weight) a map may hold.
+const MAX_RING_POINTS: u64 = 1 << 20;
+
+/// Why a shard map could not be loaded.
+///
+/// ```
+/// use shard_router::map::{MapError, MapLoader};
+///
+/// let err = MapLoader::without_env().load_str("version = 0").unwrap_err();
+/// let MapError::Invalid { problems } = &err else { panic!() };
+/// assert_eq!(problems[0].field, "version");
+/// assert!(err.to_string().contains("version: must be at least 1"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MapError {
+    /// The file could not be read.
+    #[error("cannot read shard map {path}: {cause}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        cause: std::io::Error,
+    },
+    /// The text is not TOML, or a value has the wrong type, or a field is unknown.
+    #[error("shard map {origin} cannot be parsed: {cause}")]
+    Parse {
+        /// The file, or `text` for a map given as a string.
+        origin: String,
+        /// What the parser said (TOML errors carry the line).
+        cause: String,
+    },
+    /// The map parsed but breaks rules; every problem is listed.
+    #[error("shard map is invalid:\n{}", list(problems))]
+    Invalid {
+        /// Each problem with the field it concerns.
+        problems: Vec<Problem>,
+    },
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One broken rule, naming the field (`shards.a.url`, `tenants.acme`, ...).
+///
+/// ```
+/// let p = shard_router::map::Problem { field: "version".into(), reason: "must be at least 1".into() };
+/// assert_eq!(p.to_string(), "version: must be at least 1");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The dotted path of the field.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// The file as written. Everything is optional or wide so that validation, not
+/// the deserializer, reports missing and out-of-range values with their field.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMap {
+    version: Option<i64>,
+    tenant_column: Option<String>,
+    placement: Option<RawPlacement>,
+    #[serde(default)]
+    pub(super) shards: BTreeMap<String, RawShard>,
+    #[serde(default)]
+    tenants: BTreeMap<String, String>,
+    #[serde(default)]
+    moves: BTreeMap<String, RawMove>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlacement {
+    vnodes: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShard {
+    url: Option<String>,
+    weight: Option<i64>,
+    pool: Option<RawPool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    max_size: Option<i64>,
+    wait_timeout_ms: Option<i64>,
+    connect_timeout_ms: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMove {
+    from: Option<String>,
+    to: Option<String>,
+    phase: Option<String>,
+}
+
+/// Collects problems while validating.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Problem {
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+
+    /// `value` if it lies in `min..=max`, else records a problem.
+    fn ranged(&mut self, field: &str, value: Option<i64>, default: i64, min: i64, max: i64) -> i64 {
+        let value = value.unwrap_or(default);
+        if value < min || value > max {
+            self.add(
+                field,
+                format!("must be between {min} and {max}, got {value}"),
+            );
+            default
+        } else {
+            value
+        }
+    }
+}
+
+/// A shard name: lowercase ASCII letters, digits and `_`, starting with a
+/// letter. Lowercase because environment overrides arrive lowercased.
+fn valid_shard_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.as_bytes()[0].is_ascii_lowercase()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn valid_identifier(name: &str) -> bool {
+    valid_shard_name(name)
+}
+
+impl RawMap {
+    pub(super) fn validate(self) -> Result<ShardMap, MapError> {
+        let mut problems = Problems::default();
+
+        let version = match self.version {
+            None => {
+                problems.add(
+                    "version",
+                    "is missing; every map needs a version of at least 1",
+                );
+                0
+            }
+            Some(v) if v < 1 => {
+                problems.add("version", format!("must be at least 1, got {v}"));
+                0
+            }
+            Some(v) => v as u64,
+        };
+
+        let vnodes = problems.ranged(
+            "placement.vnodes",
+            self.placement.as_ref().and_then(|p| p.vnodes),
+            DEFAULT_VNODES as i64,
+            1,
+            65_536,
+        ) as u32;
+
+        let tenant_column = self.tenant_column.unwrap_or_else(|| "tenant_id".to_owned());
+        if !valid_identifier(&tenant_column) {
+            problems.add(
+                "tenant_column",
+                "must be a lowercase identifier (a-z, 0-9, _; starting with a letter)",
+            );
+        }
+
+        if self.shards.is_empty() {
+            problems.add("shards", "no shards; declare at least one [shards.NAME]");
+        }
+        if self.shards.len() > MAX_SHARDS {
+            problems.add(
+                "shards",
+                format!("at most {MAX_SHARDS} shards, got {}", self.shards.len()),
+            );
+        }
+        let mut shards = Vec::with_capacity(self.shards.len());
+        for (name, raw) in &self.shards {
+            let field = format!("shards.{name}");
+            if !valid_shard_name(name) {
+                problems.add(
+                    &field,
+                    "shard names are 1-63 lowercase letters, digits and _, starting with a letter",
+                );
+            }
+            let (url, pg) = match &raw.url {
+                None => {
+                    problems.add(format!("{field}.url"), "is missing");
+                    (String::new(), tokio_postgres::Config::new())
+                }
+                Some(url) => match parse_url(url) {
+                    Ok(pg) => (url.clone(), pg),
+                    Err(reason) => {
+                        problems.add(format!("{field}.url"), reason);
+                        (url.clone(), tokio_postgres::Config::new())
+                    }
+                },
+            };
+            let weight =
+                problems.ranged(&format!("{field}.weight"), raw.weight, 1, 0, 10_000) as u32;
+            let pool = raw.pool.as_ref();
+            let defaults = PoolSettings::default();
+            let max_size = problems.ranged(
+                &format!("{field}.pool.max_size"),
+                pool.and_then(|p| p.max_size),
+                defaults.max_size as i64,
+                1,
+                10_000,
+            ) as usize;
+            let wait_ms = problems.ranged(
+                &format!("{field}.pool.wait_timeout_ms"),
+                pool.and_then(|p| p.wait_timeout_ms),
+                defaults.wait_timeout.as_millis() as i64,
+                1,
+                600_000,
+            ) as u64;
+            let connect_ms = problems.ranged(
+                &format!("{field}.pool.connect_timeout_ms"),
+                pool.and_then(|p| p.connect_timeout_ms),
+                defaults.connect_timeout.as_millis() as i64,
+                1,
+                600_000,
+            ) as u64;
+            shards.push(Shard {
+                name: name.clone(),
+                url,
+                pg,
+                weight,
+                pool: PoolSettings {
+                    max_size,
+                    wait_timeout: Duration::from_millis(wait_ms),
+                    connect_timeout: Duration::from_millis(connect_ms),
+                },
+            });
+        }
+        // BTreeMap iteration already sorted the shards by name, which ShardIndex relies on.
+        let index_of = |name: &str| {
+            shards
+                .binary_search_by(|s: &Shard| s.name.as_str().cmp(name))
+                .ok()
+                .map(|i| ShardIndex(i as u16))
+        };
+
+        let total_weight: u64 = shards.iter().map(|s| s.weight as u64).sum();
+        if !shards.is_empty() && total_weight == 0 {
+            problems.add(
+                "shards",
+                "every shard has weight 0; at least one shard must take new tenants",
+            );
+        }
+        if total_weight * vnodes as u64 > MAX_RING_POINTS {
+            problems.add(
+                "placement.vnodes",
+                format!(
+                    "vnodes × total weight is {}; the limit is {MAX_RING_POINTS}",
+                    total_weight * vnodes as u64
+                ),
+            );
+        }
+
+        let mut pins = HashMap::with_capacity(self.tenants.len());
+        for (tenant, shard) in self.tenants {
+            let field = format!("tenants.{tenant}");
+            if let Err(e) = TenantId::new(&tenant) {
+                problems.add(&field, format!("not a valid tenant id: {e}"));
+                continue;
+            }
+            match index_of(&shard) {
+                Some(index) => {
+                    pins.insert(tenant.into_boxed_str(), index);
+                }
+                None => problems.add(field, format!("pinned to unknown shard {shard:?}")),
+            }
+        }
+
+        let mut moves = HashMap::with_capacity(self.moves.len());
+        for (tenant, raw) in self.moves {
+            let field = format!("moves.{tenant}");
+            if let Err(e) = TenantId::new(&tenant) {
+                problems.add(&field, format!("not a valid tenant id: {e}"));
+                continue;
+            }
+            if pins.contains_key(tenant.as_str()) {
+                problems.add(
+                    &field,
+                    "tenant is both pinned and moving; a moving tenant must not have a pin",
+                );
+            }
+            let mut side = |which: &str, name: &Option<String>| match name {
+                None => {
+                    problems.add(format!("{field}.{which}"), "is missing");
+                    None
+                }
+                Some(name) => {
+                    let index = index_of(name);
+                    if index.is_none() {
+                        problems.add(
+                            format!("{field}.{which}"),
+                            format!("unknown shard {name:?}"),
+                        );
+                    }
+                    index
+                }
+            };
+            let (from, to) = (side("from", &raw.from), side("to", &raw.to));
+            let phase = match raw.phase.as_deref() {
+                None | Some("dual_write") => Some(MovePhase::DualWrite),
+                Some("reversed") => Some(MovePhase::Reversed),
+                Some(other) => {
+                    problems.add(
+                        format!("{field}.phase"),
+                        format!("unknown phase {other:?}; expected \"dual_write\" or \"reversed\""),
+                    );
+                    None
+                }
+            };
+            if raw.from.is_some() && raw.from == raw.to {
+                problems.add(&field, "source and target are the same shard");
+            }
+            if let (Some(from), Some(to), Some(phase)) = (from, to, phase) {
+                if from != to {
+                    moves.insert(tenant.into_boxed_str(), MoveRoute { from, to, phase });
+                }
+            }
+        }
+
+        if !problems.0.is_empty() {
+            return Err(MapError::Invalid {
+                problems: problems.0,
+            });
+        }
+        let ring = Ring::build(
+            shards
+                .iter()
+                .map(|s| (s.name.as_str(), s.weight as usize * vnodes as usize)),
+        );
+        Ok(ShardMap {
+            version,
+            vnodes,
+            tenant_column,
+            shards,
+            pins,
+            moves,
+            ring,
+        })
+    }
+}
+
+/// Parses a `postgres://` URL (or key=value string) into connection settings.
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    if url.trim().is_empty() {
+        return Err("is empty".to_owned());
+    }
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| format!("not a valid Postgres URL: {e}"))?;
+    if config.get_hosts().is_empty() {
+        return Err("names no host".to_owned());
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::map::{MapError, MapLoader};
+    use proptest::prelude::*;
+
+    fn problems(toml: &str) -> Vec<String> {
+        match MapLoader::without_env().load_str(toml) {
+            Err(MapError::Invalid { problems }) => problems.iter().map(|p| p.to_string()).collect(),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let cases: &[(&str, &str)] = &[
+            ("[shards.a]\nurl = \"postgres://h/a\"", "version: is missing"),
+            ("version = 0\n[shards.a]\nurl = \"postgres://h/a\"", "version: must be at least 1"),
+            ("version = 1", "shards: no shards"),
+            ("version = 1\n[shards.a]\nweight = 1", "shards.a.url: is missing"),
+            ("version = 1\n[shards.a]\nurl = \"mysql://h/a\"", "shards.a.url: not a valid Postgres URL"),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\npool = { max_size = 0 }", "shards.a.pool.max_size: must be between 1"),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\nweight = 0", "shards: every shard has weight 0"),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[tenants]\nacme = \"zz\"", "tenants.acme: pinned to unknown shard \"zz\""),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[moves.acme]\nfrom = \"a\"\nto = \"a\"", "moves.acme: source and target are the same shard"),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[moves.acme]\nfrom = \"a\"\nto = \"q\"", "moves.acme.to: unknown shard \"q\""),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[shards.b]\nurl = \"postgres://h/b\"\n[tenants]\nacme = \"a\"\n[moves.acme]\nfrom = \"a\"\nto = \"b\"", "moves.acme: tenant is both pinned and moving"),
+            ("version = 1\n[shards.A]\nurl = \"postgres://h/a\"", "shards.A: shard names are"),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[tenants]\n\"x y\" = \"a\"", "tenants.x y: not a valid tenant id"),
+        ];
+        for (toml, expected) in cases {
+            let got = problems(toml);
+            assert!(
+                got.iter().any(|p| p.starts_with(expected)),
+                "for\n{toml}\nexpected a problem starting with {expected:?}, got {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let got = problems("version = 0\n[shards.a]\npool = { max_size = 0 }");
+        assert_eq!(got.len(), 3, "{got:?}");
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_are_parse_errors_with_a_line() {
+        let err = MapLoader::without_env()
+            .load_str("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\nwieght = 2")
+            .unwrap_err();
+        assert!(err.to_string().contains("wieght"), "{err}");
+        let err = MapLoader::without_env()
+            .load_str("version = 1\n[shards.a\n")
+            .unwrap_err();
+        assert!(matches!(err, MapError::Parse { .. }), "{err}");
+        assert!(err.to_string().contains("line 2"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            let _ = MapLoader::without_env().load_str(&text);
+        }
+
+        #[test]
+        fn arbitrary_maps_of_valid_shape_either_validate_or_explain(
+            version in -3i64..5,
+            weights in proptest::collection::vec(-1i64..3, 0..4),
+            pins in proptest::collection::vec(("[a-z'; ]{1,6}", 0usize..5), 0..5),
+        ) {
+            let mut toml = format!("version = {version}\n");
+            for (i, w) in weights.iter().enumerate() {
+                toml += &format!("[shards.s{i}]\nurl = \"postgres://h/s{i}\"\nweight = {w}\n");
+            }
+            toml += "[tenants]\n";
+            for (tenant, shard) in &pins {
+                toml += &format!("{tenant:?} = \"s{shard}\"\n");
+            }
+            match MapLoader::without_env().load_str(&toml) {
+                Ok(map) => {
+                    prop_assert!(map.version() >= 1);
+                    prop_assert!(map.shards().iter().any(|s| s.weight() > 0));
+                    prop_assert!(map.ring_points() > 0);
+                }
+                Err(MapError::Invalid { problems }) => prop_assert!(!problems.is_empty()),
+                Err(MapError::Parse { .. }) => {} // duplicate pin keys
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+            }
+        }
+    }
+}

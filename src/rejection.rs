@@ -1,0 +1,165 @@
+//! The one place where routing and database failures become responses.
+//!
+//! Every failure maps to a fixed status and a fixed JSON body; internal error
+//! text never reaches the client (it goes to the logs). The layer uses this for
+//! requests it rejects, and [`DbError`] uses it when a handler returns it.
+//!
+//! | failure | HTTP | gRPC | body `error` |
+//! | --- | --- | --- | --- |
+//! | no tenant in the request | 400 | INVALID_ARGUMENT | `missing_tenant` |
+//! | malformed tenant id | 400 | INVALID_ARGUMENT | `invalid_tenant` |
+//! | shard cannot give a connection in time, or is unreachable | 503 + `Retry-After: 1` | UNAVAILABLE | `shard_unavailable` |
+//! | a statement failed | 500 | INTERNAL | `database_error` |
+//! | handle requested but `ShardRouterLayer` not installed | 500 | INTERNAL | `router_missing` |
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::tenant::ExtractError;
+use crate::DbError;
+
+/// A failure as the client sees it: status, fixed body, and `Retry-After` where
+/// retrying helps.
+///
+/// ```
+/// use shard_router::{tenant::ExtractError, Rejection};
+///
+/// let rejection = Rejection::from(&ExtractError::Missing { what: "header" });
+/// assert_eq!(rejection.status(), http::StatusCode::BAD_REQUEST);
+/// let response: http::Response<String> = rejection.into_response();
+/// assert_eq!(response.body(), r#"{"error":"missing_tenant","message":"the request names no tenant"}"#);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The request names no tenant.
+    MissingTenant,
+    /// The tenant id is malformed.
+    InvalidTenant,
+    /// The tenant's shard cannot serve now.
+    ShardUnavailable,
+    /// The database refused a statement.
+    DatabaseError,
+    /// A handler asked for a [`crate::TenantDb`] but the layer is not installed.
+    RouterMissing,
+}
+
+/// Seconds a client should wait before retrying a 503.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+impl Rejection {
+    /// The HTTP status.
+    ///
+    /// ```
+    /// # use shard_router::Rejection;
+    /// assert_eq!(Rejection::ShardUnavailable.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    /// ```
+    pub fn status(self) -> StatusCode {
+        match self {
+            Rejection::MissingTenant | Rejection::InvalidTenant => StatusCode::BAD_REQUEST,
+            Rejection::ShardUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::DatabaseError | Rejection::RouterMissing => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    /// The gRPC status code (`INVALID_ARGUMENT` 3, `UNAVAILABLE` 14, `INTERNAL` 13).
+    ///
+    /// ```
+    /// # use shard_router::Rejection;
+    /// assert_eq!(Rejection::InvalidTenant.grpc_code(), 3);
+    /// ```
+    pub fn grpc_code(self) -> i32 {
+        match self {
+            Rejection::MissingTenant | Rejection::InvalidTenant => 3,
+            Rejection::ShardUnavailable => 14,
+            Rejection::DatabaseError | Rejection::RouterMissing => 13,
+        }
+    }
+
+    /// The fixed JSON body.
+    ///
+    /// ```
+    /// # use shard_router::Rejection;
+    /// assert!(Rejection::InvalidTenant.body().contains("invalid_tenant"));
+    /// ```
+    pub fn body(self) -> &'static str {
+        match self {
+            Rejection::MissingTenant => {
+                r#"{"error":"missing_tenant","message":"the request names no tenant"}"#
+            }
+            Rejection::InvalidTenant => {
+                r#"{"error":"invalid_tenant","message":"the tenant id is not valid"}"#
+            }
+            Rejection::ShardUnavailable => {
+                r#"{"error":"shard_unavailable","message":"the tenant's database is unavailable; retry later"}"#
+            }
+            Rejection::DatabaseError => {
+                r#"{"error":"database_error","message":"the database refused the request"}"#
+            }
+            Rejection::RouterMissing => {
+                r#"{"error":"router_missing","message":"the server is misconfigured: ShardRouterLayer is not installed"}"#
+            }
+        }
+    }
+
+    /// The HTTP response, for any body type that can be made from a `&'static str`.
+    ///
+    /// ```
+    /// # use shard_router::Rejection;
+    /// let response: http::Response<String> = Rejection::ShardUnavailable.into_response();
+    /// assert_eq!(response.headers()["retry-after"], "1");
+    /// ```
+    pub fn into_response<B: From<&'static str>>(self) -> Response<B> {
+        let mut response = Response::new(B::from(self.body()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self == Rejection::ShardUnavailable {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}
+
+impl From<&ExtractError> for Rejection {
+    fn from(err: &ExtractError) -> Self {
+        match err {
+            ExtractError::Missing { .. } => Rejection::MissingTenant,
+            ExtractError::Invalid(_) => Rejection::InvalidTenant,
+        }
+    }
+}
+
+impl From<&DbError> for Rejection {
+    fn from(err: &DbError) -> Self {
+        if err.is_unavailable() {
+            Rejection::ShardUnavailable
+        } else {
+            Rejection::DatabaseError
+        }
+    }
+}
+
+impl axum_core::response::IntoResponse for Rejection {
+    fn into_response(self) -> axum_core::response::Response {
+        Rejection::into_response(self)
+    }
+}
+
+/// Handlers can return `Result<_, DbError>`: the error is logged with its
+/// tenant, shard and map version, and the client gets the fixed response.
+impl axum_core::response::IntoResponse for DbError {
+    fn into_response(self) -> axum_core::response::Response {
+        let rejection = Rejection::from(&self);
+        if rejection == Rejection::ShardUnavailable {
+            tracing::warn!(error = %self, "shard unavailable");
+        } else {
+            tracing::error!(error = %self, "database error");
+        }
+        Rejection::into_response(rejection)
+    }
+}

@@ -1,0 +1,360 @@
+//! The live routing table: the current map and one connection pool per shard.
+//!
+//! [`ShardRouter`] keeps a [`RoutingTable`] behind `arc-swap`, so lookups never
+//! take a lock and a new map replaces the old one atomically. Requests hold the
+//! table they started with (see [`crate::TenantDb`]), so a swap never splits a
+//! request across two versions; pools of removed shards close once the last
+//! request that uses them ends.
+//!
+//! # Example
+//!
+//! ```
+//! use shard_router::{map::MapLoader, ShardRouter, TenantId};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let map = MapLoader::without_env().load_str(r#"
+//!     version = 1
+//!     [shards.a]
+//!     url = "postgres://postgres@127.0.0.1/shard_a"
+//! "#).unwrap();
+//! let router = ShardRouter::new(map).unwrap(); // pools connect lazily
+//! let db = router.resolve(TenantId::new("acme").unwrap());
+//! assert_eq!(db.shard(), "a");
+//! assert_eq!(db.map_version(), 1);
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+
+use crate::map::{Location, ShardIndex, ShardMap};
+use crate::{TenantDb, TenantId};
+
+/// Routes tenants to shards with the current map. Cheap to clone; clones share the table.
+#[derive(Clone)]
+pub struct ShardRouter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    table: ArcSwap<RoutingTable>,
+    /// Serializes `apply` so version checks and swaps cannot interleave.
+    apply_lock: Mutex<()>,
+}
+
+/// One immutable version of routing: a map and the pools of its shards.
+pub struct RoutingTable {
+    map: Arc<ShardMap>,
+    /// One pool per shard, in [`ShardIndex`] order.
+    pools: Vec<Pool>,
+}
+
+impl RoutingTable {
+    /// The map of this table.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 2\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// assert_eq!(router.table().map().version(), 2);
+    /// # }
+    /// ```
+    pub fn map(&self) -> &ShardMap {
+        &self.map
+    }
+
+    /// The pool of shard `index`.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 2\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// let table = router.table();
+    /// let pool = table.pool(table.map().shard_index("a").unwrap());
+    /// assert_eq!(pool.status().size, 0); // nothing connected yet
+    /// # }
+    /// ```
+    pub fn pool(&self, index: ShardIndex) -> &Pool {
+        &self.pools[index.get()]
+    }
+}
+
+impl fmt::Debug for RoutingTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RoutingTable")
+            .field("version", &self.map.version())
+            .field("shards", &self.map.shards().len())
+            .finish()
+    }
+}
+
+/// What [`ShardRouter::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Applied {
+    /// The map was already current; nothing changed.
+    Unchanged,
+    /// The new map is live.
+    Swapped {
+        /// The version that was live before.
+        from: u64,
+        /// The version live now.
+        to: u64,
+        /// Shards whose pools were kept.
+        pools_kept: usize,
+        /// Shards that got new pools (new shards, or a changed URL or pool setting).
+        pools_built: usize,
+        /// Shards whose pools are dropped once in-flight requests finish.
+        pools_dropped: usize,
+    },
+}
+
+/// Why a map was not applied. The router keeps serving the map it had.
+///
+/// ```
+/// # use shard_router::{map::MapLoader, ShardRouter, ApplyError};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let load = |v: u64| MapLoader::without_env()
+///     .load_str(&format!("version = {v}\n[shards.a]\nurl = \"postgres://h/a\"")).unwrap();
+/// let router = ShardRouter::new(load(5)).unwrap();
+/// let err = router.apply(load(4)).unwrap_err();
+/// assert_eq!(err, ApplyError::Stale { current: 5, offered: 4 });
+/// assert_eq!(router.version(), 5);
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The offered version is lower than the live one.
+    #[error(
+        "map version {offered} is older than the live version {current}; versions only go forward"
+    )]
+    Stale {
+        /// The live version.
+        current: u64,
+        /// The offered version.
+        offered: u64,
+    },
+    /// The offered map has the live version but different content.
+    #[error("map version {version} is already live with different content; publish changes under a higher version")]
+    Conflict {
+        /// The version both maps claim.
+        version: u64,
+    },
+    /// A shard's pool could not be built.
+    #[error("cannot build the pool of shard {shard} (map version {version}): {reason}")]
+    Pool {
+        /// The shard.
+        shard: String,
+        /// The offered map version.
+        version: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ShardRouter {
+    /// A router serving `map`. Pools are created but connect lazily, so a shard
+    /// that is down does not stop start-up; its tenants get 503 until it is back.
+    ///
+    /// Needs a Tokio runtime (the pools' timeouts run on it).
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://127.0.0.1:1/down\"").unwrap();
+    /// assert!(ShardRouter::new(map).is_ok());
+    /// # }
+    /// ```
+    pub fn new(map: ShardMap) -> Result<Self, ApplyError> {
+        let pools = map
+            .shards()
+            .iter()
+            .map(|shard| build_pool(shard, map.version()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let table = RoutingTable {
+            map: Arc::new(map),
+            pools,
+        };
+        Ok(ShardRouter {
+            inner: Arc::new(Inner {
+                table: ArcSwap::from_pointee(table),
+                apply_lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Makes `map` the live map, atomically.
+    ///
+    /// Refuses a lower version, and the same version with different content.
+    /// Keeps the pools of shards whose URL and pool settings are unchanged, builds
+    /// pools for the others, and lets removed shards' pools go once in-flight
+    /// requests return their connections. Lookups are never blocked.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter, Applied};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let load = |v: u64, extra: &str| MapLoader::without_env()
+    ///     .load_str(&format!("version = {v}\n[shards.a]\nurl = \"postgres://h/a\"\n{extra}")).unwrap();
+    /// let router = ShardRouter::new(load(1, "")).unwrap();
+    /// let applied = router.apply(load(2, "[shards.b]\nurl = \"postgres://h/b\"\nweight = 0")).unwrap();
+    /// assert!(matches!(applied, Applied::Swapped { pools_kept: 1, pools_built: 1, .. }));
+    /// assert_eq!(router.apply(load(2, "[shards.b]\nurl = \"postgres://h/b\"\nweight = 0")).unwrap(), Applied::Unchanged);
+    /// # }
+    /// ```
+    pub fn apply(&self, map: ShardMap) -> Result<Applied, ApplyError> {
+        let _guard = self
+            .inner
+            .apply_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = self.inner.table.load_full();
+        let live = current.map.version();
+        let offered = map.version();
+        if offered < live {
+            return Err(ApplyError::Stale {
+                current: live,
+                offered,
+            });
+        }
+        if offered == live {
+            return if *current.map == map {
+                Ok(Applied::Unchanged)
+            } else {
+                Err(ApplyError::Conflict { version: offered })
+            };
+        }
+        let (mut kept, mut built) = (0, 0);
+        let mut pools = Vec::with_capacity(map.shards().len());
+        for shard in map.shards() {
+            let reusable = current
+                .map
+                .shard_index(shard.name())
+                .filter(|old| current.map.shard(*old).same_connection(shard));
+            match reusable {
+                Some(old) => {
+                    kept += 1;
+                    pools.push(current.pool(old).clone());
+                }
+                None => {
+                    built += 1;
+                    pools.push(build_pool(shard, offered)?);
+                }
+            }
+        }
+        let dropped = current.map.shards().len() - kept;
+        self.inner.table.store(Arc::new(RoutingTable {
+            map: Arc::new(map),
+            pools,
+        }));
+        tracing::info!(
+            from = live,
+            to = offered,
+            pools_kept = kept,
+            pools_built = built,
+            pools_dropped = dropped,
+            "shard map applied"
+        );
+        Ok(Applied::Swapped {
+            from: live,
+            to: offered,
+            pools_kept: kept,
+            pools_built: built,
+            pools_dropped: dropped,
+        })
+    }
+
+    /// The live table. Hold it for the length of one unit of work.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 2\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// assert_eq!(router.table().map().shards().len(), 1);
+    /// # }
+    /// ```
+    pub fn table(&self) -> Arc<RoutingTable> {
+        self.inner.table.load_full()
+    }
+
+    /// The live map version.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 2\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// assert_eq!(router.version(), 2);
+    /// # }
+    /// ```
+    pub fn version(&self) -> u64 {
+        self.inner.table.load().map.version()
+    }
+
+    /// Where `tenant` is served under the live map.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter, TenantId};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 2\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// assert_eq!(router.locate(&TenantId::new("acme").unwrap()).shard.get(), 0);
+    /// # }
+    /// ```
+    pub fn locate(&self, tenant: &TenantId) -> Location {
+        self.inner.table.load().map.locate(tenant)
+    }
+
+    /// A database handle for `tenant`, bound to the live table for its whole life.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter, TenantId};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 2\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// let db = router.resolve(TenantId::new("acme").unwrap());
+    /// assert_eq!((db.tenant().as_str(), db.shard()), ("acme", "a"));
+    /// # }
+    /// ```
+    pub fn resolve(&self, tenant: TenantId) -> TenantDb {
+        TenantDb::new(tenant, self.table())
+    }
+}
+
+impl fmt::Debug for ShardRouter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardRouter")
+            .field("table", &*self.inner.table.load())
+            .finish()
+    }
+}
+
+fn build_pool(shard: &crate::map::Shard, version: u64) -> Result<Pool, ApplyError> {
+    let mut pg = shard.pg_config().clone();
+    pg.connect_timeout(shard.pool().connect_timeout);
+    if pg.get_application_name().is_none() {
+        pg.application_name("shard-router");
+    }
+    let manager = Manager::from_config(
+        pg,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            // A cheap `is_closed` check; session state the router sets is
+            // transaction-local, so nothing needs resetting on return.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let settings = shard.pool();
+    Pool::builder(manager)
+        .max_size(settings.max_size)
+        .wait_timeout(Some(settings.wait_timeout))
+        .create_timeout(Some(settings.connect_timeout))
+        .recycle_timeout(Some(settings.connect_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| ApplyError::Pool {
+            shard: shard.name().to_owned(),
+            version,
+            reason: e.to_string(),
+        })
+}
