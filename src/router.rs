@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
-use crate::map::{Location, ShardIndex, ShardMap};
+use crate::map::{Location, Shard, ShardIndex, ShardMap};
 use crate::{TenantDb, TenantId};
 
 /// Routes tenants to shards with the current map. Cheap to clone; clones share the table.
@@ -79,6 +79,21 @@ impl RoutingTable {
     /// ```
     pub fn pool(&self, index: ShardIndex) -> &Pool {
         &self.pools[index.get()]
+    }
+
+    /// Every shard with its pool, in shard order.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 2\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// for (shard, pool) in router.table().shards() {
+    ///     println!("{}: {} connections", shard.name(), pool.status().size);
+    /// }
+    /// # }
+    /// ```
+    pub fn shards(&self) -> impl Iterator<Item = (&Shard, &Pool)> {
+        self.map.shards().iter().zip(&self.pools)
     }
 }
 
@@ -329,7 +344,7 @@ impl fmt::Debug for ShardRouter {
     }
 }
 
-fn build_pool(shard: &crate::map::Shard, version: u64) -> Result<Pool, ApplyError> {
+fn build_pool(shard: &Shard, version: u64) -> Result<Pool, ApplyError> {
     let mut pg = shard.pg_config().clone();
     pg.connect_timeout(shard.pool().connect_timeout);
     if pg.get_application_name().is_none() {

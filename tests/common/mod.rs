@@ -1,0 +1,141 @@
+//! Helpers shared by the integration tests: real Postgres, uniquely named databases.
+//!
+//! The server comes from `SHARD_ROUTER_TEST_PG` (default
+//! `postgres://postgres@127.0.0.1:5432`); every test creates its own databases
+//! and drops them when done, even if it fails.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use shard_router::map::MapLoader;
+use shard_router::ShardMap;
+use tokio_postgres::NoTls;
+
+/// The server the tests use.
+pub fn server() -> String {
+    std::env::var("SHARD_ROUTER_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// A URL for database `db` on the test server.
+pub fn db_url(db: &str) -> String {
+    format!("{}/{db}", server())
+}
+
+/// Connects to `url`, driving the connection on a task.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e} (is Postgres running?)"));
+    tokio::spawn(connection);
+    client
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Uniquely named shard databases, dropped on drop.
+pub struct Shards {
+    pub names: Vec<String>,
+}
+
+impl Shards {
+    /// Creates `n` empty databases named `srt_<pid>_<seq>_<i>`.
+    pub async fn create(n: usize) -> Shards {
+        let admin = connect(&db_url("postgres")).await;
+        let seq = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let mut names = Vec::new();
+        for i in 0..n {
+            let name = format!("srt_{}_{seq}_{nanos}_{i}", std::process::id());
+            admin
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+            names.push(name);
+        }
+        Shards { names }
+    }
+
+    /// The URL of database `i`.
+    pub fn url(&self, i: usize) -> String {
+        db_url(&self.names[i])
+    }
+
+    /// Runs `sql` on every database.
+    pub async fn run_everywhere(&self, sql: &str) {
+        for i in 0..self.names.len() {
+            connect(&self.url(i))
+                .await
+                .batch_execute(sql)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Shards {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut self.names);
+        // Drop runs inside a runtime; use a thread with its own to wait for the drops.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let admin = connect(&db_url("postgres")).await;
+                for name in names {
+                    let _ = admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+/// The example's schema.
+pub const NOTES_SCHEMA: &str = include_str!("../../migrations/V1__notes.sql");
+
+/// A map of `version` over shards named `a`, `b`, ... on `shards`, plus `extra` TOML.
+pub fn map(version: u64, shards: &Shards, extra: &str) -> ShardMap {
+    MapLoader::without_env()
+        .load_str(&map_toml(version, shards, extra))
+        .unwrap()
+}
+
+/// The TOML of [`map`].
+pub fn map_toml(version: u64, shards: &Shards, extra: &str) -> String {
+    let mut toml = format!("version = {version}\n");
+    for (i, _) in shards.names.iter().enumerate() {
+        toml += &format!(
+            "[shards.{}]\nurl = \"{}\"\npool = {{ max_size = 8, wait_timeout_ms = 1000 }}\n",
+            shard_name(i),
+            shards.url(i)
+        );
+    }
+    toml + extra
+}
+
+/// `a`, `b`, `c`, ... for shard `i`.
+pub fn shard_name(i: usize) -> String {
+    ((b'a' + i as u8) as char).to_string()
+}
+
+/// Number of notes of `tenant` in database `url`.
+pub async fn notes_of(url: &str, tenant: &str) -> i64 {
+    connect(url)
+        .await
+        .query_one(
+            "SELECT count(*) FROM notes WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

@@ -1,0 +1,485 @@
+//! The layer, the router and the handle against real Postgres.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use common::{map, notes_of, shard_name, Shards, NOTES_SCHEMA};
+use shard_router::map::MapLoader;
+use shard_router::tenant::HeaderExtractor;
+use shard_router::{ApplyError, DbError, ShardRouter, ShardRouterLayer, TenantDb, TenantId};
+use tower::ServiceExt;
+use uuid::Uuid;
+
+/// Inserts one note for the request's tenant; answers the shard and map version.
+async fn insert_note(db: TenantDb) -> Result<String, DbError> {
+    let mut writer = db.write().await?;
+    writer
+        .execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'x')",
+            &[&db.tenant().as_str(), &Uuid::new_v4()],
+        )
+        .await?;
+    writer.commit().await?;
+    Ok(format!("{} {}", db.shard(), db.map_version()))
+}
+
+fn notes_app(router: ShardRouter) -> Router {
+    Router::new()
+        .route("/notes", post(insert_note))
+        .layer(ShardRouterLayer::new(router, HeaderExtractor::default()))
+}
+
+fn post_as(tenant: &str) -> Request<Body> {
+    Request::post("/notes")
+        .header("x-tenant-id", tenant)
+        .body(Body::empty())
+        .unwrap()
+}
+
+async fn body_text(response: axum::response::Response) -> String {
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn every_tenant_lands_on_its_located_shard_and_no_other() {
+    let shards = Shards::create(3).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let router = ShardRouter::new(map(1, &shards, "[tenants]\npinned = \"c\"\n")).unwrap();
+    let app = notes_app(router.clone());
+
+    let tenants: Vec<String> = (0..30)
+        .map(|i| format!("tenant-{i}"))
+        .chain(["pinned".to_owned()])
+        .collect();
+    for tenant in &tenants {
+        let response = app.clone().oneshot(post_as(tenant)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{tenant}");
+    }
+
+    let mut used = std::collections::HashSet::new();
+    for tenant in &tenants {
+        let located = router.locate(&TenantId::new(tenant).unwrap()).shard.get();
+        used.insert(located);
+        for i in 0..3 {
+            let expected = if i == located { 1 } else { 0 };
+            assert_eq!(
+                notes_of(&shards.url(i), tenant).await,
+                expected,
+                "{tenant} on shard {}",
+                shard_name(i)
+            );
+        }
+    }
+    assert_eq!(used.len(), 3, "30 tenants should spread over all 3 shards");
+    assert_eq!(
+        router.locate(&TenantId::new("pinned").unwrap()).shard.get(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_map_swap_mid_request_keeps_each_request_on_one_version() {
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    // v1: everyone on a. v2: everyone on b (a takes no new tenants).
+    let toml = |version: u64, weight_a: u32, weight_b: u32| {
+        MapLoader::without_env()
+            .load_str(&format!(
+                "version = {version}\n[shards.a]\nurl = \"{}\"\nweight = {weight_a}\n[shards.b]\nurl = \"{}\"\nweight = {weight_b}\n",
+                shards.url(0),
+                shards.url(1)
+            ))
+            .unwrap()
+    };
+    let router = ShardRouter::new(toml(1, 1, 0)).unwrap();
+
+    // Each request writes twice; between the writes it waits until the map has been swapped.
+    let halfway = Arc::new(tokio::sync::Barrier::new(9));
+    let swapped = Arc::new(tokio::sync::Notify::new());
+    let swapped_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    #[derive(Clone)]
+    struct Gate {
+        halfway: Arc<tokio::sync::Barrier>,
+        swapped: Arc<tokio::sync::Notify>,
+        swapped_flag: Arc<std::sync::atomic::AtomicBool>,
+    }
+    async fn two_writes(State(gate): State<Gate>, db: TenantDb) -> Result<String, DbError> {
+        for step in 0..2 {
+            let mut writer = db.write().await?;
+            writer
+                .execute(
+                    "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, $3)",
+                    &[
+                        &db.tenant().as_str(),
+                        &Uuid::new_v4(),
+                        &format!("step {step}"),
+                    ],
+                )
+                .await?;
+            writer.commit().await?;
+            if step == 0 {
+                gate.halfway.wait().await;
+                while !gate.swapped_flag.load(Ordering::Acquire) {
+                    gate.swapped.notified().await;
+                }
+            }
+        }
+        Ok(format!("{}", db.map_version()))
+    }
+    let gate = Gate {
+        halfway: halfway.clone(),
+        swapped: swapped.clone(),
+        swapped_flag: swapped_flag.clone(),
+    };
+    let app = Router::new()
+        .route("/notes", post(two_writes))
+        .with_state(gate)
+        .layer(ShardRouterLayer::new(
+            router.clone(),
+            HeaderExtractor::default(),
+        ));
+
+    let requests: Vec<_> = (0..8)
+        .map(|i| {
+            let app = app.clone();
+            tokio::spawn(async move { app.oneshot(post_as(&format!("mid-{i}"))).await.unwrap() })
+        })
+        .collect();
+    halfway.wait().await; // every request has done its first write under v1
+    router.apply(toml(2, 0, 1)).unwrap();
+    swapped_flag.store(true, Ordering::Release);
+    swapped.notify_waiters();
+
+    for request in requests {
+        let response = request.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            body_text(response).await,
+            "1",
+            "in-flight requests keep version 1"
+        );
+    }
+    for i in 0..8 {
+        let tenant = format!("mid-{i}");
+        assert_eq!(
+            notes_of(&shards.url(0), &tenant).await,
+            2,
+            "both writes of {tenant} on a"
+        );
+        assert_eq!(notes_of(&shards.url(1), &tenant).await, 0);
+    }
+    // After the swap, new requests use version 2 and shard b.
+    let response = notes_app(router.clone())
+        .oneshot(post_as("after"))
+        .await
+        .unwrap();
+    assert_eq!(body_text(response).await, "b 2");
+    assert_eq!(notes_of(&shards.url(1), "after").await, 1);
+}
+
+#[tokio::test]
+async fn bad_tenant_ids_get_400_issue_no_query_and_change_nothing() {
+    let shards = Shards::create(1).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let router = ShardRouter::new(map(1, &shards, "")).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let app = Router::new()
+        .route(
+            "/notes",
+            post(move |db: TenantDb| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                insert_note(db)
+            }),
+        )
+        .layer(ShardRouterLayer::new(
+            router.clone(),
+            HeaderExtractor::default(),
+        ));
+
+    let long = "a".repeat(65);
+    let cases: Vec<(Request<Body>, &str)> = vec![
+        (
+            Request::post("/notes").body(Body::empty()).unwrap(),
+            "missing_tenant",
+        ),
+        (post_as(""), "invalid_tenant"),
+        (post_as(&long), "invalid_tenant"),
+        (post_as("acme'; DROP TABLE notes; --"), "invalid_tenant"),
+        (post_as("a b"), "invalid_tenant"),
+        (
+            Request::post("/notes")
+                .header(
+                    "x-tenant-id",
+                    http::HeaderValue::from_bytes(b"ac\xffme").unwrap(),
+                )
+                .body(Body::empty())
+                .unwrap(),
+            "invalid_tenant",
+        ),
+        (
+            Request::post("/notes")
+                .header("x-tenant-id", "acme")
+                .header("x-tenant-id", "globex")
+                .body(Body::empty())
+                .unwrap(),
+            "invalid_tenant",
+        ),
+    ];
+    for (request, code) in cases {
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        assert!(body_text(response).await.contains(code));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "no handler ran");
+    let table = router.table();
+    let (_, pool) = table.shards().next().unwrap();
+    assert_eq!(pool.status().size, 0, "no connection was ever opened");
+    let rows: i64 = common::connect(&shards.url(0))
+        .await
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+    assert_eq!(router.version(), 1);
+}
+
+#[tokio::test]
+async fn refused_maps_leave_the_router_on_its_map() {
+    let shards = Shards::create(2).await;
+    let router = ShardRouter::new(map(5, &shards, "")).unwrap();
+    let before = router.table();
+
+    // Invalid maps never become ShardMaps, so they cannot reach the router.
+    let invalid = MapLoader::without_env().load_str(&common::map_toml(
+        6,
+        &shards,
+        "[tenants]\nacme = \"nope\"\n",
+    ));
+    assert!(invalid
+        .unwrap_err()
+        .to_string()
+        .contains("tenants.acme: pinned to unknown shard"));
+
+    assert_eq!(
+        router.apply(map(4, &shards, "")).unwrap_err(),
+        ApplyError::Stale {
+            current: 5,
+            offered: 4
+        }
+    );
+    assert_eq!(
+        router
+            .apply(map(5, &shards, "[tenants]\nacme = \"b\"\n"))
+            .unwrap_err(),
+        ApplyError::Conflict { version: 5 }
+    );
+    let after = router.table();
+    assert!(Arc::ptr_eq(&before, &after), "the live table is untouched");
+    assert_eq!(router.version(), 5);
+}
+
+#[tokio::test]
+async fn a_down_shard_fails_only_its_tenants_with_503_in_time() {
+    let shards = Shards::create(1).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    // Port 1 on loopback: nothing listens there, connections are refused.
+    let toml = format!(
+        "version = 1\n\
+         [shards.up]\nurl = \"{}\"\n\
+         [shards.down]\nurl = \"postgres://postgres@127.0.0.1:1/nothing\"\nweight = 0\n\
+         pool = {{ wait_timeout_ms = 500, connect_timeout_ms = 500 }}\n\
+         [tenants]\nunlucky = \"down\"\n",
+        shards.url(0)
+    );
+    let router = ShardRouter::new(MapLoader::without_env().load_str(&toml).unwrap()).unwrap();
+    let app = notes_app(router);
+
+    let started = Instant::now();
+    let response = app.clone().oneshot(post_as("unlucky")).await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert!(body_text(response).await.contains("shard_unavailable"));
+    assert!(
+        waited < Duration::from_millis(500) + Duration::from_secs(2),
+        "{waited:?}"
+    );
+
+    for i in 0..10 {
+        let response = app
+            .clone()
+            .oneshot(post_as(&format!("lucky-{i}")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn writers_roll_back_unless_committed() {
+    let shards = Shards::create(1).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let router = ShardRouter::new(map(1, &shards, "")).unwrap();
+    let db = router.resolve(TenantId::new("acme").unwrap());
+    let insert = "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'x')";
+
+    // Dropped without commit.
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(insert, &[&"acme", &Uuid::new_v4()])
+        .await
+        .unwrap();
+    drop(writer);
+
+    // Explicit rollback.
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(insert, &[&"acme", &Uuid::new_v4()])
+        .await
+        .unwrap();
+    writer.rollback().await.unwrap();
+
+    // A failed statement makes commit refuse, even if the caller ignores the error.
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(insert, &[&"acme", &Uuid::new_v4()])
+        .await
+        .unwrap();
+    assert!(writer
+        .execute("INSERT INTO no_such_table VALUES (1)", &[])
+        .await
+        .is_err());
+    let err = writer.commit().await.unwrap_err();
+    assert!(matches!(err, DbError::Aborted { .. }), "{err}");
+    assert!(err.to_string().contains("tenant acme"), "{err}");
+
+    // The pool's connections are clean: a new writer commits normally.
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(insert, &[&"acme", &Uuid::new_v4()])
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    // The dropped writer's rollback runs in the background; wait for it through the pool.
+    let client = db.read().await.unwrap();
+    let mut count: i64 = 0;
+    for _ in 0..100 {
+        count = client
+            .query_one("SELECT count(*) FROM notes WHERE tenant_id = 'acme'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let open: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(count, 1, "only the committed note exists");
+}
+
+#[tokio::test]
+async fn a_moving_tenant_writes_to_both_shards_and_reads_by_phase() {
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let moving = |version: u64, phase: &str| {
+        map(
+            version,
+            &shards,
+            &format!("[moves.globex]\nfrom = \"a\"\nto = \"b\"\nphase = \"{phase}\"\n"),
+        )
+    };
+    let router = ShardRouter::new(moving(1, "dual_write")).unwrap();
+    let tenant = TenantId::new("globex").unwrap();
+
+    let db = router.resolve(tenant.clone());
+    assert_eq!(db.shard(), "a", "dual_write reads from the source");
+    let mut writer = db.write().await.unwrap();
+    let id = Uuid::new_v4();
+    writer
+        .execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'both')",
+            &[&"globex", &id],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    assert_eq!(notes_of(&shards.url(0), "globex").await, 1);
+    assert_eq!(notes_of(&shards.url(1), "globex").await, 1);
+
+    router.apply(moving(2, "reversed")).unwrap();
+    let db = router.resolve(tenant);
+    assert_eq!(db.shard(), "b", "reversed reads from the target");
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute("DELETE FROM notes WHERE tenant_id = $1", &[&"globex"])
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    assert_eq!(notes_of(&shards.url(0), "globex").await, 0);
+    assert_eq!(notes_of(&shards.url(1), "globex").await, 0);
+}
+
+#[tokio::test]
+async fn applying_a_map_keeps_unchanged_pools_and_serves_new_shards() {
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let only_a = MapLoader::without_env()
+        .load_str(&format!(
+            "version = 1\n[shards.a]\nurl = \"{}\"\npool = {{ max_size = 8, wait_timeout_ms = 1000 }}\n",
+            shards.url(0)
+        ))
+        .unwrap();
+    let router = ShardRouter::new(only_a).unwrap();
+    let app = notes_app(router.clone());
+    assert_eq!(
+        app.clone().oneshot(post_as("warm")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let pool_a_before = router.table().shards().next().unwrap().1.clone();
+
+    let applied = router
+        .apply(map(2, &shards, "[tenants]\nnewcomer = \"b\"\n"))
+        .unwrap();
+    assert!(matches!(
+        applied,
+        shard_router::Applied::Swapped {
+            pools_kept: 1,
+            pools_built: 1,
+            pools_dropped: 0,
+            ..
+        }
+    ));
+    let table = router.table();
+    let pool_a_after = table.shards().next().unwrap().1;
+    assert_eq!(pool_a_after.status().size, pool_a_before.status().size);
+    assert!(pool_a_after.status().size >= 1, "the warm pool was kept");
+
+    assert_eq!(
+        app.oneshot(post_as("newcomer")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(notes_of(&shards.url(1), "newcomer").await, 1);
+}
