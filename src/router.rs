@@ -41,8 +41,24 @@ pub struct ShardRouter {
 
 struct Inner {
     table: ArcSwap<RoutingTable>,
-    /// Serializes `apply` so version checks and swaps cannot interleave.
-    apply_lock: Mutex<()>,
+    /// Serializes `apply` so version checks and swaps cannot interleave, and
+    /// holds the maps it replaced (see [`Retired`]).
+    apply_lock: Mutex<Retired>,
+}
+
+/// Maps replaced by `apply`, kept until no request uses them.
+///
+/// A big map (a million pins) takes milliseconds to free. Holding one reference
+/// here means the last reference is never dropped by a request finishing on a
+/// runtime thread; `apply` frees the maps nobody else holds, on its own thread.
+#[derive(Default)]
+struct Retired(Vec<Arc<ShardMap>>);
+
+impl Retired {
+    fn retire(&mut self, map: Arc<ShardMap>) {
+        self.0.retain(|old| Arc::strong_count(old) > 1);
+        self.0.push(map);
+    }
 }
 
 /// One immutable version of routing: a map and the pools of its shards.
@@ -197,7 +213,7 @@ impl ShardRouter {
         Ok(ShardRouter {
             inner: Arc::new(Inner {
                 table: ArcSwap::from_pointee(table),
-                apply_lock: Mutex::new(()),
+                apply_lock: Mutex::new(Retired::default()),
             }),
         })
     }
@@ -221,7 +237,7 @@ impl ShardRouter {
     /// # }
     /// ```
     pub fn apply(&self, map: ShardMap) -> Result<Applied, ApplyError> {
-        let _guard = self
+        let mut retired = self
             .inner
             .apply_lock
             .lock()
@@ -261,10 +277,11 @@ impl ShardRouter {
             }
         }
         let dropped = current.map.shards().len() - kept;
-        self.inner.table.store(Arc::new(RoutingTable {
+        let previous = self.inner.table.swap(Arc::new(RoutingTable {
             map: Arc::new(map),
             pools,
         }));
+        retired.retire(Arc::clone(&previous.map));
         tracing::info!(
             from = live,
             to = offered,
