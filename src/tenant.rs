@@ -57,7 +57,7 @@ impl TenantId {
     /// assert!(TenantId::new("globex").is_ok());
     /// ```
     pub fn new(id: &str) -> Result<Self, TenantIdError> {
-        validate(id.as_bytes())?;
+        validate(id)?;
         Ok(TenantId(Arc::from(id)))
     }
 
@@ -84,7 +84,9 @@ impl TenantId {
     }
 }
 
-fn validate(id: &[u8]) -> Result<(), TenantIdError> {
+/// Checks `id` against the [`TenantId`] rules without making one.
+pub(crate) fn validate(id: &str) -> Result<(), TenantIdError> {
+    let id = id.as_bytes();
     if id.is_empty() {
         return Err(TenantIdError::Empty);
     }
@@ -98,13 +100,10 @@ fn validate(id: &[u8]) -> Result<(), TenantIdError> {
         .iter()
         .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')))
     {
-        // Non-ASCII bytes are reported as not UTF-8 only when they are; a valid
-        // multi-byte character (a look-alike letter, say) is a forbidden character.
-        return Err(if std::str::from_utf8(id).is_err() {
-            TenantIdError::NotUtf8
-        } else {
-            TenantIdError::ForbiddenChar { position }
-        });
+        // `id` is a `str`, so a non-ASCII byte is part of a character (a
+        // look-alike letter, say): a forbidden character. Raw bytes that are not
+        // UTF-8 were refused by `from_bytes` already.
+        return Err(TenantIdError::ForbiddenChar { position });
     }
     Ok(())
 }

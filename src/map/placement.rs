@@ -97,7 +97,12 @@ impl Ring {
 
     /// The shard owning `tenant`, or `None` on an empty ring.
     pub(crate) fn locate(&self, tenant: &str) -> Option<ShardIndex> {
-        let hash = hash_bytes(tenant.as_bytes());
+        self.locate_hash(hash_bytes(tenant.as_bytes()))
+    }
+
+    /// The shard owning the tenant whose [`hash_bytes`] is `hash`.
+    #[inline]
+    pub(crate) fn locate_hash(&self, hash: u64) -> Option<ShardIndex> {
         let at = self.points.partition_point(|(point, _)| *point < hash);
         self.points
             .get(at)

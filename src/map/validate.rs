@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::pins::PinIndex;
 use super::placement::Ring;
 use super::{MovePhase, MoveRoute, PoolSettings, Shard, ShardIndex, ShardMap, DEFAULT_VNODES};
-use crate::TenantId;
+use crate::tenant::validate as validate_tenant;
 
 /// The most shards a map may hold.
 pub(crate) const MAX_SHARDS: usize = 4096;
@@ -89,14 +90,25 @@ pub(super) struct RawMap {
     tenant_column: Option<String>,
     placement: Option<RawPlacement>,
     #[serde(default)]
-    pub(super) shards: BTreeMap<String, RawShard>,
+    shards: BTreeMap<String, RawShard>,
     #[serde(default)]
     tenants: BTreeMap<String, String>,
     #[serde(default)]
     moves: BTreeMap<String, RawMove>,
 }
 
-#[derive(Debug, Deserialize)]
+/// What environment overrides may set: scalars and declared shards' settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOverrides {
+    version: Option<i64>,
+    tenant_column: Option<String>,
+    placement: Option<RawPlacement>,
+    #[serde(default)]
+    shards: BTreeMap<String, RawShard>,
+}
+
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPlacement {
     vnodes: Option<i64>,
@@ -110,7 +122,7 @@ pub(super) struct RawShard {
     pool: Option<RawPool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPool {
     max_size: Option<i64>,
@@ -169,6 +181,47 @@ fn valid_identifier(name: &str) -> bool {
 }
 
 impl RawMap {
+    /// Lays environment overrides over the file. Refuses shards the file lacks.
+    pub(super) fn apply(&mut self, overrides: RawOverrides) -> Result<(), MapError> {
+        fn set<T>(target: &mut Option<T>, value: Option<T>) {
+            if value.is_some() {
+                *target = value;
+            }
+        }
+        set(&mut self.version, overrides.version);
+        set(&mut self.tenant_column, overrides.tenant_column);
+        if let Some(placement) = overrides.placement {
+            set(
+                &mut self.placement.get_or_insert_with(Default::default).vnodes,
+                placement.vnodes,
+            );
+        }
+        let mut invented = Vec::new();
+        for (name, o) in overrides.shards {
+            let Some(shard) = self.shards.get_mut(&name) else {
+                invented.push(Problem {
+                    field: format!("shards.{name}"),
+                    reason: "only set by an environment override; declare the shard in the file"
+                        .to_owned(),
+                });
+                continue;
+            };
+            set(&mut shard.url, o.url);
+            set(&mut shard.weight, o.weight);
+            if let Some(pool) = o.pool {
+                let target = shard.pool.get_or_insert_with(Default::default);
+                set(&mut target.max_size, pool.max_size);
+                set(&mut target.wait_timeout_ms, pool.wait_timeout_ms);
+                set(&mut target.connect_timeout_ms, pool.connect_timeout_ms);
+            }
+        }
+        if invented.is_empty() {
+            Ok(())
+        } else {
+            Err(MapError::Invalid { problems: invented })
+        }
+    }
+
     pub(super) fn validate(self) -> Result<ShardMap, MapError> {
         let mut problems = Problems::default();
 
@@ -296,29 +349,32 @@ impl RawMap {
             );
         }
 
-        let mut pins = HashMap::with_capacity(self.tenants.len());
-        for (tenant, shard) in self.tenants {
-            let field = format!("tenants.{tenant}");
-            if let Err(e) = TenantId::new(&tenant) {
-                problems.add(&field, format!("not a valid tenant id: {e}"));
+        let mut pins = Vec::with_capacity(self.tenants.len());
+        for (tenant, shard) in &self.tenants {
+            if let Err(e) = validate_tenant(tenant) {
+                problems.add(
+                    format!("tenants.{tenant}"),
+                    format!("not a valid tenant id: {e}"),
+                );
                 continue;
             }
-            match index_of(&shard) {
-                Some(index) => {
-                    pins.insert(tenant.into_boxed_str(), index);
-                }
-                None => problems.add(field, format!("pinned to unknown shard {shard:?}")),
+            match index_of(shard) {
+                Some(index) => pins.push((tenant.as_str(), index)),
+                None => problems.add(
+                    format!("tenants.{tenant}"),
+                    format!("pinned to unknown shard {shard:?}"),
+                ),
             }
         }
 
         let mut moves = HashMap::with_capacity(self.moves.len());
         for (tenant, raw) in self.moves {
             let field = format!("moves.{tenant}");
-            if let Err(e) = TenantId::new(&tenant) {
+            if let Err(e) = validate_tenant(&tenant) {
                 problems.add(&field, format!("not a valid tenant id: {e}"));
                 continue;
             }
-            if pins.contains_key(tenant.as_str()) {
+            if self.tenants.contains_key(&tenant) {
                 problems.add(
                     &field,
                     "tenant is both pinned and moving; a moving tenant must not have a pin",
@@ -367,6 +423,7 @@ impl RawMap {
                 problems: problems.0,
             });
         }
+        let pins = PinIndex::build(pins.into_iter());
         let ring = Ring::build(
             shards
                 .iter()
