@@ -46,8 +46,18 @@ fn location(c: &mut Criterion) {
     let pinned = tenants("p", 1_000_000);
     let unpinned = tenants("u", 4096);
 
+    println!(
+        "pin index: {} bytes for {} pins ({:.1} bytes per pin)",
+        big.pin_index_bytes(),
+        big.pin_count(),
+        big.pin_index_bytes() as f64 / big.pin_count() as f64
+    );
+
     let mut group = c.benchmark_group("locate");
     let mut i = 0usize;
+    group.bench_function("1M pins, 64 shards, the same pinned tenant (cache-warm)", |b| {
+        b.iter(|| black_box(big.locate(&pinned[4242])))
+    });
     group.bench_function("1M pins, 64 shards, pinned tenant", |b| {
         b.iter(|| {
             i = (i + 1) % pinned.len();
