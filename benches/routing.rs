@@ -55,9 +55,10 @@ fn location(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("locate");
     let mut i = 0usize;
-    group.bench_function("1M pins, 64 shards, the same pinned tenant (cache-warm)", |b| {
-        b.iter(|| black_box(big.locate(&pinned[4242])))
-    });
+    group.bench_function(
+        "1M pins, 64 shards, the same pinned tenant (cache-warm)",
+        |b| b.iter(|| black_box(big.locate(&pinned[4242]))),
+    );
     group.bench_function("1M pins, 64 shards, pinned tenant", |b| {
         b.iter(|| {
             i = (i + 1) % pinned.len();

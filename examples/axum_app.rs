@@ -6,8 +6,9 @@
 //! curl -H 'x-tenant-id: acme' localhost:3000/notes
 //! ```
 //!
-//! The tenant comes from the `x-tenant-id` header. At start-up the example
-//! creates its table (migrations/V1__notes.sql) on every shard it can reach.
+//! The tenant comes from the `x-tenant-id` header. Its schema lives in
+//! `migrations/notes/`; apply it to every shard first with
+//! `shardctl migrate --map shard-map.toml --dir migrations/notes`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,8 +34,6 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
 }
-
-const SCHEMA: &str = include_str!("../migrations/V1__notes.sql");
 
 #[derive(Deserialize)]
 struct NewNote {
@@ -124,27 +123,6 @@ fn app(router: ShardRouter) -> Router {
         .layer(ShardRouterLayer::new(router, HeaderExtractor::default()))
 }
 
-/// Creates the schema on every shard it can reach; a shard that is down is
-/// reported and skipped, so its tenants get 503 while the others are served.
-async fn ensure_schema(router: &ShardRouter) {
-    let table = router.table();
-    for (shard, pool) in table.shards() {
-        let result = match pool.get().await {
-            Ok(client) => client
-                .batch_execute(SCHEMA)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match result {
-            Ok(()) => tracing::info!(shard = shard.name(), "schema ready"),
-            Err(e) => {
-                tracing::warn!(shard = shard.name(), error = %e, "schema not applied: shard unreachable")
-            }
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
@@ -155,7 +133,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let map = ShardMap::from_file(&args.map)?;
     let router = ShardRouter::new(map)?;
-    ensure_schema(&router).await;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, map_version = router.version(), "listening");
     axum::serve(listener, app(router)).await?;

@@ -15,6 +15,7 @@ done
 
 cargo build --release --example axum_app --bin shardctl
 ./target/release/shardctl map validate shard-map.toml
+./target/release/shardctl migrate --map shard-map.toml --dir migrations/notes
 ./target/release/examples/axum_app --map shard-map.toml --listen "$ADDR" &
 APP=$!
 trap 'kill $APP 2>/dev/null || true' EXIT

@@ -5,6 +5,7 @@
 pub mod db;
 pub mod layer;
 pub mod map;
+pub mod migrate;
 pub mod rejection;
 pub mod router;
 pub mod tenant;
@@ -12,6 +13,7 @@ pub mod tenant;
 pub use db::{DbError, TenantDb, TenantWriter};
 pub use layer::{ShardRouterLayer, ShardRouterService};
 pub use map::{MapError, ShardMap};
+pub use migrate::Migrations;
 pub use rejection::Rejection;
 pub use router::{Applied, ApplyError, RoutingTable, ShardRouter};
 pub use tenant::{TenantExtractor, TenantId, TenantIdError};

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use common::{notes_of, Shards};
 use shard_router::map::MapLoader;
-use shard_router::TenantId;
+use shard_router::{Migrations, TenantId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -62,6 +62,12 @@ async fn notes_api_over_http_routes_each_tenant_to_its_shard() {
     let map_path = dir.join("shard-map.toml");
     std::fs::write(&map_path, &toml).unwrap();
     let map = MapLoader::without_env().load_str(&toml).unwrap();
+    // As the quickstart does: the schema comes from `shardctl migrate`, not the app.
+    let migrations =
+        Migrations::load(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/notes")).unwrap();
+    for report in shard_router::migrate::migrate(&map, &migrations, |_, _| {}).await {
+        report.outcome.unwrap();
+    }
 
     let addr: SocketAddr = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -100,7 +100,7 @@ impl Drop for Shards {
 }
 
 /// The example's schema.
-pub const NOTES_SCHEMA: &str = include_str!("../../migrations/V1__notes.sql");
+pub const NOTES_SCHEMA: &str = include_str!("../../migrations/notes/V1__notes.sql");
 
 /// A map of `version` over shards named `a`, `b`, ... on `shards`, plus `extra` TOML.
 pub fn map(version: u64, shards: &Shards, extra: &str) -> ShardMap {

@@ -1,0 +1,581 @@
+//! Schema migrations on every shard.
+//!
+//! A migrations folder holds SQL files named `V{version}__{name}.sql`, versions
+//! 1, 2, 3, ... without gaps or repeats. [`migrate`] brings every shard of a map
+//! to the latest version, each file in its own transaction, tracked per shard in
+//! the table [`HISTORY_TABLE`] (version, name, applied_on, checksum), using
+//! [refinery]'s runner. A session advisory lock per shard keeps two concurrent
+//! runs from applying a file twice. A shard that fails stops at its last good
+//! version and does not stop the others.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use shard_router::migrate::{self, Migrations};
+//! use shard_router::ShardMap;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let map = ShardMap::from_file("shard-map.toml")?;
+//! let migrations = Migrations::load("migrations/notes")?;
+//! for report in migrate::migrate(&map, &migrations, |_shard, _file| {}).await {
+//!     match &report.outcome {
+//!         Ok(version) => println!("{}: at version {version}", report.shard),
+//!         Err(e) => eprintln!("{e}"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! [refinery]: https://docs.rs/refinery
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use refinery::{Migration, Runner, Target};
+use tokio_postgres::{Client, NoTls};
+
+use crate::map::{placement, Shard, ShardMap};
+
+/// The table on each shard that records applied migrations.
+pub const HISTORY_TABLE: &str = "shard_router_migrations";
+
+/// The ordered SQL files of a migrations folder.
+#[derive(Clone)]
+pub struct Migrations {
+    files: Vec<MigrationFile>,
+}
+
+/// One migration file.
+#[derive(Clone)]
+pub struct MigrationFile {
+    /// Its version (from `V{version}__`).
+    pub version: u32,
+    /// Its name (after `__`).
+    pub name: String,
+    /// Where it was read from.
+    pub path: PathBuf,
+    migration: Migration,
+}
+
+impl MigrationFile {
+    /// `V{version}__{name}`.
+    ///
+    /// ```no_run
+    /// # let m = shard_router::migrate::Migrations::load("migrations/notes").unwrap();
+    /// assert_eq!(m.files()[0].label(), "V1__notes");
+    /// ```
+    pub fn label(&self) -> String {
+        format!("V{}__{}", self.version, self.name)
+    }
+
+    /// The checksum recorded when the file is applied (refinery's: SipHash-1-3
+    /// over name, version and SQL).
+    ///
+    /// ```no_run
+    /// # let m = shard_router::migrate::Migrations::load("migrations/notes").unwrap();
+    /// let _ = m.files()[0].checksum();
+    /// ```
+    pub fn checksum(&self) -> u64 {
+        self.migration.checksum()
+    }
+}
+
+impl fmt::Debug for MigrationFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MigrationFile")
+            .field("version", &self.version)
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Migrations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.files).finish()
+    }
+}
+
+/// Why a migrations folder cannot be used. Nothing runs anywhere.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FolderError {
+    /// The folder or a file in it cannot be read.
+    #[error("cannot read {path}: {cause}")]
+    Read {
+        /// The folder or file.
+        path: PathBuf,
+        /// The I/O error.
+        cause: std::io::Error,
+    },
+    /// A `.sql` file is not named `V{version}__{name}.sql`.
+    #[error(
+        "{path}: migration files are named V{{version}}__{{name}}.sql (name: letters, digits, _)"
+    )]
+    BadName {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Two files share a version.
+    #[error("version {version} is used twice: {first} and {second}")]
+    Duplicate {
+        /// The version.
+        version: u32,
+        /// One file.
+        first: PathBuf,
+        /// The other.
+        second: PathBuf,
+    },
+    /// Versions skip a number.
+    #[error("versions must go 1, 2, 3, ... without gaps: version {missing} is missing")]
+    Gap {
+        /// The first missing version.
+        missing: u32,
+    },
+    /// The folder has no migration files.
+    #[error("{path} holds no migration files (V{{version}}__{{name}}.sql)")]
+    Empty {
+        /// The folder.
+        path: PathBuf,
+    },
+}
+
+impl Migrations {
+    /// Reads `dir` (not its subfolders). Refuses badly named `.sql` files,
+    /// repeated versions and gaps; other files are ignored.
+    ///
+    /// ```no_run
+    /// let migrations = shard_router::migrate::Migrations::load("migrations/notes").unwrap();
+    /// println!("latest version: {}", migrations.latest());
+    /// ```
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self, FolderError> {
+        let dir = dir.as_ref();
+        let read = |path: &Path, cause| FolderError::Read {
+            path: path.to_owned(),
+            cause,
+        };
+        let mut paths = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| read(dir, e))? {
+            let path = entry.map_err(|e| read(dir, e))?.path();
+            if path.is_file() && path.extension().is_some_and(|ext| ext == "sql") {
+                paths.push(path);
+            }
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        for path in paths {
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            let bad_name = || FolderError::BadName { path: path.clone() };
+            // refinery's own name check is a prefix match; insist on the whole stem.
+            let (version, name) = stem
+                .strip_prefix('V')
+                .and_then(|rest| rest.split_once("__"))
+                .filter(|(v, n)| {
+                    !v.is_empty()
+                        && v.bytes().all(|b| b.is_ascii_digit())
+                        && !n.is_empty()
+                        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                })
+                .ok_or_else(bad_name)?;
+            let version: u32 = version.parse().map_err(|_| bad_name())?;
+            let sql = std::fs::read_to_string(&path).map_err(|e| read(&path, e))?;
+            let migration = Migration::unapplied(&stem, &sql).map_err(|_| bad_name())?;
+            files.push(MigrationFile {
+                version,
+                name: name.to_owned(),
+                path,
+                migration,
+            });
+        }
+        if files.is_empty() {
+            return Err(FolderError::Empty {
+                path: dir.to_owned(),
+            });
+        }
+        files.sort_by(|a, b| (a.version, &a.path).cmp(&(b.version, &b.path)));
+        for pair in files.windows(2) {
+            if pair[0].version == pair[1].version {
+                return Err(FolderError::Duplicate {
+                    version: pair[0].version,
+                    first: pair[0].path.clone(),
+                    second: pair[1].path.clone(),
+                });
+            }
+        }
+        for (expected, file) in (1..).zip(&files) {
+            if file.version != expected {
+                return Err(FolderError::Gap { missing: expected });
+            }
+        }
+        Ok(Migrations { files })
+    }
+
+    /// The files, by version.
+    ///
+    /// ```no_run
+    /// # let m = shard_router::migrate::Migrations::load("migrations/notes").unwrap();
+    /// for file in m.files() { println!("{}", file.label()); }
+    /// ```
+    pub fn files(&self) -> &[MigrationFile] {
+        &self.files
+    }
+
+    /// The highest version.
+    ///
+    /// ```no_run
+    /// # let m = shard_router::migrate::Migrations::load("migrations/notes").unwrap();
+    /// assert!(m.latest() >= 1);
+    /// ```
+    pub fn latest(&self) -> u32 {
+        self.files.last().map_or(0, |f| f.version)
+    }
+
+    fn runner(&self, target: u32) -> Runner {
+        let all: Vec<Migration> = self.files.iter().map(|f| f.migration.clone()).collect();
+        let mut runner = Runner::new(&all)
+            .set_grouped(false)
+            .set_abort_divergent(true)
+            .set_abort_missing(true)
+            .set_target(Target::Version(target as i32));
+        runner.set_migration_table_name(HISTORY_TABLE);
+        runner
+    }
+}
+
+/// What went wrong on one shard.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShardError {
+    /// The shard cannot be reached; nothing ran there.
+    #[error("shard {shard} is unreachable: {cause}")]
+    Unreachable {
+        /// The shard.
+        shard: String,
+        /// The connection error.
+        cause: String,
+    },
+    /// A file applied on the shard has changed since; nothing ran there.
+    #[error("shard {shard}: {file} changed after it was applied (checksum {applied} on the shard, {current} now); restore the file or add a new migration")]
+    Drift {
+        /// The shard.
+        shard: String,
+        /// `V{version}__{name}`.
+        file: String,
+        /// The checksum recorded on the shard.
+        applied: u64,
+        /// The file's checksum now.
+        current: u64,
+    },
+    /// The shard has a version the folder lacks; nothing ran there.
+    #[error("shard {shard}: applied migration {file} is not in the migrations folder")]
+    Missing {
+        /// The shard.
+        shard: String,
+        /// `V{version}__{name}` as recorded on the shard.
+        file: String,
+    },
+    /// A file failed; its transaction rolled back, the shard stays at `version`.
+    #[error("shard {shard}: {file} failed and was rolled back; the shard stays at version {version}: {cause}")]
+    Failed {
+        /// The shard.
+        shard: String,
+        /// The file that failed.
+        file: String,
+        /// The shard's version now.
+        version: u32,
+        /// The database's error.
+        cause: String,
+    },
+    /// Reading the shard's history failed.
+    #[error("shard {shard}: {cause}")]
+    Database {
+        /// The shard.
+        shard: String,
+        /// The database's error.
+        cause: String,
+    },
+}
+
+/// Where one shard stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardStatus {
+    /// The shard.
+    pub shard: String,
+    /// The highest applied version (0: none).
+    pub version: u32,
+    /// Versions in the folder not applied yet.
+    pub pending: Vec<u32>,
+}
+
+/// The result of migrating one shard.
+#[derive(Debug)]
+pub struct ShardReport {
+    /// The shard.
+    pub shard: String,
+    /// Versions applied by this run.
+    pub applied: Vec<u32>,
+    /// The shard's version at the end, or what stopped it.
+    pub outcome: Result<u32, ShardError>,
+}
+
+/// The advisory-lock key migrations hold on each shard while they run.
+fn lock_key() -> i64 {
+    placement::hash_bytes(b"shard-router:migrate") as i64
+}
+
+async fn connect(shard: &Shard) -> Result<Client, ShardError> {
+    let mut config = shard.pg_config().clone();
+    config.connect_timeout(shard.pool().connect_timeout);
+    let (client, connection) =
+        config
+            .connect(NoTls)
+            .await
+            .map_err(|e| ShardError::Unreachable {
+                shard: shard.name().to_owned(),
+                cause: error_text(&e),
+            })?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// The most precise message in an error chain: the database's own when there is one.
+fn error_text(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    let mut text = err.to_string();
+    while let Some(e) = current {
+        if let Some(db) = e.downcast_ref::<tokio_postgres::error::DbError>() {
+            return db.to_string();
+        }
+        if e.source().is_none() {
+            text = e.to_string();
+        }
+        current = e.source();
+    }
+    text
+}
+
+/// Reads the shard's history and checks it against the folder.
+async fn shard_status(
+    shard: &Shard,
+    client: &mut Client,
+    migrations: &Migrations,
+) -> Result<ShardStatus, ShardError> {
+    let database = |e: &(dyn std::error::Error + 'static)| ShardError::Database {
+        shard: shard.name().to_owned(),
+        cause: error_text(e),
+    };
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&HISTORY_TABLE])
+        .await
+        .map_err(|e| database(&e))?
+        .get(0);
+    let applied = if exists {
+        migrations
+            .runner(migrations.latest())
+            .get_applied_migrations_async(client)
+            .await
+            .map_err(|e| database(&e))?
+    } else {
+        Vec::new()
+    };
+    for done in &applied {
+        let label = format!("V{}__{}", done.version(), done.name());
+        match migrations
+            .files
+            .iter()
+            .find(|f| f.version as i64 == done.version() as i64)
+        {
+            None => {
+                return Err(ShardError::Missing {
+                    shard: shard.name().to_owned(),
+                    file: label,
+                })
+            }
+            Some(file) if file.checksum() != done.checksum() || file.name != done.name() => {
+                return Err(ShardError::Drift {
+                    shard: shard.name().to_owned(),
+                    file: label,
+                    applied: done.checksum(),
+                    current: file.checksum(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let version = applied
+        .iter()
+        .map(|m| m.version().max(0) as u32)
+        .max()
+        .unwrap_or(0);
+    Ok(ShardStatus {
+        shard: shard.name().to_owned(),
+        version,
+        pending: migrations
+            .files
+            .iter()
+            .map(|f| f.version)
+            .filter(|v| *v > version)
+            .collect(),
+    })
+}
+
+/// Where every shard of `map` stands against `migrations`, without changing anything.
+///
+/// ```no_run
+/// # use shard_router::{migrate::{self, Migrations}, ShardMap};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// # let map = ShardMap::from_file("shard-map.toml").unwrap();
+/// # let migrations = Migrations::load("migrations/notes").unwrap();
+/// for (shard, status) in migrate::status(&map, &migrations).await {
+///     println!("{shard}: {status:?}");
+/// }
+/// # }
+/// ```
+pub async fn status(
+    map: &ShardMap,
+    migrations: &Migrations,
+) -> Vec<(String, Result<ShardStatus, ShardError>)> {
+    let mut out = Vec::with_capacity(map.shards().len());
+    for shard in map.shards() {
+        let status = match connect(shard).await {
+            Ok(mut client) => shard_status(shard, &mut client, migrations).await,
+            Err(e) => Err(e),
+        };
+        out.push((shard.name().to_owned(), status));
+    }
+    out
+}
+
+/// Brings every shard of `map` to the latest version of `migrations`.
+///
+/// Shards are migrated one after another; `on_applied` is called after each
+/// file applied on a shard (for progress bars). A shard that is unreachable,
+/// has drifted, or fails a file is reported and skipped; the others go on.
+/// Running it again finishes what an earlier run could not.
+///
+/// ```no_run
+/// # use shard_router::{migrate::{self, Migrations}, ShardMap};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// # let map = ShardMap::from_file("shard-map.toml").unwrap();
+/// # let migrations = Migrations::load("migrations/notes").unwrap();
+/// let reports = migrate::migrate(&map, &migrations, |shard, file| {
+///     println!("{shard}: applied {}", file.label());
+/// }).await;
+/// assert!(reports.iter().all(|r| r.outcome.is_ok()));
+/// # }
+/// ```
+pub async fn migrate(
+    map: &ShardMap,
+    migrations: &Migrations,
+    mut on_applied: impl FnMut(&str, &MigrationFile),
+) -> Vec<ShardReport> {
+    let mut reports = Vec::with_capacity(map.shards().len());
+    for shard in map.shards() {
+        let mut applied = Vec::new();
+        let outcome = migrate_shard(shard, migrations, &mut applied, &mut on_applied).await;
+        reports.push(ShardReport {
+            shard: shard.name().to_owned(),
+            applied,
+            outcome,
+        });
+    }
+    reports
+}
+
+async fn migrate_shard(
+    shard: &Shard,
+    migrations: &Migrations,
+    applied: &mut Vec<u32>,
+    on_applied: &mut impl FnMut(&str, &MigrationFile),
+) -> Result<u32, ShardError> {
+    let mut client = connect(shard).await?;
+    let database = |e: &(dyn std::error::Error + 'static)| ShardError::Database {
+        shard: shard.name().to_owned(),
+        cause: error_text(e),
+    };
+    // Held for the whole shard: a concurrent run waits here, then finds nothing pending.
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&lock_key()])
+        .await
+        .map_err(|e| database(&e))?;
+    let result = async {
+        let status = shard_status(shard, &mut client, migrations).await?;
+        let mut version = status.version;
+        for target in status.pending {
+            let file = &migrations.files[target as usize - 1];
+            if let Err(e) = migrations.runner(target).run_async(&mut client).await {
+                return Err(ShardError::Failed {
+                    shard: shard.name().to_owned(),
+                    file: file.label(),
+                    version,
+                    cause: error_text(&e),
+                });
+            }
+            version = target;
+            applied.push(target);
+            on_applied(shard.name(), file);
+        }
+        Ok(version)
+    }
+    .await;
+    // Closing the session would release the lock too; unlock to be tidy.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&lock_key()])
+        .await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder(files: &[(&str, &str)]) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "sr-migrations-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, sql) in files {
+            std::fs::write(dir.join(name), sql).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn loads_in_version_order() {
+        let dir = folder(&[
+            ("V2__b.sql", "SELECT 2"),
+            ("V1__a.sql", "SELECT 1"),
+            ("README.md", "ignored"),
+        ]);
+        let m = Migrations::load(&dir).unwrap();
+        let labels: Vec<_> = m.files().iter().map(|f| f.label()).collect();
+        assert_eq!(labels, ["V1__a", "V2__b"]);
+        assert_eq!(m.latest(), 2);
+    }
+
+    #[test]
+    fn refuses_gaps_repeats_bad_names_and_empty_folders() {
+        let gap = Migrations::load(folder(&[("V1__a.sql", ""), ("V3__c.sql", "")])).unwrap_err();
+        assert!(matches!(gap, FolderError::Gap { missing: 2 }), "{gap}");
+        let twice = Migrations::load(folder(&[("V1__a.sql", ""), ("V1__b.sql", "")])).unwrap_err();
+        assert!(
+            matches!(twice, FolderError::Duplicate { version: 1, .. }),
+            "{twice}"
+        );
+        let bad = Migrations::load(folder(&[("V1_a.sql", "")])).unwrap_err();
+        assert!(matches!(bad, FolderError::BadName { .. }), "{bad}");
+        let bad = Migrations::load(folder(&[("V1__a-b.sql", "")])).unwrap_err();
+        assert!(matches!(bad, FolderError::BadName { .. }), "{bad}");
+        let empty = Migrations::load(folder(&[])).unwrap_err();
+        assert!(matches!(empty, FolderError::Empty { .. }), "{empty}");
+        let zero = Migrations::load(folder(&[("V0__a.sql", "")])).unwrap_err();
+        assert!(matches!(zero, FolderError::Gap { missing: 1 }), "{zero}");
+    }
+}
