@@ -2,18 +2,21 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod control;
 pub mod db;
 pub mod layer;
 pub mod map;
 pub mod migrate;
 pub mod rejection;
 pub mod router;
+pub mod status;
 pub mod tenant;
+pub mod watch;
 
 pub use db::{DbError, TenantDb, TenantWriter};
 pub use layer::{ShardRouterLayer, ShardRouterService};
 pub use map::{MapError, ShardMap};
 pub use migrate::Migrations;
 pub use rejection::Rejection;
-pub use router::{Applied, ApplyError, RoutingTable, ShardRouter};
+pub use router::{Applied, ApplyError, MapSource, RoutingTable, ShardRouter};
 pub use tenant::{TenantExtractor, TenantId, TenantIdError};

@@ -43,6 +43,8 @@ pub const HISTORY_TABLE: &str = "shard_router_migrations";
 #[derive(Clone)]
 pub struct Migrations {
     files: Vec<MigrationFile>,
+    /// Where applied versions are recorded.
+    table: &'static str,
 }
 
 /// One migration file.
@@ -210,7 +212,25 @@ impl Migrations {
                 return Err(FolderError::Gap { missing: expected });
             }
         }
-        Ok(Migrations { files })
+        Ok(Migrations {
+            files,
+            table: HISTORY_TABLE,
+        })
+    }
+
+    /// Migrations compiled into the binary (the control schema), recorded in `table`.
+    pub(crate) fn embedded(table: &'static str, files: &[(&str, &str)]) -> Self {
+        let files = files
+            .iter()
+            .zip(1..)
+            .map(|((stem, sql), version)| MigrationFile {
+                version,
+                name: stem.split_once("__").map_or(*stem, |(_, n)| n).to_owned(),
+                path: PathBuf::from(format!("{stem}.sql")),
+                migration: Migration::unapplied(stem, sql).expect("embedded names are valid"),
+            })
+            .collect();
+        Migrations { files, table }
     }
 
     /// The files, by version.
@@ -240,7 +260,7 @@ impl Migrations {
             .set_abort_divergent(true)
             .set_abort_missing(true)
             .set_target(Target::Version(target as i32));
-        runner.set_migration_table_name(HISTORY_TABLE);
+        runner.set_migration_table_name(self.table);
         runner
     }
 }
@@ -326,7 +346,8 @@ fn lock_key() -> i64 {
     placement::hash_bytes(b"shard-router:migrate") as i64
 }
 
-async fn connect(shard: &Shard) -> Result<Client, ShardError> {
+/// Connects with the shard's own connect timeout.
+pub(crate) async fn connect(shard: &Shard) -> Result<Client, ShardError> {
     let mut config = shard.pg_config().clone();
     config.connect_timeout(shard.pool().connect_timeout);
     let (client, connection) =
@@ -342,7 +363,7 @@ async fn connect(shard: &Shard) -> Result<Client, ShardError> {
 }
 
 /// The most precise message in an error chain: the database's own when there is one.
-fn error_text(err: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_text(err: &(dyn std::error::Error + 'static)) -> String {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
     let mut text = err.to_string();
     while let Some(e) = current {
@@ -359,16 +380,16 @@ fn error_text(err: &(dyn std::error::Error + 'static)) -> String {
 
 /// Reads the shard's history and checks it against the folder.
 async fn shard_status(
-    shard: &Shard,
+    shard: &str,
     client: &mut Client,
     migrations: &Migrations,
 ) -> Result<ShardStatus, ShardError> {
     let database = |e: &(dyn std::error::Error + 'static)| ShardError::Database {
-        shard: shard.name().to_owned(),
+        shard: shard.to_owned(),
         cause: error_text(e),
     };
     let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&HISTORY_TABLE])
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&migrations.table])
         .await
         .map_err(|e| database(&e))?
         .get(0);
@@ -390,13 +411,13 @@ async fn shard_status(
         {
             None => {
                 return Err(ShardError::Missing {
-                    shard: shard.name().to_owned(),
+                    shard: shard.to_owned(),
                     file: label,
                 })
             }
             Some(file) if file.checksum() != done.checksum() || file.name != done.name() => {
                 return Err(ShardError::Drift {
-                    shard: shard.name().to_owned(),
+                    shard: shard.to_owned(),
                     file: label,
                     applied: done.checksum(),
                     current: file.checksum(),
@@ -411,7 +432,7 @@ async fn shard_status(
         .max()
         .unwrap_or(0);
     Ok(ShardStatus {
-        shard: shard.name().to_owned(),
+        shard: shard.to_owned(),
         version,
         pending: migrations
             .files
@@ -441,7 +462,7 @@ pub async fn status(
     let mut out = Vec::with_capacity(map.shards().len());
     for shard in map.shards() {
         let status = match connect(shard).await {
-            Ok(mut client) => shard_status(shard, &mut client, migrations).await,
+            Ok(mut client) => shard_status(shard.name(), &mut client, migrations).await,
             Err(e) => Err(e),
         };
         out.push((shard.name().to_owned(), status));
@@ -475,7 +496,19 @@ pub async fn migrate(
     let mut reports = Vec::with_capacity(map.shards().len());
     for shard in map.shards() {
         let mut applied = Vec::new();
-        let outcome = migrate_shard(shard, migrations, &mut applied, &mut on_applied).await;
+        let outcome = match connect(shard).await {
+            Ok(mut client) => {
+                apply_pending(
+                    shard.name(),
+                    &mut client,
+                    migrations,
+                    &mut applied,
+                    &mut on_applied,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
         reports.push(ShardReport {
             shard: shard.name().to_owned(),
             applied,
@@ -485,15 +518,16 @@ pub async fn migrate(
     reports
 }
 
-async fn migrate_shard(
-    shard: &Shard,
+/// Applies what `client`'s database lacks, under the migration lock.
+pub(crate) async fn apply_pending(
+    shard: &str,
+    client: &mut Client,
     migrations: &Migrations,
     applied: &mut Vec<u32>,
     on_applied: &mut impl FnMut(&str, &MigrationFile),
 ) -> Result<u32, ShardError> {
-    let mut client = connect(shard).await?;
     let database = |e: &(dyn std::error::Error + 'static)| ShardError::Database {
-        shard: shard.name().to_owned(),
+        shard: shard.to_owned(),
         cause: error_text(e),
     };
     // Held for the whole shard: a concurrent run waits here, then finds nothing pending.
@@ -502,13 +536,13 @@ async fn migrate_shard(
         .await
         .map_err(|e| database(&e))?;
     let result = async {
-        let status = shard_status(shard, &mut client, migrations).await?;
+        let status = shard_status(shard, client, migrations).await?;
         let mut version = status.version;
         for target in status.pending {
             let file = &migrations.files[target as usize - 1];
-            if let Err(e) = migrations.runner(target).run_async(&mut client).await {
+            if let Err(e) = migrations.runner(target).run_async(client).await {
                 return Err(ShardError::Failed {
-                    shard: shard.name().to_owned(),
+                    shard: shard.to_owned(),
                     file: file.label(),
                     version,
                     cause: error_text(&e),
@@ -516,7 +550,7 @@ async fn migrate_shard(
             }
             version = target;
             applied.push(target);
-            on_applied(shard.name(), file);
+            on_applied(shard, file);
         }
         Ok(version)
     }

@@ -26,6 +26,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -41,6 +42,8 @@ pub struct ShardRouter {
 
 struct Inner {
     table: ArcSwap<RoutingTable>,
+    /// Where maps come from and when that source last confirmed the live map.
+    source: Mutex<SourceState>,
     /// Serializes `apply` so version checks and swaps cannot interleave, and
     /// holds the maps it replaced (see [`Retired`]).
     apply_lock: Mutex<Retired>,
@@ -214,6 +217,12 @@ impl ShardRouter {
             inner: Arc::new(Inner {
                 table: ArcSwap::from_pointee(table),
                 apply_lock: Mutex::new(Retired::default()),
+                source: Mutex::new(SourceState {
+                    source: MapSource::Static,
+                    last_confirmed: Some(SystemTime::now()),
+                    unconfirmed_since: None,
+                    last_refused: None,
+                }),
             }),
         })
     }
@@ -350,6 +359,59 @@ impl ShardRouter {
     /// ```
     pub fn resolve(&self, tenant: TenantId) -> TenantDb {
         TenantDb::new(tenant, self.table())
+    }
+}
+
+/// Where a router's maps come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MapSource {
+    /// Given once to [`ShardRouter::new`]; changed only by [`ShardRouter::apply`].
+    Static,
+    /// A file, reloaded on change and on SIGHUP ([`crate::watch`]).
+    File(String),
+    /// A control database (URL without password), followed by [`crate::control::ControlAgent`].
+    Control(String),
+}
+
+impl fmt::Display for MapSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MapSource::Static => f.write_str("static"),
+            MapSource::File(path) => write!(f, "file:{path}"),
+            MapSource::Control(url) => write!(f, "control:{url}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SourceState {
+    pub(crate) source: MapSource,
+    /// When the source last confirmed that the live map is current.
+    pub(crate) last_confirmed: Option<SystemTime>,
+    /// Since when the source has been unreachable.
+    pub(crate) unconfirmed_since: Option<Instant>,
+    /// The last map the source offered that was refused, and why.
+    pub(crate) last_refused: Option<String>,
+}
+
+impl ShardRouter {
+    /// Updates what the status reports about the map source.
+    pub(crate) fn update_source(&self, update: impl FnOnce(&mut SourceState)) {
+        let mut state = self
+            .inner
+            .source
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        update(&mut state);
+    }
+
+    pub(crate) fn source_state(&self) -> SourceState {
+        self.inner
+            .source
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 

@@ -28,6 +28,7 @@
 //! assert_eq!(location.reason, Reason::Pin);
 //! ```
 
+mod diff;
 mod load;
 mod pins;
 pub mod placement;
@@ -37,6 +38,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
+pub use diff::MapDiff;
 pub use load::{MapLoader, DEFAULT_ENV_PREFIX};
 pub use validate::{MapError, Problem};
 
@@ -487,6 +489,17 @@ impl ShardMap {
     /// ```
     pub fn ring_points(&self) -> usize {
         self.ring.len()
+    }
+
+    /// True when `other` places every unpinned, unmoving tenant on the same shard.
+    pub(crate) fn same_ring(&self, other: &ShardMap) -> bool {
+        self.ring == other.ring
+            && self.shards.len() == other.shards.len()
+            && self
+                .shards
+                .iter()
+                .zip(&other.shards)
+                .all(|(a, b)| a.name == b.name)
     }
 
     /// Bytes of memory the pin index holds (about 40 to 90 per pin).

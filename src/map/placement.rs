@@ -110,6 +110,11 @@ impl Ring {
             .map(|(_, shard)| *shard)
     }
 
+    /// The points' hashes, in ring order.
+    pub(crate) fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.points.iter().map(|(hash, _)| *hash)
+    }
+
     /// Number of points on the ring.
     pub(crate) fn len(&self) -> usize {
         self.points.len()

@@ -1,0 +1,346 @@
+//! Keeping a router on the newest published map.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+use super::{ControlError, ControlPlane, CHANNEL};
+use crate::map::{redact_url, MapLoader};
+use crate::migrate::error_text;
+use crate::router::MapSource;
+use crate::{Applied, ShardRouter};
+
+/// How a router follows the control database.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ControlOptions {
+    /// This router's id in `shard_router_routers`. Default: `{host}-{pid}-{random}`.
+    pub instance_id: String,
+    /// The host reported with heartbeats. Default: `$HOSTNAME` or `/etc/hostname`.
+    pub host: String,
+    /// How often the router reports the version it applied. Default 1 s.
+    pub heartbeat: Duration,
+    /// Past this without a heartbeat, the router counts as stopped. Default 3 s.
+    pub lease: Duration,
+    /// How often to look for new versions besides NOTIFY. Default 5 s.
+    pub poll: Duration,
+    /// The longest wait between reconnection attempts. Default 5 s.
+    pub max_backoff: Duration,
+}
+
+impl Default for ControlOptions {
+    fn default() -> Self {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        ControlOptions {
+            instance_id: format!("{host}-{}-{nanos:08x}", std::process::id()),
+            host,
+            heartbeat: Duration::from_secs(1),
+            lease: Duration::from_secs(3),
+            poll: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Follows the control database for one router: applies every new map version
+/// (told by NOTIFY, with a polling fallback), reports heartbeats with the version
+/// applied, and reconnects with backoff when the database goes away, while the
+/// router keeps serving the map it has. Stops when dropped.
+///
+/// A version that does not load or apply here (invalid under this process's
+/// environment, say) is refused and logged; the router keeps its map and the
+/// refusal shows in [`ShardRouter::status`].
+///
+/// ```no_run
+/// use shard_router::control::{ControlAgent, ControlOptions};
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (router, agent) =
+///     ControlAgent::start("postgres://postgres@127.0.0.1/control", ControlOptions::default()).await?;
+/// println!("{} serving map version {}", agent.instance_id(), router.version());
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct ControlAgent {
+    task: JoinHandle<()>,
+    instance_id: String,
+}
+
+impl ControlAgent {
+    /// Connects to the control database at `url`, builds a router on the newest
+    /// map, and starts following. Fails if the database cannot be reached or has
+    /// no map yet: a router needs one map to start.
+    ///
+    /// ```no_run
+    /// # use shard_router::control::{ControlAgent, ControlOptions};
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (router, _agent) = ControlAgent::start("postgres://postgres@127.0.0.1/control", ControlOptions::default()).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start(
+        url: &str,
+        options: ControlOptions,
+    ) -> Result<(ShardRouter, ControlAgent), Box<dyn std::error::Error + Send + Sync>> {
+        let session = Session::open(url).await?;
+        let control = ControlPlane {
+            client: session.client,
+            url: redact_url(url),
+        };
+        let map = control.latest().await?.load()?;
+        let session = Session {
+            client: control.client,
+            notifications: session.notifications,
+        };
+        let router = ShardRouter::new(map)?;
+        router.update_source(|s| {
+            s.source = MapSource::Control(redact_url(url));
+            s.last_confirmed = Some(SystemTime::now());
+        });
+        let instance_id = options.instance_id.clone();
+        let task = tokio::spawn(follow(
+            router.clone(),
+            url.to_owned(),
+            options,
+            Some(session),
+        ));
+        Ok((router, ControlAgent { task, instance_id }))
+    }
+
+    /// This router's instance id.
+    ///
+    /// ```no_run
+    /// # fn f(agent: shard_router::control::ControlAgent) { println!("{}", agent.instance_id()); }
+    /// ```
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+}
+
+impl Drop for ControlAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A LISTENing connection: the client, and a signal per notification.
+struct Session {
+    client: Client,
+    notifications: mpsc::UnboundedReceiver<()>,
+}
+
+impl Session {
+    async fn open(url: &str) -> Result<Session, ControlError> {
+        let unreachable = |cause: String| ControlError::Unreachable {
+            url: redact_url(url),
+            cause,
+        };
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| unreachable(e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        let (client, mut connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| unreachable(error_text(&e)))?;
+        let (tx, notifications) = mpsc::unbounded_channel();
+        // Drive the connection ourselves to see its notifications; when it ends,
+        // the channel closes and the session knows.
+        tokio::spawn(async move {
+            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => {
+                        if tx.send(()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(ControlError::from)?;
+        Ok(Session {
+            client,
+            notifications,
+        })
+    }
+}
+
+struct Follower {
+    router: ShardRouter,
+    options: ControlOptions,
+    started_at: SystemTime,
+    /// The newest version refused, so a poll does not log it again.
+    refused: Option<u64>,
+}
+
+async fn follow(
+    router: ShardRouter,
+    url: String,
+    options: ControlOptions,
+    mut first: Option<Session>,
+) {
+    let mut follower = Follower {
+        router,
+        options,
+        started_at: SystemTime::now(),
+        refused: None,
+    };
+    let initial_backoff = Duration::from_millis(100);
+    let mut backoff = initial_backoff;
+    loop {
+        let session = match first.take() {
+            Some(session) => Ok(session),
+            None => Session::open(&url).await,
+        };
+        let cause = match session {
+            Ok(mut session) => {
+                backoff = initial_backoff;
+                follower.run(&mut session).await
+            }
+            Err(e) => e,
+        };
+        follower.unconfirmed(&cause);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(follower.options.max_backoff);
+    }
+}
+
+impl Follower {
+    /// Serves one session until its connection fails.
+    async fn run(&mut self, session: &mut Session) -> ControlError {
+        let mut heartbeat = tokio::time::interval(self.options.heartbeat);
+        let mut poll = tokio::time::interval(self.options.poll);
+        for ticker in [&mut heartbeat, &mut poll] {
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        if let Err(e) = self.catch_up(&session.client).await {
+            return e;
+        }
+        loop {
+            let result = tokio::select! {
+                signal = session.notifications.recv() => match signal {
+                    None => return ControlError::Unreachable {
+                        url: self.router.source_state().source.to_string(),
+                        cause: "connection closed".into(),
+                    },
+                    Some(()) => {
+                        while session.notifications.try_recv().is_ok() {} // coalesce a burst
+                        self.catch_up(&session.client).await
+                    }
+                },
+                _ = heartbeat.tick() => self.heartbeat(&session.client).await,
+                _ = poll.tick() => self.catch_up(&session.client).await,
+            };
+            if let Err(e) = result {
+                return e;
+            }
+        }
+    }
+
+    /// Applies the newest version if it is newer than the live one, then heartbeats.
+    async fn catch_up(&mut self, client: &Client) -> Result<(), ControlError> {
+        let live = self.router.version();
+        let row = self
+            .bounded(client.query_opt(
+                "SELECT version, map FROM shard_router_maps WHERE version > $1 \
+                 ORDER BY version DESC LIMIT 1",
+                &[&(live as i64)],
+            ))
+            .await?;
+        if let Some(row) = row {
+            let version = row.get::<_, i64>(0) as u64;
+            let toml: String = row.get(1);
+            if self.refused != Some(version) {
+                self.apply(version, &toml);
+            }
+        }
+        self.heartbeat(client).await
+    }
+
+    fn apply(&mut self, version: u64, toml: &str) {
+        let outcome = MapLoader::new()
+            .load_str(toml)
+            .map_err(|e| e.to_string())
+            .and_then(|map| self.router.apply(map).map_err(|e| e.to_string()));
+        match outcome {
+            Ok(Applied::Swapped { from, to, .. }) => {
+                tracing::info!(from, to, "applied map from the control database");
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                tracing::error!(version, live = self.router.version(), %reason,
+                    "map version refused; keeping the live map");
+                self.refused = Some(version);
+                self.router.update_source(|s| {
+                    s.last_refused = Some(format!("version {version}: {reason}"));
+                });
+            }
+        }
+    }
+
+    async fn heartbeat(&self, client: &Client) -> Result<(), ControlError> {
+        self.bounded(client.execute(
+            "INSERT INTO shard_router_routers \
+               (instance_id, host, applied_version, started_at, last_seen, lease_ms) \
+             VALUES ($1, $2, $3, $4, clock_timestamp(), $5) \
+             ON CONFLICT (instance_id) DO UPDATE SET host = EXCLUDED.host, \
+               applied_version = EXCLUDED.applied_version, last_seen = EXCLUDED.last_seen, \
+               lease_ms = EXCLUDED.lease_ms",
+            &[
+                &self.options.instance_id,
+                &self.options.host,
+                &(self.router.version() as i64),
+                &self.started_at,
+                &(self.options.lease.as_millis() as i64),
+            ],
+        ))
+        .await?;
+        self.router.update_source(|s| {
+            if let Some(since) = s.unconfirmed_since.take() {
+                tracing::info!(unconfirmed_for = ?since.elapsed(), "control database reachable again");
+            }
+            s.last_confirmed = Some(SystemTime::now());
+        });
+        Ok(())
+    }
+
+    /// Runs a control query for at most one lease: a hung connection must not
+    /// keep the router from noticing it is cut off.
+    async fn bounded<T>(
+        &self,
+        query: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, ControlError> {
+        match tokio::time::timeout(self.options.lease, query).await {
+            Ok(result) => result.map_err(ControlError::from),
+            Err(_) => Err(ControlError::Database {
+                cause: format!("no answer within {:?}", self.options.lease),
+            }),
+        }
+    }
+
+    fn unconfirmed(&self, cause: &ControlError) {
+        let mut since = Instant::now();
+        self.router.update_source(|s| {
+            since = *s.unconfirmed_since.get_or_insert(since);
+        });
+        tracing::warn!(error = %cause, unconfirmed_for = ?since.elapsed(),
+            map_version = self.router.version(),
+            "control database unreachable; serving the last applied map");
+    }
+}

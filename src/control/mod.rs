@@ -1,0 +1,424 @@
+//! The control plane: shard maps, routers and moves in a Postgres database.
+//!
+//! The control database holds every published map version, a heartbeat row per
+//! running router (with the version it applied), and move state. Publishing a
+//! map inserts a version; a trigger NOTIFYs `shard_router_maps`, and every
+//! [`ControlAgent`] applies it at once (with a polling fallback).
+//!
+//! * [`ControlPlane`]: a connection for operators and tools (`shardctl`): init,
+//!   publish, history, routers, waiting for a rollout.
+//! * [`ControlAgent`]: runs inside each router process and keeps its
+//!   [`ShardRouter`](crate::ShardRouter) on the newest map.
+//!
+//! Maps are stored as published TOML. Each reader applies its own environment
+//! overrides, so secrets such as passwords can stay out of the control database.
+
+mod agent;
+mod publish;
+mod rehoming;
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+pub use agent::{ControlAgent, ControlOptions};
+pub use publish::{PublishError, PublishOptions, Published};
+pub use rehoming::{tenants_rehomed, RehomeError, Rehomed};
+
+use crate::map::{placement, redact_url, MapLoader};
+use crate::migrate::{self, Migrations};
+use crate::ShardMap;
+
+/// The control schema's own migration history table.
+const CONTROL_HISTORY: &str = "shard_router_control_migrations";
+
+/// The NOTIFY channel of new map versions.
+pub(crate) const CHANNEL: &str = "shard_router_maps";
+
+fn control_migrations() -> Migrations {
+    Migrations::embedded(
+        CONTROL_HISTORY,
+        &[(
+            "V1__control",
+            include_str!("../../migrations/control/V1__control.sql"),
+        )],
+    )
+}
+
+/// A failure talking to the control database.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// The control database cannot be reached.
+    #[error("control database {url} is unreachable: {cause}")]
+    Unreachable {
+        /// The URL, password redacted.
+        url: String,
+        /// Why.
+        cause: String,
+    },
+    /// A statement failed.
+    #[error("control database: {cause}")]
+    Database {
+        /// The database's error.
+        cause: String,
+    },
+    /// The control schema is missing: run `shardctl control init`.
+    #[error("the control database has no shard-router schema; run `shardctl control init --control URL`")]
+    NotInitialized,
+    /// No map has been published yet.
+    #[error("no shard map has been published to the control database yet")]
+    NoMap,
+    /// A stored map does not load here.
+    #[error("stored map version {version} does not load: {cause}")]
+    BadStoredMap {
+        /// Its version.
+        version: u64,
+        /// Why.
+        cause: String,
+    },
+}
+
+impl From<tokio_postgres::Error> for ControlError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if e.as_db_error().map(|d| d.code())
+            == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+        {
+            return ControlError::NotInitialized;
+        }
+        ControlError::Database {
+            cause: migrate::error_text(&e),
+        }
+    }
+}
+
+/// A published map version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMap {
+    /// Its version.
+    pub version: u64,
+    /// The TOML as published.
+    pub toml: String,
+    /// SipHash-1-3 (keys 0) of the TOML, hex.
+    pub checksum: String,
+    /// The publisher's note.
+    pub note: Option<String>,
+    /// When it was published (UTC, RFC 3339).
+    pub created_at: String,
+}
+
+impl StoredMap {
+    /// Loads the stored TOML with this process's environment overrides.
+    ///
+    /// ```no_run
+    /// # async fn f(control: shard_router::control::ControlPlane) -> Result<(), Box<dyn std::error::Error>> {
+    /// let map = control.latest().await?.load()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn load(&self) -> Result<ShardMap, ControlError> {
+        MapLoader::new()
+            .load_str(&self.toml)
+            .map_err(|e| ControlError::BadStoredMap {
+                version: self.version,
+                cause: e.to_string(),
+            })
+    }
+}
+
+/// A router as its heartbeats show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterRow {
+    /// Its instance id.
+    pub instance_id: String,
+    /// Its host.
+    pub host: String,
+    /// The map version it applied.
+    pub applied_version: u64,
+    /// Milliseconds since its last heartbeat.
+    pub last_seen_ms: u64,
+    /// Its lease: past this since its last heartbeat it counts as stopped.
+    pub lease_ms: u64,
+}
+
+impl RouterRow {
+    /// True when the router missed its lease (stopped, or cut off from the control database).
+    ///
+    /// ```
+    /// # use shard_router::control::RouterRow;
+    /// let row = RouterRow { instance_id: "r1".into(), host: "h".into(), applied_version: 3,
+    ///                       last_seen_ms: 5_000, lease_ms: 3_000 };
+    /// assert!(row.is_stale());
+    /// ```
+    pub fn is_stale(&self) -> bool {
+        self.last_seen_ms > self.lease_ms
+    }
+}
+
+/// How a rollout ended: routers that applied the version, and stale ones not waited for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// Live routers at or past the version.
+    pub applied: Vec<RouterRow>,
+    /// Routers whose lease passed; they are not waited for.
+    pub stale: Vec<RouterRow>,
+    /// Live routers still behind (empty unless the wait timed out).
+    pub laggards: Vec<RouterRow>,
+}
+
+/// A connection to the control database, for operators and tools.
+///
+/// ```no_run
+/// use shard_router::control::ControlPlane;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut control = ControlPlane::connect("postgres://postgres@127.0.0.1/control").await?;
+/// control.init().await?;
+/// for router in control.routers().await? {
+///     println!("{} applied {}", router.instance_id, router.applied_version);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub(crate) client: Client,
+    url: String,
+}
+
+impl ControlPlane {
+    /// Connects to the control database at `url` (5 s connect timeout).
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), shard_router::control::ControlError> {
+    /// let control = shard_router::control::ControlPlane::connect("postgres://postgres@127.0.0.1/control").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self, ControlError> {
+        let client = connect_client(url).await?;
+        Ok(ControlPlane {
+            client,
+            url: redact_url(url),
+        })
+    }
+
+    /// The URL, password redacted.
+    ///
+    /// ```no_run
+    /// # fn f(c: shard_router::control::ControlPlane) { println!("{}", c.url()); }
+    /// ```
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Creates or upgrades the control schema; idempotent. Returns the
+    /// schema versions applied now (empty when it was current).
+    ///
+    /// ```no_run
+    /// # async fn f(mut c: shard_router::control::ControlPlane) -> Result<(), shard_router::control::ControlError> {
+    /// let applied = c.init().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn init(&mut self) -> Result<Vec<u32>, ControlError> {
+        let mut applied = Vec::new();
+        migrate::apply_pending(
+            "control",
+            &mut self.client,
+            &control_migrations(),
+            &mut applied,
+            &mut |_, _| {},
+        )
+        .await
+        .map_err(|e| ControlError::Database {
+            cause: e.to_string(),
+        })?;
+        Ok(applied)
+    }
+
+    /// The newest published map.
+    ///
+    /// ```no_run
+    /// # async fn f(c: shard_router::control::ControlPlane) -> Result<(), shard_router::control::ControlError> {
+    /// println!("live: v{}", c.latest().await?.version);
+    /// # Ok(()) }
+    /// ```
+    pub async fn latest(&self) -> Result<StoredMap, ControlError> {
+        self.latest_opt().await?.ok_or(ControlError::NoMap)
+    }
+
+    pub(crate) async fn latest_opt(&self) -> Result<Option<StoredMap>, ControlError> {
+        let rows = self
+            .client
+            .query(&format!("{SELECT_MAP} ORDER BY version DESC LIMIT 1"), &[])
+            .await?;
+        Ok(rows.first().map(stored_map))
+    }
+
+    /// Map version `version`, if it was published.
+    ///
+    /// ```no_run
+    /// # async fn f(c: shard_router::control::ControlPlane) -> Result<(), shard_router::control::ControlError> {
+    /// let v3 = c.get(3).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn get(&self, version: u64) -> Result<Option<StoredMap>, ControlError> {
+        let rows = self
+            .client
+            .query(
+                &format!("{SELECT_MAP} WHERE version = $1"),
+                &[&(version as i64)],
+            )
+            .await?;
+        Ok(rows.first().map(stored_map))
+    }
+
+    /// Every published version, oldest first.
+    ///
+    /// ```no_run
+    /// # async fn f(c: shard_router::control::ControlPlane) -> Result<(), shard_router::control::ControlError> {
+    /// for m in c.history().await? { println!("v{} {}", m.version, m.created_at); }
+    /// # Ok(()) }
+    /// ```
+    pub async fn history(&self) -> Result<Vec<StoredMap>, ControlError> {
+        let rows = self
+            .client
+            .query(&format!("{SELECT_MAP} ORDER BY version"), &[])
+            .await?;
+        Ok(rows.iter().map(stored_map).collect())
+    }
+
+    /// Every router that has sent a heartbeat, by instance id.
+    ///
+    /// ```no_run
+    /// # async fn f(c: shard_router::control::ControlPlane) -> Result<(), shard_router::control::ControlError> {
+    /// let stale = c.routers().await?.into_iter().filter(|r| r.is_stale()).count();
+    /// # Ok(()) }
+    /// ```
+    pub async fn routers(&self) -> Result<Vec<RouterRow>, ControlError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT instance_id, host, applied_version, \
+                 greatest(0, (extract(epoch FROM clock_timestamp() - last_seen) * 1000))::bigint, lease_ms \
+                 FROM shard_router_routers ORDER BY instance_id",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| RouterRow {
+                instance_id: r.get(0),
+                host: r.get(1),
+                applied_version: r.get::<_, i64>(2) as u64,
+                last_seen_ms: r.get::<_, i64>(3) as u64,
+                lease_ms: r.get::<_, i64>(4) as u64,
+            })
+            .collect())
+    }
+
+    /// Waits until every live router has applied `version` or later, for at most
+    /// `timeout`. Routers whose lease passes are reported stale and not waited for.
+    /// On timeout, [`Rollout::laggards`] names the routers still behind.
+    ///
+    /// ```no_run
+    /// # async fn f(c: shard_router::control::ControlPlane) -> Result<(), shard_router::control::ControlError> {
+    /// let rollout = c.wait_for(8, std::time::Duration::from_secs(30)).await?;
+    /// assert!(rollout.laggards.is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_for(&self, version: u64, timeout: Duration) -> Result<Rollout, ControlError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let routers = self.routers().await?;
+            let (stale, live): (Vec<_>, Vec<_>) = routers.into_iter().partition(|r| r.is_stale());
+            let (applied, behind): (Vec<_>, Vec<_>) =
+                live.into_iter().partition(|r| r.applied_version >= version);
+            if behind.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(Rollout {
+                    applied,
+                    stale,
+                    laggards: behind,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Inserts `toml` as `version`, refusing a version that is not above the newest.
+    pub(crate) async fn insert(
+        &mut self,
+        version: u64,
+        toml: &str,
+        note: Option<&str>,
+    ) -> Result<(), PublishError> {
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(ControlError::from)?;
+        // One publisher at a time, so "higher than the newest" holds at commit.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&(placement::hash_bytes(b"shard-router:publish") as i64)],
+        )
+        .await
+        .map_err(ControlError::from)?;
+        let newest: Option<i64> = tx
+            .query_one("SELECT max(version) FROM shard_router_maps", &[])
+            .await
+            .map_err(ControlError::from)?
+            .get(0);
+        if let Some(newest) = newest {
+            if version <= newest as u64 {
+                return Err(PublishError::NotNewer {
+                    newest: newest as u64,
+                    offered: version,
+                });
+            }
+        }
+        tx.execute(
+            "INSERT INTO shard_router_maps (version, map, checksum, note) VALUES ($1, $2, $3, $4)",
+            &[&(version as i64), &toml, &checksum(toml), &note],
+        )
+        .await
+        .map_err(ControlError::from)?;
+        tx.commit().await.map_err(ControlError::from)?;
+        Ok(())
+    }
+}
+
+const SELECT_MAP: &str = "SELECT version, map, checksum, note, \
+     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
+     FROM shard_router_maps";
+
+fn stored_map(row: &tokio_postgres::Row) -> StoredMap {
+    StoredMap {
+        version: row.get::<_, i64>(0) as u64,
+        toml: row.get(1),
+        checksum: row.get(2),
+        note: row.get(3),
+        created_at: row.get(4),
+    }
+}
+
+/// The checksum stored with a map: SipHash-1-3 (keys 0) of its text, hex.
+pub(crate) fn checksum(toml: &str) -> String {
+    format!("{:016x}", placement::hash_bytes(toml.as_bytes()))
+}
+
+pub(crate) async fn connect_client(url: &str) -> Result<Client, ControlError> {
+    let unreachable = |cause: String| ControlError::Unreachable {
+        url: redact_url(url),
+        cause,
+    };
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| unreachable(e.to_string()))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| unreachable(migrate::error_text(&e)))?;
+    tokio::spawn(connection);
+    Ok(client)
+}

@@ -1,0 +1,205 @@
+//! Publishing a map version: validate, diff, refuse silent re-homing, insert.
+
+use super::{ControlError, ControlPlane, RehomeError, Rehomed};
+use crate::map::{MapDiff, MapLoader};
+use crate::MapError;
+
+/// How to publish.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct PublishOptions {
+    /// Stored with the version, shown by `map history`.
+    pub note: Option<String>,
+    /// Pin tenants that the new map would re-home where their data is, instead of refusing.
+    pub pin_existing: bool,
+    /// Check everything, print the plan, publish nothing.
+    pub dry_run: bool,
+}
+
+impl PublishOptions {
+    /// Options with a note.
+    ///
+    /// ```
+    /// let o = shard_router::control::PublishOptions::with_note("add shard c");
+    /// assert_eq!(o.note.as_deref(), Some("add shard c"));
+    /// ```
+    pub fn with_note(note: &str) -> Self {
+        PublishOptions {
+            note: Some(note.to_owned()),
+            ..Default::default()
+        }
+    }
+}
+
+/// What a publish did (or, on a dry run, would do).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Published {
+    /// The version.
+    pub version: u64,
+    /// The change against the newest version before it (none for the first map).
+    pub diff: Option<MapDiff>,
+    /// Tenants pinned where their data is (`pin_existing`).
+    pub pinned: Vec<Rehomed>,
+    /// False on a dry run.
+    pub published: bool,
+    /// The TOML stored (with the added pins).
+    pub toml: String,
+}
+
+/// Why a map was not published. The control database is unchanged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The map is invalid.
+    #[error(transparent)]
+    Invalid(#[from] MapError),
+    /// Its version is not above the newest published one.
+    #[error("map version {offered} is not higher than the newest published version {newest}; versions only go forward")]
+    NotNewer {
+        /// The newest version.
+        newest: u64,
+        /// The offered version.
+        offered: u64,
+    },
+    /// The map would move tenants that have data without a move.
+    #[error("refused: the map would re-home {} tenant(s) that have data, without a move: {}{}; pin them where they are (--pin-existing) or move them (shardctl tenant move)",
+        tenants.len(),
+        tenants.iter().take(20).map(|r| format!("{} ({} -> {})", r.tenant, r.from, r.to)).collect::<Vec<_>>().join(", "),
+        if tenants.len() > 20 { format!(" and {} more", tenants.len() - 20) } else { String::new() })]
+    Rehoming {
+        /// The tenants, with where their data is and where the map would send them.
+        tenants: Vec<Rehomed>,
+    },
+    /// Which tenants have data could not be checked.
+    #[error(transparent)]
+    Check(#[from] RehomeError),
+    /// The control database failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// A stored or given map could not be rewritten (rollback, added pins).
+    #[error("cannot rewrite the map's TOML: {0}")]
+    Rewrite(String),
+}
+
+impl ControlPlane {
+    /// Publishes `toml` as a new map version.
+    ///
+    /// In order: validates it (with this process's environment overrides),
+    /// refuses a version not above the newest, diffs it against the newest,
+    /// refuses it if tenants with data would change shard without a move (or
+    /// pins them where they are with [`PublishOptions::pin_existing`]), and
+    /// inserts it, which notifies every router. Any refusal leaves the control
+    /// database unchanged.
+    ///
+    /// ```no_run
+    /// # use shard_router::control::{ControlPlane, PublishOptions};
+    /// # async fn f(mut c: ControlPlane) -> Result<(), Box<dyn std::error::Error>> {
+    /// let toml = std::fs::read_to_string("shard-map.toml")?;
+    /// let published = c.publish(&toml, &PublishOptions::with_note("add shard c")).await?;
+    /// if let Some(diff) = &published.diff { print!("{diff}"); }
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish(
+        &mut self,
+        toml: &str,
+        options: &PublishOptions,
+    ) -> Result<Published, PublishError> {
+        let mut toml = toml.to_owned();
+        let mut new = MapLoader::new().load_str(&toml)?;
+        let current = self.latest_opt().await?;
+        let mut pinned = Vec::new();
+        let diff = match &current {
+            None => None,
+            Some(stored) => {
+                let old = stored.load()?;
+                if new.version() <= old.version() {
+                    return Err(PublishError::NotNewer {
+                        newest: old.version(),
+                        offered: new.version(),
+                    });
+                }
+                let rehomed = super::tenants_rehomed(&old, &new).await?;
+                if !rehomed.is_empty() {
+                    if !options.pin_existing {
+                        return Err(PublishError::Rehoming { tenants: rehomed });
+                    }
+                    toml = add_pins(&toml, &rehomed)?;
+                    new = MapLoader::new().load_str(&toml)?;
+                    pinned = rehomed;
+                }
+                Some(MapDiff::between(&old, &new))
+            }
+        };
+        if !options.dry_run {
+            self.insert(new.version(), &toml, options.note.as_deref())
+                .await?;
+        }
+        Ok(Published {
+            version: new.version(),
+            diff,
+            pinned,
+            published: !options.dry_run,
+            toml,
+        })
+    }
+
+    /// Publishes the content of version `to` again, as a new version above the
+    /// newest: versions only go forward. Goes through [`ControlPlane::publish`],
+    /// so re-homing is refused here too.
+    ///
+    /// ```no_run
+    /// # use shard_router::control::{ControlPlane, PublishOptions};
+    /// # async fn f(mut c: ControlPlane) -> Result<(), Box<dyn std::error::Error>> {
+    /// let published = c.rollback(4, &PublishOptions::default()).await?;
+    /// println!("version {} routes like version 4", published.version);
+    /// # Ok(()) }
+    /// ```
+    pub async fn rollback(
+        &mut self,
+        to: u64,
+        options: &PublishOptions,
+    ) -> Result<Published, PublishError> {
+        let old = self
+            .get(to)
+            .await?
+            .ok_or_else(|| PublishError::Rewrite(format!("version {to} was never published")))?;
+        let newest = self.latest().await?.version;
+        let toml = set_version(&old.toml, newest + 1)?;
+        let mut options = options.clone();
+        options
+            .note
+            .get_or_insert_with(|| format!("rollback to version {to}"));
+        self.publish(&toml, &options).await
+    }
+}
+
+fn parse(toml: &str) -> Result<toml::Table, PublishError> {
+    toml.parse::<toml::Table>()
+        .map_err(|e| PublishError::Rewrite(e.to_string()))
+}
+
+fn render(doc: &toml::Table) -> Result<String, PublishError> {
+    toml::to_string(doc).map_err(|e| PublishError::Rewrite(e.to_string()))
+}
+
+/// Adds `tenant = "shard"` pins (comments are not kept).
+fn add_pins(toml: &str, pins: &[Rehomed]) -> Result<String, PublishError> {
+    let mut doc = parse(toml)?;
+    let tenants = doc
+        .entry("tenants")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(tenants) = tenants else {
+        return Err(PublishError::Rewrite("`tenants` is not a table".into()));
+    };
+    for pin in pins {
+        tenants.insert(pin.tenant.clone(), toml::Value::String(pin.from.clone()));
+    }
+    render(&doc)
+}
+
+fn set_version(toml: &str, version: u64) -> Result<String, PublishError> {
+    let mut doc = parse(toml)?;
+    doc.insert("version".into(), toml::Value::Integer(version as i64));
+    render(&doc)
+}
