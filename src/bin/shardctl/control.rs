@@ -1,0 +1,69 @@
+//! `shardctl control ...` and `shardctl routers`.
+
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::{block_on, connect, ControlArg};
+
+#[derive(Subcommand)]
+pub(crate) enum ControlCommand {
+    /// Create or upgrade the control schema (idempotent).
+    Init(ControlArg),
+}
+
+pub(crate) fn run(command: ControlCommand, json: bool) -> Result<(), String> {
+    match command {
+        ControlCommand::Init(arg) => block_on(async {
+            let mut control = connect(&arg.control).await?;
+            let applied = control.init().await.map_err(|e| format!("error: {e}"))?;
+            if json {
+                println!("{}", json!({"control": control.url(), "applied": applied}));
+            } else if applied.is_empty() {
+                println!("control schema in {} is up to date", control.url());
+            } else {
+                println!(
+                    "control schema in {} created (versions {applied:?})",
+                    control.url()
+                );
+            }
+            Ok(())
+        }),
+    }
+}
+
+pub(crate) fn routers(arg: &ControlArg, json: bool) -> Result<(), String> {
+    block_on(async {
+        let control = connect(&arg.control).await?;
+        let routers = control.routers().await.map_err(|e| format!("error: {e}"))?;
+        let newest = control.latest().await.ok().map(|m| m.version);
+        if json {
+            let rows: Vec<_> = routers
+                .iter()
+                .map(|r| {
+                    json!({"instance_id": r.instance_id, "host": r.host, "applied_version": r.applied_version,
+                           "last_seen_ms": r.last_seen_ms, "lease_ms": r.lease_ms, "stale": r.is_stale()})
+                })
+                .collect();
+            println!("{}", json!({"newest_version": newest, "routers": rows}));
+            return Ok(());
+        }
+        println!(
+            "{:<40} {:<20} {:>8} {:>12}  state",
+            "instance", "host", "version", "last seen"
+        );
+        for r in &routers {
+            let state = if r.is_stale() {
+                "STALE"
+            } else if Some(r.applied_version) == newest {
+                "current"
+            } else {
+                "behind"
+            };
+            println!(
+                "{:<40} {:<20} {:>8} {:>10}ms  {state}",
+                r.instance_id, r.host, r.applied_version, r.last_seen_ms
+            );
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,124 @@
+//! `shardctl`: operate shard-router: shard maps, rollouts, tenants, migrations.
+//!
+//! Exit codes: 0 success; 1 refused, invalid, failed or timed out (the reason is
+//! printed); 2 bad command-line usage.
+
+mod control;
+mod maps;
+mod migrate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shard_router::control::ControlPlane;
+use shard_router::map::MapLoader;
+use shard_router::ShardMap;
+
+/// Operate shard-router: shard maps, rollouts, tenants, migrations.
+#[derive(Parser)]
+#[command(name = "shardctl", version)]
+struct Cli {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Shard maps: validate, show, publish, history, diff, rollback.
+    #[command(subcommand)]
+    Map(maps::MapCommand),
+    /// Tenants.
+    #[command(subcommand)]
+    Tenant(maps::TenantCommand),
+    /// Apply the migrations folder to every shard (`migrate status` to look only).
+    Migrate(migrate::MigrateArgs),
+    /// The control database.
+    #[command(subcommand)]
+    Control(control::ControlCommand),
+    /// Running routers: instance, applied map version, last seen; stale ones marked.
+    Routers(ControlArg),
+}
+
+/// Where the control database is.
+#[derive(clap::Args, Clone)]
+pub(crate) struct ControlArg {
+    /// Control database URL.
+    #[arg(long, env = "SHARD_ROUTER_CONTROL")]
+    control: String,
+}
+
+/// A map from a file or from the control database (its newest version).
+#[derive(clap::Args, Clone)]
+pub(crate) struct MapSourceArgs {
+    /// The shard map file (environment overrides apply).
+    #[arg(long)]
+    map: Option<PathBuf>,
+    /// Or: the control database URL (its newest map).
+    #[arg(long, env = "SHARD_ROUTER_CONTROL")]
+    control: Option<String>,
+}
+
+impl MapSourceArgs {
+    /// The file if given, else the control database's newest map.
+    pub(crate) fn load(&self) -> Result<ShardMap, String> {
+        match (&self.map, &self.control) {
+            (Some(file), _) => load(file),
+            (None, Some(url)) => block_on(async {
+                let control = connect(url).await?;
+                control
+                    .latest()
+                    .await
+                    .and_then(|stored| stored.load())
+                    .map_err(|e| format!("error: {e}"))
+            }),
+            (None, None) => Err("error: give --map FILE or --control URL".to_owned()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    let result = match cli.command {
+        Command::Map(command) => maps::run(command, json),
+        Command::Tenant(command) => maps::run_tenant(command, json),
+        Command::Migrate(args) => migrate::run(&args, json),
+        Command::Control(command) => control::run(command, json),
+        Command::Routers(arg) => control::routers(&arg, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("{message}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Loads a map file with the environment's overrides.
+pub(crate) fn load(file: &PathBuf) -> Result<ShardMap, String> {
+    MapLoader::new()
+        .load_file(file)
+        .map_err(|e| format!("error: {e}"))
+}
+
+/// Runs `future` on a single-threaded runtime.
+pub(crate) fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime starts")
+        .block_on(future)
+}
+
+pub(crate) async fn connect(url: &str) -> Result<ControlPlane, String> {
+    ControlPlane::connect(url)
+        .await
+        .map_err(|e| format!("error: {e}"))
+}

@@ -1,0 +1,163 @@
+//! `shardctl migrate ...`.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use serde_json::json;
+use shard_router::migrate::{self, Migrations, ShardError};
+
+use crate::{block_on, MapSourceArgs};
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct MigrateArgs {
+    #[command(subcommand)]
+    command: Option<MigrateCommand>,
+    #[command(flatten)]
+    source: MapSourceArgs,
+    /// The migrations folder: files named V{version}__{name}.sql.
+    #[arg(long, default_value = "migrations/notes")]
+    dir: PathBuf,
+    /// Print what would run where, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Subcommand)]
+enum MigrateCommand {
+    /// One row per shard: applied version, pending files, drift, reachability.
+    Status {
+        #[command(flatten)]
+        source: MapSourceArgs,
+        /// The migrations folder: files named V{version}__{name}.sql.
+        #[arg(long, default_value = "migrations/notes")]
+        dir: PathBuf,
+    },
+}
+
+pub(crate) fn run(args: &MigrateArgs, json: bool) -> Result<(), String> {
+    let (source, dir, status_only) = match &args.command {
+        Some(MigrateCommand::Status { source, dir }) => (source, dir, true),
+        None => (&args.source, &args.dir, args.dry_run),
+    };
+    let map = source.load()?;
+    let migrations = Migrations::load(dir).map_err(|e| format!("error: {e}"))?;
+    let label = |v: u32| migrations.files()[v as usize - 1].label();
+    let statuses = block_on(migrate::status(&map, &migrations));
+
+    if status_only {
+        let mut failed = false;
+        let mut rows = Vec::new();
+        for (shard, status) in &statuses {
+            match status {
+                Ok(s) => {
+                    rows.push(json!({"shard": shard, "version": s.version,
+                        "pending": s.pending.iter().map(|v| label(*v)).collect::<Vec<_>>(), "error": null}));
+                    if !json {
+                        let pending: Vec<String> = s.pending.iter().map(|v| label(*v)).collect();
+                        let verb = if args.dry_run {
+                            "would apply"
+                        } else {
+                            "pending"
+                        };
+                        println!(
+                            "{shard:<12} version {:<4} {}",
+                            s.version,
+                            if pending.is_empty() {
+                                "up to date".to_owned()
+                            } else {
+                                format!("{verb}: {}", pending.join(", "))
+                            }
+                        );
+                    }
+                }
+                Err(e) => {
+                    failed = true;
+                    rows.push(json!({"shard": shard, "version": null, "pending": null,
+                        "error": e.to_string(), "kind": kind(e)}));
+                    if !json {
+                        println!("{shard:<12} {}", e);
+                    }
+                }
+            }
+        }
+        if json {
+            println!(
+                "{}",
+                json!({"latest": migrations.latest(), "dry_run": args.dry_run, "shards": rows})
+            );
+        }
+        return if failed { Err(String::new()) } else { Ok(()) };
+    }
+
+    let total: u64 = statuses
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .map(|s| s.pending.len() as u64)
+        .sum();
+    let bar = if json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total).with_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} shard×file {msg}")
+                .expect("static template"),
+        )
+    };
+    let reports = block_on(migrate::migrate(&map, &migrations, |shard, file| {
+        bar.set_message(format!("{shard}: {}", file.label()));
+        bar.inc(1);
+    }));
+    bar.finish_and_clear();
+    let mut failed = Vec::new();
+    let mut rows = Vec::new();
+    for report in &reports {
+        let applied: Vec<String> = report.applied.iter().map(|v| label(*v)).collect();
+        match &report.outcome {
+            Ok(version) => {
+                rows.push(json!({"shard": report.shard, "version": version, "applied": applied, "error": null}));
+                if !json {
+                    println!(
+                        "{:<12} version {version:<4} {}",
+                        report.shard,
+                        if applied.is_empty() {
+                            "already up to date".to_owned()
+                        } else {
+                            format!("applied: {}", applied.join(", "))
+                        }
+                    );
+                }
+            }
+            Err(e) => {
+                failed.push(report.shard.clone());
+                rows.push(
+                    json!({"shard": report.shard, "version": null, "applied": applied,
+                    "error": e.to_string(), "kind": kind(e)}),
+                );
+                if !json {
+                    println!("{:<12} FAILED {e}", report.shard);
+                }
+            }
+        }
+    }
+    if json {
+        println!("{}", json!({"latest": migrations.latest(), "shards": rows}));
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else if json {
+        Err(String::new())
+    } else {
+        Err(format!("error: not migrated: {}", failed.join(", ")))
+    }
+}
+
+/// A stable word for each shard failure, for `--json` consumers.
+fn kind(err: &ShardError) -> &'static str {
+    match err {
+        ShardError::Unreachable { .. } => "unreachable",
+        ShardError::Drift { .. } => "drift",
+        ShardError::Missing { .. } => "missing",
+        ShardError::Failed { .. } => "failed",
+        _ => "database",
+    }
+}
