@@ -2,16 +2,20 @@
 //!
 //! ```text
 //! cargo run --release --example axum_app -- --map shard-map.toml --listen 127.0.0.1:3000
+//! cargo run --release --example axum_app -- --control postgres://postgres@127.0.0.1/control --listen 127.0.0.1:3000
 //! curl -H 'x-tenant-id: acme' -H 'content-type: application/json' -d '{"body":"hi"}' localhost:3000/notes
 //! curl -H 'x-tenant-id: acme' localhost:3000/notes
 //! ```
 //!
-//! The tenant comes from the `x-tenant-id` header. Its schema lives in
+//! The tenant comes from the `x-tenant-id` header. With `--map`, the file is
+//! reloaded when it changes and on SIGHUP; with `--control`, the router follows
+//! the control database. `GET /_router` reports the router's state. Its schema lives in
 //! `migrations/notes/`; apply it to every shard first with
 //! `shardctl migrate --map shard-map.toml --dir migrations/notes`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
@@ -20,16 +24,22 @@ use axum::routing::get;
 use axum::{Json, Router};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
+use shard_router::control::{ControlAgent, ControlOptions};
+use shard_router::status::StatusService;
 use shard_router::tenant::HeaderExtractor;
+use shard_router::watch::FileWatcher;
 use shard_router::{DbError, ShardMap, ShardRouter, ShardRouterLayer, TenantDb};
 use uuid::Uuid;
 
 /// Serves the notes API.
 #[derive(Parser)]
 struct Args {
-    /// The shard map file.
-    #[arg(long)]
-    map: PathBuf,
+    /// The shard map file (reloaded on change and on SIGHUP).
+    #[arg(long, required_unless_present = "control")]
+    map: Option<PathBuf>,
+    /// Or: follow the control database at this URL.
+    #[arg(long, conflicts_with = "map")]
+    control: Option<String>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
@@ -116,11 +126,16 @@ async fn list_notes(db: TenantDb) -> Result<Json<Vec<Note>>, AppError> {
     ))
 }
 
-/// The application: the notes routes behind the shard router.
+/// The application: the notes routes behind the shard router, and the
+/// router's status outside it (it needs no tenant).
 fn app(router: ShardRouter) -> Router {
     Router::new()
         .route("/notes", get(list_notes).post(create_note))
-        .layer(ShardRouterLayer::new(router, HeaderExtractor::default()))
+        .layer(ShardRouterLayer::new(
+            router.clone(),
+            HeaderExtractor::default(),
+        ))
+        .route_service("/_router", StatusService::new(router))
 }
 
 #[tokio::main]
@@ -131,8 +146,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     let args = Args::parse();
-    let map = ShardMap::from_file(&args.map)?;
-    let router = ShardRouter::new(map)?;
+    // Keep the follower alive as long as the server runs.
+    let (router, _follower): (ShardRouter, Box<dyn std::any::Any>) =
+        match (&args.map, &args.control) {
+            (Some(path), _) => {
+                let router = ShardRouter::new(ShardMap::from_file(path)?)?;
+                let watcher = FileWatcher::spawn(router.clone(), path, Duration::from_secs(1));
+                (router, Box::new(watcher))
+            }
+            (None, Some(url)) => {
+                let (router, agent) = ControlAgent::start(url, ControlOptions::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                (router, Box::new(agent))
+            }
+            (None, None) => unreachable!("clap requires --map or --control"),
+        };
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, map_version = router.version(), "listening");
     axum::serve(listener, app(router)).await?;

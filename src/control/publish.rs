@@ -63,7 +63,7 @@ pub enum PublishError {
         offered: u64,
     },
     /// The map would move tenants that have data without a move.
-    #[error("refused: the map would re-home {} tenant(s) that have data, without a move: {}{}; pin them where they are (--pin-existing) or move them (shardctl tenant move)",
+    #[error("refused: the map would re-home {} tenant(s) that have data, without a move: {}{}; pin them where they are (--pin-existing), or move them first",
         tenants.len(),
         tenants.iter().take(20).map(|r| format!("{} ({} -> {})", r.tenant, r.from, r.to)).collect::<Vec<_>>().join(", "),
         if tenants.len() > 20 { format!(" and {} more", tenants.len() - 20) } else { String::new() })]
