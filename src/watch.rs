@@ -51,7 +51,9 @@ impl FileWatcher {
     pub fn spawn(router: ShardRouter, path: impl AsRef<Path>, interval: Duration) -> Self {
         let path = path.as_ref().to_owned();
         router.update_source(|s| s.source = MapSource::File(path.display().to_string()));
-        let task = tokio::spawn(follow(router, path, interval));
+        // Read now, not in the task: an edit made before the task first runs must count as a change.
+        let seen = std::fs::read(&path).ok();
+        let task = tokio::spawn(follow(router, path, seen, interval));
         FileWatcher { task }
     }
 }
@@ -62,7 +64,7 @@ impl Drop for FileWatcher {
     }
 }
 
-async fn follow(router: ShardRouter, path: PathBuf, interval: Duration) {
+async fn follow(router: ShardRouter, path: PathBuf, mut seen: Option<Vec<u8>>, interval: Duration) {
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
@@ -70,7 +72,6 @@ async fn follow(router: ShardRouter, path: PathBuf, interval: Duration) {
             None
         }
     };
-    let mut seen = std::fs::read(&path).ok();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

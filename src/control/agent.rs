@@ -107,12 +107,15 @@ impl ControlAgent {
             s.last_confirmed = Some(SystemTime::now());
         });
         let instance_id = options.instance_id.clone();
-        let task = tokio::spawn(follow(
-            router.clone(),
-            url.to_owned(),
+        let follower = Follower {
+            router: router.clone(),
             options,
-            Some(session),
-        ));
+            started_at: SystemTime::now(),
+            refused: None,
+        };
+        // Register before returning, so `map publish --wait` knows this router from now on.
+        follower.heartbeat(&session.client).await?;
+        let task = tokio::spawn(follow(follower, url.to_owned(), Some(session)));
         Ok((router, ControlAgent { task, instance_id }))
     }
 
@@ -189,18 +192,7 @@ struct Follower {
     refused: Option<u64>,
 }
 
-async fn follow(
-    router: ShardRouter,
-    url: String,
-    options: ControlOptions,
-    mut first: Option<Session>,
-) {
-    let mut follower = Follower {
-        router,
-        options,
-        started_at: SystemTime::now(),
-        refused: None,
-    };
+async fn follow(mut follower: Follower, url: String, mut first: Option<Session>) {
     let initial_backoff = Duration::from_millis(100);
     let mut backoff = initial_backoff;
     loop {

@@ -1,0 +1,524 @@
+//! The control plane against real Postgres: rollout to several routers, refusals,
+//! the control database going away, rollback, and file mode.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{eventually, map_toml, Proxy, Shards, NOTES_SCHEMA};
+use shard_router::control::{
+    ControlAgent, ControlOptions, ControlPlane, PublishError, PublishOptions,
+};
+use shard_router::map::{MapDiff, MapLoader};
+use shard_router::watch::FileWatcher;
+use shard_router::{ShardRouter, TenantId};
+
+fn options(id: &str) -> ControlOptions {
+    let mut o = ControlOptions::default();
+    o.instance_id = id.to_owned();
+    o.heartbeat = Duration::from_millis(100);
+    o.lease = Duration::from_millis(800);
+    o.poll = Duration::from_secs(30); // NOTIFY must do the work in these tests
+    o.max_backoff = Duration::from_millis(200);
+    o
+}
+
+/// A control database (initialized) and shard databases with the notes schema.
+async fn setup(shards: usize) -> (Shards, Shards, ControlPlane) {
+    let control_db = Shards::create(1).await;
+    let shard_dbs = Shards::create(shards).await;
+    shard_dbs.run_everywhere(NOTES_SCHEMA).await;
+    let mut control = ControlPlane::connect(&control_db.url(0)).await.unwrap();
+    control.init().await.unwrap();
+    assert!(
+        control.init().await.unwrap().is_empty(),
+        "init is idempotent"
+    );
+    (control_db, shard_dbs, control)
+}
+
+async fn history_len(control: &ControlPlane) -> usize {
+    control.history().await.unwrap().len()
+}
+
+#[tokio::test]
+async fn a_publish_reaches_two_routers_and_wait_sees_both_heartbeats() {
+    let (control_db, shards, mut control) = setup(2).await;
+    control
+        .publish(&map_toml(1, &shards, ""), &PublishOptions::default())
+        .await
+        .unwrap();
+    let (r1, _a1) = ControlAgent::start(&control_db.url(0), options("r1"))
+        .await
+        .unwrap();
+    let (r2, _a2) = ControlAgent::start(&control_db.url(0), options("r2"))
+        .await
+        .unwrap();
+    assert_eq!((r1.version(), r2.version()), (1, 1));
+
+    let published_at = Instant::now();
+    control
+        .publish(
+            &map_toml(2, &shards, "[tenants]\nnewcomer = \"b\"\n"),
+            &PublishOptions::with_note("pin newcomer"),
+        )
+        .await
+        .unwrap();
+    let rollout = control.wait_for(2, Duration::from_secs(5)).await.unwrap();
+    let waited = published_at.elapsed();
+    assert!(
+        rollout.laggards.is_empty() && rollout.stale.is_empty(),
+        "{rollout:?}"
+    );
+    let mut ids: Vec<_> = rollout
+        .applied
+        .iter()
+        .map(|r| r.instance_id.as_str())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["r1", "r2"]);
+    // wait_for returned only once both heartbeats showed version 2 ...
+    assert!(control
+        .routers()
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| r.applied_version == 2));
+    // ... and both routers serve it, within a second of the NOTIFY.
+    assert_eq!((r1.version(), r2.version()), (2, 2));
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+    let newcomer = TenantId::new("newcomer").unwrap();
+    assert_eq!(r1.resolve(newcomer).shard(), "b");
+    assert_eq!(r1.status().source, format!("control:{}", control_db.url(0)));
+}
+
+#[tokio::test]
+async fn wait_names_a_stopped_router_stale_and_a_live_one_that_lags() {
+    let (control_db, shards, mut control) = setup(1).await;
+    control
+        .publish(&map_toml(1, &shards, ""), &PublishOptions::default())
+        .await
+        .unwrap();
+    let (_r1, _a1) = ControlAgent::start(&control_db.url(0), options("r1"))
+        .await
+        .unwrap();
+    let (_r2, a2) = ControlAgent::start(&control_db.url(0), options("r2"))
+        .await
+        .unwrap();
+    assert!(control
+        .wait_for(1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .laggards
+        .is_empty());
+    drop(a2); // r2 stops: no more heartbeats
+
+    // Through the CLI, as an operator would: --wait returns once r2's lease has passed.
+    let file = std::env::temp_dir().join(format!("control-wait-{}.toml", std::process::id()));
+    std::fs::write(&file, map_toml(2, &shards, "[tenants]\nx = \"a\"\n")).unwrap();
+    let started = Instant::now();
+    // tokio's Command, so the routers in this process keep heartbeating meanwhile.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args([
+            "--json",
+            "map",
+            "publish",
+            file.to_str().unwrap(),
+            "--wait",
+            "10",
+        ])
+        .env("SHARD_ROUTER_CONTROL", control_db.url(0))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["rollout"]["applied"], serde_json::json!(["r1"]));
+    assert_eq!(json["rollout"]["stale"], serde_json::json!(["r2"]));
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // A router that is alive but stays behind makes --wait fail and is named.
+    control_db_exec(
+        &control_db.url(0),
+        "INSERT INTO shard_router_routers VALUES ('stuck', 'h', 1, now(), now() + interval '1 hour', 600000)",
+    )
+    .await;
+    std::fs::write(
+        &file,
+        map_toml(3, &shards, "[tenants]\nx = \"a\"\ny = \"a\"\n"),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(["map", "publish", file.to_str().unwrap(), "--wait", "1"])
+        .env("SHARD_ROUTER_CONTROL", control_db.url(0))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not applied within 1s by: stuck (at version 1)"),
+        "{stderr}"
+    );
+}
+
+async fn control_db_exec(url: &str, sql: &str) {
+    common::connect(url).await.batch_execute(sql).await.unwrap();
+}
+
+#[tokio::test]
+async fn refused_publishes_change_nothing_anywhere() {
+    let (control_db, shards, mut control) = setup(2).await;
+    control
+        .publish(
+            &map_toml(5, &shards, "[tenants]\nacme = \"a\"\n"),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    let (router, _agent) = ControlAgent::start(&control_db.url(0), options("r1"))
+        .await
+        .unwrap();
+    // acme has data on a.
+    let db = router.resolve(TenantId::new("acme").unwrap());
+    let mut w = db.write().await.unwrap();
+    w.execute(
+        "INSERT INTO notes (tenant_id, id, body) VALUES ('acme', gen_random_uuid(), 'x')",
+        &[],
+    )
+    .await
+    .unwrap();
+    w.commit().await.unwrap();
+
+    let invalid = control
+        .publish(
+            &map_toml(6, &shards, "[tenants]\nacme = \"nowhere\"\n"),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(invalid, PublishError::Invalid(_)), "{invalid}");
+    assert!(invalid
+        .to_string()
+        .contains("tenants.acme: pinned to unknown shard"));
+
+    let lower = control
+        .publish(
+            &map_toml(4, &shards, "[tenants]\nacme = \"a\"\n"),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            lower,
+            PublishError::NotNewer {
+                newest: 5,
+                offered: 4
+            }
+        ),
+        "{lower}"
+    );
+
+    let rehome = control
+        .publish(
+            &map_toml(6, &shards, "[tenants]\nacme = \"b\"\n"),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    match &rehome {
+        PublishError::Rehoming { tenants } => {
+            assert_eq!(tenants.len(), 1);
+            assert_eq!(
+                (
+                    tenants[0].tenant.as_str(),
+                    tenants[0].from.as_str(),
+                    tenants[0].to.as_str()
+                ),
+                ("acme", "a", "b")
+            );
+        }
+        other => panic!("expected Rehoming, got {other}"),
+    }
+    assert!(rehome.to_string().contains("acme (a -> b)"));
+
+    // A ring change (dropping shard b's weight) re-homes every tenant with data on b.
+    let mut on_b = None;
+    for i in 0..50 {
+        let t = format!("ringer-{i}");
+        if router.locate(&TenantId::new(&t).unwrap()).shard.get() == 1 {
+            on_b = Some(t);
+            break;
+        }
+    }
+    let on_b = on_b.expect("some tenant hashes to b");
+    let db = router.resolve(TenantId::new(&on_b).unwrap());
+    let mut w = db.write().await.unwrap();
+    w.execute(
+        "INSERT INTO notes (tenant_id, id, body) VALUES ($1, gen_random_uuid(), 'x')",
+        &[&on_b.as_str()],
+    )
+    .await
+    .unwrap();
+    w.commit().await.unwrap();
+    let drain_b = format!(
+        "version = 6\n[shards.a]\nurl = \"{}\"\n[shards.b]\nurl = \"{}\"\nweight = 0\n[tenants]\nacme = \"a\"\n",
+        shards.url(0),
+        shards.url(1)
+    );
+    let err = control
+        .publish(&drain_b, &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("{on_b} (b -> a)")),
+        "{err}"
+    );
+
+    // Nothing changed: the control database holds one version, the router serves it.
+    assert_eq!(history_len(&control).await, 1);
+    assert_eq!(router.version(), 5);
+
+    // --pin-existing pins the tenant where its data is, and the map goes through.
+    let mut pin = PublishOptions::default();
+    pin.pin_existing = true;
+    let published = control.publish(&drain_b, &pin).await.unwrap();
+    assert_eq!(published.pinned.len(), 1);
+    assert!(eventually(Duration::from_secs(2), || router.version() == 6).await);
+    assert_eq!(router.resolve(TenantId::new(&on_b).unwrap()).shard(), "b");
+}
+
+#[tokio::test]
+async fn routers_keep_serving_through_a_control_outage_and_catch_up() {
+    let (control_db, shards, mut control) = setup(2).await;
+    control
+        .publish(&map_toml(1, &shards, ""), &PublishOptions::default())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(5432).await;
+    let via_proxy = proxy.url(&control_db.names[0]);
+    let (r1, _a1) = ControlAgent::start(&via_proxy, options("r1"))
+        .await
+        .unwrap();
+    let (r2, _a2) = ControlAgent::start(&via_proxy, options("r2"))
+        .await
+        .unwrap();
+
+    // Traffic for tenants that are not moving, through both routers, the whole time.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for (i, router) in [r1.clone(), r2.clone()].into_iter().enumerate() {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let db = router.resolve(TenantId::new(&format!("steady-{i}-{}", n % 7)).unwrap());
+                let result = async {
+                    let client = db.read().await?;
+                    client
+                        .query_one(
+                            "SELECT count(*) FROM notes WHERE tenant_id = $1",
+                            &[&db.tenant().as_str()],
+                        )
+                        .await
+                        .map_err(|e| db.query_error(e))
+                }
+                .await;
+                match result {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                n += 1;
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+
+    proxy.cut();
+    assert!(
+        eventually(Duration::from_secs(3), || r1
+            .status()
+            .unconfirmed_for_ms
+            .is_some()
+            && r2.status().unconfirmed_for_ms.is_some())
+        .await,
+        "routers notice they are cut off"
+    );
+    // Versions published while the routers cannot see the control database.
+    control
+        .publish(
+            &map_toml(2, &shards, "[tenants]\nlate = \"a\"\n"),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    control
+        .publish(
+            &map_toml(3, &shards, "[tenants]\nlate = \"a\"\nlater = \"b\"\n"),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    let served_during_outage = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await; // keep serving while cut off
+    assert_eq!((r1.version(), r2.version()), (1, 1));
+    assert!(r1.status().unconfirmed_for_ms.unwrap() > 0);
+
+    proxy.restore();
+    assert!(
+        eventually(Duration::from_secs(5), || r1.version() == 3
+            && r2.version() == 3)
+        .await,
+        "routers catch up on every version published meanwhile"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || r1
+            .status()
+            .unconfirmed_for_ms
+            .is_none())
+        .await
+    );
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert!(
+        ok.load(Ordering::Relaxed) > served_during_outage,
+        "traffic continued"
+    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
+}
+
+#[tokio::test]
+async fn rollback_publishes_a_higher_version_that_routes_like_the_old_one() {
+    let (_control_db, shards, mut control) = setup(2).await;
+    let v1 = map_toml(1, &shards, "[tenants]\nacme = \"a\"\n");
+    control
+        .publish(&v1, &PublishOptions::default())
+        .await
+        .unwrap();
+    control
+        .publish(
+            &map_toml(2, &shards, "[tenants]\nacme = \"a\"\nglobex = \"b\"\n"),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    let rolled = control
+        .rollback(1, &PublishOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(rolled.version, 3);
+    let history = control.history().await.unwrap();
+    assert_eq!(history.len(), 3);
+    assert_eq!(history[2].note.as_deref(), Some("rollback to version 1"));
+
+    let old = MapLoader::without_env().load_str(&v1).unwrap();
+    let new = control.get(3).await.unwrap().unwrap().load().unwrap();
+    assert_eq!(new.version(), 3);
+    let mut diff = MapDiff::between(&old, &new);
+    assert!(diff.is_empty(), "{diff}");
+    diff.to_version = 1;
+    for i in 0..500 {
+        let t = TenantId::new(&format!("t{i}")).unwrap();
+        assert_eq!(old.locate(&t).shard, new.locate(&t).shard);
+    }
+    assert!(control
+        .rollback(99, &PublishOptions::default())
+        .await
+        .is_err());
+    assert_eq!(control.history().await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn file_mode_applies_valid_edits_refuses_invalid_ones_and_never_stops_serving() {
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let path = std::env::temp_dir().join(format!("file-mode-{}.toml", std::process::id()));
+    std::fs::write(&path, map_toml(1, &shards, "")).unwrap();
+    let router = ShardRouter::new(MapLoader::new().load_file(&path).unwrap()).unwrap();
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let _watcher = FileWatcher::spawn(router.clone(), &path, Duration::from_millis(20));
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let traffic = {
+        let (router, stop, failed, served) =
+            (router.clone(), stop.clone(), failed.clone(), served.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let db = router.resolve(TenantId::new("steady").unwrap());
+                let result = match db.read().await {
+                    Ok(client) => client
+                        .query_one("SELECT 1", &[])
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if result.is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                served.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+
+    std::fs::write(&path, map_toml(2, &shards, "[tenants]\nsteady = \"b\"\n")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || router.version() == 2).await,
+        "valid edit applied"
+    );
+    assert_eq!(
+        router.resolve(TenantId::new("steady").unwrap()).shard(),
+        "b"
+    );
+
+    std::fs::write(
+        &path,
+        map_toml(3, &shards, "[tenants]\nsteady = \"nowhere\"\n"),
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || router
+            .status()
+            .last_refused
+            .is_some())
+        .await,
+        "invalid edit refused"
+    );
+    let refused = router.status().last_refused.unwrap();
+    assert!(
+        refused.contains("tenants.steady: pinned to unknown shard"),
+        "{refused}"
+    );
+    assert_eq!(router.version(), 2);
+
+    // Same version, different content: refused too.
+    std::fs::write(&path, map_toml(2, &shards, "")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || router
+            .status()
+            .last_refused
+            .is_some_and(|r| r.contains("already live with different content")))
+        .await
+    );
+    assert_eq!(router.version(), 2);
+
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    assert!(served.load(Ordering::Relaxed) > 0);
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "serving never stopped");
+    let _ = std::fs::remove_file(&path);
+}
