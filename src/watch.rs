@@ -4,7 +4,7 @@
 //! its content changes, and at once on SIGHUP. Each reload follows the same rules
 //! as any map change: an invalid file, a lower version, or the same version with
 //! other content is refused and logged, and the router keeps serving the map it
-//! has (see [`crate::RouterStatus::last_refused`](crate::status::RouterStatus)).
+//! has (see [`RouterStatus::last_refused`](crate::status::RouterStatus::last_refused)).
 //!
 //! # Example
 //!

@@ -90,7 +90,7 @@ impl ControlAgent {
     pub async fn start(
         url: &str,
         options: ControlOptions,
-    ) -> Result<(ShardRouter, ControlAgent), Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<(ShardRouter, ControlAgent), ControlError> {
         let session = Session::open(url).await?;
         let control = ControlPlane {
             client: session.client,

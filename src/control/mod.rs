@@ -69,6 +69,9 @@ pub enum ControlError {
     /// No map has been published yet.
     #[error("no shard map has been published to the control database yet")]
     NoMap,
+    /// The router could not be built on the stored map.
+    #[error("cannot build the router: {0}")]
+    Router(#[from] crate::ApplyError),
     /// A stored map does not load here.
     #[error("stored map version {version} does not load: {cause}")]
     BadStoredMap {
