@@ -95,7 +95,9 @@ async fn follow(router: ShardRouter, path: PathBuf, mut seen: Option<Vec<u8>>, i
             continue;
         }
         seen = Some(content);
-        reload(&router, &path);
+        // Parsing a big map is slow: keep it off the threads that serve requests.
+        let (router, path) = (router.clone(), path.clone());
+        let _ = tokio::task::spawn_blocking(move || reload(&router, &path)).await;
     }
 }
 

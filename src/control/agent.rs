@@ -259,17 +259,24 @@ impl Follower {
             let version = row.get::<_, i64>(0) as u64;
             let toml: String = row.get(1);
             if self.refused != Some(version) {
-                self.apply(version, &toml);
+                self.apply(version, toml).await;
             }
         }
         self.heartbeat(client).await
     }
 
-    fn apply(&mut self, version: u64, toml: &str) {
-        let outcome = MapLoader::new()
-            .load_str(toml)
-            .map_err(|e| e.to_string())
-            .and_then(|map| self.router.apply(map).map_err(|e| e.to_string()));
+    async fn apply(&mut self, version: u64, toml: String) {
+        // Parsing a big map takes milliseconds to seconds: keep it off the
+        // runtime threads that serve requests.
+        let router = self.router.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            MapLoader::new()
+                .load_str(&toml)
+                .map_err(|e| e.to_string())
+                .and_then(|map| router.apply(map).map_err(|e| e.to_string()))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("map loading panicked: {e}")));
         match outcome {
             Ok(Applied::Swapped { from, to, .. }) => {
                 tracing::info!(from, to, "applied map from the control database");
