@@ -527,21 +527,37 @@ async fn file_mode_applies_valid_edits_refuses_invalid_ones_and_never_stops_serv
 async fn cli_commands_read_the_newest_map_from_the_control_database() {
     let (control_db, shards, mut control) = setup(2).await;
     control
-        .publish(&map_toml(1, &shards, "[tenants]\nacme = \"b\"\n"), &PublishOptions::with_note("first"))
+        .publish(
+            &map_toml(1, &shards, "[tenants]\nacme = \"b\"\n"),
+            &PublishOptions::with_note("first"),
+        )
         .await
         .unwrap();
     let shardctl = |args: &[&str]| {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardctl"));
-        command.args(args).env("SHARD_ROUTER_CONTROL", control_db.url(0));
+        command
+            .args(args)
+            .env("SHARD_ROUTER_CONTROL", control_db.url(0));
         command.output()
     };
-    let out = shardctl(&["--json", "tenant", "locate", "acme"]).await.unwrap();
+    let out = shardctl(&["--json", "tenant", "locate", "acme"])
+        .await
+        .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((json["shard"].as_str(), json["map_version"].as_u64()), (Some("b"), Some(1)));
+    assert_eq!(
+        (json["shard"].as_str(), json["map_version"].as_u64()),
+        (Some("b"), Some(1))
+    );
 
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/notes");
-    let out = shardctl(&["--json", "migrate", "status", "--dir", dir]).await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = shardctl(&["--json", "migrate", "status", "--dir", dir])
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["shards"].as_array().unwrap().len(), 2);
 

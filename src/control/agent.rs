@@ -250,30 +250,35 @@ impl Follower {
         let live = self.router.version();
         let row = self
             .bounded(client.query_opt(
-                "SELECT version, map FROM shard_router_maps WHERE version > $1 \
-                 ORDER BY version DESC LIMIT 1",
+                "SELECT version, coalesce(map_json, map), map_json IS NOT NULL \
+                 FROM shard_router_maps WHERE version > $1 ORDER BY version DESC LIMIT 1",
                 &[&(live as i64)],
             ))
             .await?;
         if let Some(row) = row {
             let version = row.get::<_, i64>(0) as u64;
-            let toml: String = row.get(1);
+            let text: String = row.get(1);
+            let json: bool = row.get(2);
             if self.refused != Some(version) {
-                self.apply(version, toml).await;
+                self.apply(version, text, json).await;
             }
         }
         self.heartbeat(client).await
     }
 
-    async fn apply(&mut self, version: u64, toml: String) {
+    async fn apply(&mut self, version: u64, text: String, json: bool) {
         // Parsing a big map takes milliseconds to seconds: keep it off the
         // runtime threads that serve requests.
         let router = self.router.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            MapLoader::new()
-                .load_str(&toml)
-                .map_err(|e| e.to_string())
-                .and_then(|map| router.apply(map).map_err(|e| e.to_string()))
+            let loader = MapLoader::new();
+            if json {
+                loader.load_json(&text)
+            } else {
+                loader.load_str(&text)
+            }
+            .map_err(|e| e.to_string())
+            .and_then(|map| router.apply(map).map_err(|e| e.to_string()))
         })
         .await
         .unwrap_or_else(|e| Err(format!("map loading panicked: {e}")));

@@ -38,10 +38,16 @@ pub(crate) const CHANNEL: &str = "shard_router_maps";
 fn control_migrations() -> Migrations {
     Migrations::embedded(
         CONTROL_HISTORY,
-        &[(
-            "V1__control",
-            include_str!("../../migrations/control/V1__control.sql"),
-        )],
+        &[
+            (
+                "V1__control",
+                include_str!("../../migrations/control/V1__control.sql"),
+            ),
+            (
+                "V2__map_json",
+                include_str!("../../migrations/control/V2__map_json.sql"),
+            ),
+        ],
     )
 }
 
@@ -377,9 +383,11 @@ impl ControlPlane {
                 });
             }
         }
+        let json = toml_to_json(toml).map_err(PublishError::Rewrite)?;
         tx.execute(
-            "INSERT INTO shard_router_maps (version, map, checksum, note) VALUES ($1, $2, $3, $4)",
-            &[&(version as i64), &toml, &checksum(toml), &note],
+            "INSERT INTO shard_router_maps (version, map, map_json, checksum, note) \
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&(version as i64), &toml, &json, &checksum(toml), &note],
         )
         .await
         .map_err(ControlError::from)?;
@@ -400,6 +408,12 @@ fn stored_map(row: &tokio_postgres::Row) -> StoredMap {
         note: row.get(3),
         created_at: row.get(4),
     }
+}
+
+/// The JSON form of a map's TOML, stored for routers to parse quickly.
+pub fn toml_to_json(toml: &str) -> Result<String, String> {
+    let table: toml::Table = toml.parse().map_err(|e: toml::de::Error| e.to_string())?;
+    serde_json::to_string(&table).map_err(|e| e.to_string())
 }
 
 /// The checksum stored with a map: SipHash-1-3 (keys 0) of its text, hex.
