@@ -208,10 +208,16 @@ impl TenantDb {
             })
     }
 
+    /// Opens a write transaction that declares this handle's map version, which
+    /// the fence on the shards checks for tenants that are moving or have moved.
     async fn begin(&self, shard: ShardIndex) -> Result<Side, DbError> {
         let client = self.checkout(shard).await?;
+        // One round trip; the version is our own integer, never client input.
         client
-            .batch_execute("BEGIN")
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL {VERSION_SETTING} = '{}'",
+                self.map_version()
+            ))
             .await
             .map_err(|e| self.query_error_on(shard, e))?;
         Ok(Side { shard, client })
@@ -230,9 +236,15 @@ impl TenantDb {
     }
 }
 
+/// The transaction-local setting through which a write declares its map version.
+pub const VERSION_SETTING: &str = "shard_router.map_version";
+
+/// The SQLSTATE the fence raises for a write from a router on too old a map.
+pub const FENCE_SQLSTATE: &str = "SRF01";
+
 /// The advisory-lock key that serializes a moving tenant's writes:
 /// SipHash-1-3 (keys 0) of `"shard-router:move:" + tenant`, as an `i64`.
-pub(crate) fn move_lock_key(tenant: &TenantId) -> i64 {
+pub fn move_lock_key(tenant: &TenantId) -> i64 {
     let mut key = b"shard-router:move:".to_vec();
     key.extend_from_slice(tenant.as_str().as_bytes());
     placement::hash_bytes(&key) as i64
@@ -514,6 +526,23 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// True when the shard's fence refused the write: this router's map is older
+    /// than the tenant's move allows. It clears once the router applies the new map.
+    ///
+    /// ```
+    /// # fn f(err: shard_router::DbError) -> bool {
+    /// err.is_fenced()
+    /// # }
+    /// ```
+    pub fn is_fenced(&self) -> bool {
+        match self {
+            DbError::Query { cause, .. } => cause
+                .as_db_error()
+                .is_some_and(|db| db.code().code() == FENCE_SQLSTATE),
+            _ => false,
+        }
+    }
+
     /// True when the shard, not the statement, is at fault: retrying later may succeed.
     ///
     /// ```
@@ -525,7 +554,8 @@ impl DbError {
         match self {
             DbError::Unavailable { .. } => true,
             DbError::Query { cause, .. } => {
-                cause.is_closed()
+                self.is_fenced()
+                    || cause.is_closed()
                     || std::error::Error::source(cause)
                         .is_some_and(|source| source.is::<std::io::Error>())
             }

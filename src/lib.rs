@@ -7,6 +7,7 @@ pub mod db;
 pub mod layer;
 pub mod map;
 pub mod migrate;
+pub mod moves;
 pub mod rejection;
 pub mod router;
 pub mod status;

@@ -7,6 +7,7 @@ use clap::Subcommand;
 use serde_json::json;
 use shard_router::control::{PublishError, PublishOptions, Published, Rollout};
 use shard_router::map::{MapDiff, MapLoader, Reason, ShardMap};
+use shard_router::moves::{self, MoveOptions, Progress, Step};
 use shard_router::{MapError, TenantId};
 
 use crate::{block_on, connect, load, ControlArg, MapSourceArgs};
@@ -81,6 +82,38 @@ pub(crate) struct PublishArgs {
 
 #[derive(Subcommand)]
 pub(crate) enum TenantCommand {
+    /// Move a tenant to another shard online: start, backfill, verify, cutover, complete.
+    Move {
+        /// The tenant id.
+        tenant: String,
+        /// The target shard (to start a move).
+        #[arg(long, required_unless_present_any = ["resume", "abort"])]
+        to: Option<String>,
+        #[command(flatten)]
+        control: ControlArg,
+        /// Stop after this step: start, backfill, verify, cutover or complete.
+        #[arg(long, default_value = "complete")]
+        until: String,
+        /// Delete the tenant's rows from the source after complete.
+        #[arg(long)]
+        purge_source: bool,
+        /// Continue a move that stopped or crashed.
+        #[arg(long, conflicts_with_all = ["to", "abort"])]
+        resume: bool,
+        /// Return the tenant to its source and remove what was copied (until complete).
+        #[arg(long, conflicts_with_all = ["to", "resume"])]
+        abort: bool,
+        /// Seconds to wait for every live router at each new map version.
+        #[arg(long, default_value = "30", value_name = "SECS")]
+        wait: u64,
+    },
+    /// Phase, rows copied per table, checksums, versions, timings and errors of a tenant's move.
+    MoveStatus {
+        /// The tenant id.
+        tenant: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Print the shard that serves a tenant, and why (pin, ring or move).
     Locate {
         /// The tenant id.
@@ -143,6 +176,113 @@ pub(crate) fn run(command: MapCommand, json: bool) -> Result<(), String> {
 pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), String> {
     match command {
         TenantCommand::Locate { tenant, source } => locate(&tenant, &source, json),
+        TenantCommand::MoveStatus { tenant, control } => {
+            let tenant = TenantId::new(&tenant).map_err(|e| format!("error: {tenant:?}: {e}"))?;
+            block_on(async {
+                let control = connect(&control.control).await?;
+                let status = moves::status(&control, &tenant)
+                    .await
+                    .map_err(|e| format!("error: {e}"))?
+                    .ok_or_else(|| format!("error: tenant {tenant} has never moved"))?;
+                print_move(&status, json);
+                Ok(())
+            })
+        }
+        TenantCommand::Move {
+            tenant,
+            to,
+            control,
+            until,
+            purge_source,
+            resume,
+            abort,
+            wait,
+        } => {
+            let tenant = TenantId::new(&tenant).map_err(|e| format!("error: {tenant:?}: {e}"))?;
+            let mut options = MoveOptions::default();
+            options.until = Step::parse(&until).ok_or_else(|| {
+                format!("error: --until {until:?}: expected start, backfill, verify, cutover or complete")
+            })?;
+            options.purge_source = purge_source;
+            options.wait = Duration::from_secs(wait);
+            let bar = if json {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new_spinner().with_style(
+                    indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                        .expect("static template"),
+                )
+            };
+            let mut copied = 0u64;
+            let progress = |p: Progress| match p {
+                Progress::Step(step) => bar.set_message(format!("{}...", step.as_str())),
+                Progress::Copied { table, rows } => {
+                    copied += rows;
+                    bar.set_message(format!("backfill: {copied} rows copied ({table})"));
+                    bar.tick();
+                }
+                Progress::Verified { table, rows } => {
+                    bar.set_message(format!("verify: {table} ({rows} rows) matches so far"));
+                    bar.tick();
+                }
+                _ => {}
+            };
+            let result = block_on(async {
+                let mut control = connect(&control.control).await?;
+                let outcome = if abort {
+                    moves::abort(&mut control, &tenant, &options).await
+                } else if resume {
+                    moves::resume(&mut control, &tenant, &options, progress).await
+                } else {
+                    let to = to.expect("clap requires --to");
+                    moves::start(&mut control, &tenant, &to, &options, progress).await
+                };
+                outcome.map_err(|e| format!("error: {e}"))
+            });
+            bar.finish_and_clear();
+            let status = result?;
+            print_move(&status, json);
+            Ok(())
+        }
+    }
+}
+
+fn print_move(status: &moves::MoveStatus, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({"tenant": status.tenant, "from": status.from, "to": status.to,
+                   "phase": status.phase, "state": status.state, "error": status.error})
+        );
+        return;
+    }
+    println!("tenant {}: {} -> {}, phase {}", status.tenant, status.from, status.to, status.phase);
+    if let Some(rows) = status.state.get("rows_copied").and_then(|r| r.as_object()) {
+        for (table, n) in rows {
+            println!("  copied {table}: {n} rows");
+        }
+    }
+    if let Some(verify) = status.state.get("verify").and_then(|r| r.as_object()) {
+        for (table, v) in verify {
+            println!(
+                "  verify {table}: source {} rows, target {} rows, checksums {}",
+                v["source_rows"], v["target_rows"],
+                if v["source_md5"] == v["target_md5"] { "equal" } else { "DIFFER" }
+            );
+        }
+    }
+    if let Some(versions) = status.state.get("versions").and_then(|r| r.as_object()) {
+        for (what, v) in versions {
+            println!("  map version {v}: {what}");
+        }
+    }
+    for step in ["start", "backfill", "verify", "cutover", "complete"] {
+        if let Some(ms) = status.state.get(format!("{step}_ms")) {
+            println!("  {step} took {ms} ms");
+        }
+    }
+    if let Some(error) = &status.error {
+        println!("  last error: {error}");
     }
 }
 
