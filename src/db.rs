@@ -152,15 +152,16 @@ impl TenantDb {
             Reason::Move(route) => {
                 // Source first, and its lock before the target's connection, so
                 // every writer of the tenant, on any map version, queues in one place.
-                let mut source = self.begin(route.from).await?;
-                self.lock(&mut source).await?;
-                let target = self.begin(route.to).await?;
+                let source = self.begin(route.from, TenantLock::Exclusive).await?;
+                let target = self.begin(route.to, TenantLock::None).await?;
                 match route.phase {
                     MovePhase::DualWrite => vec![source, target],
                     MovePhase::Reversed => vec![target, source],
                 }
             }
-            Reason::Pin | Reason::Ring => vec![self.begin(self.location.shard).await?],
+            Reason::Pin | Reason::Ring => {
+                vec![self.begin(self.location.shard, TenantLock::Shared).await?]
+            }
         };
         Ok(TenantWriter {
             db: self.clone(),
@@ -208,32 +209,44 @@ impl TenantDb {
             })
     }
 
-    /// Opens a write transaction that declares this handle's map version, which
-    /// the fence on the shards checks for tenants that are moving or have moved.
-    async fn begin(&self, shard: ShardIndex) -> Result<Side, DbError> {
+    /// Opens a write transaction that declares this handle's map version (which
+    /// the fence on the shards checks) and takes the tenant lock as asked.
+    async fn begin(&self, shard: ShardIndex, lock: TenantLock) -> Result<Side, DbError> {
         let client = self.checkout(shard).await?;
-        // One round trip; the version is our own integer, never client input.
+        let lock = match lock {
+            TenantLock::None => String::new(),
+            TenantLock::Shared => format!(
+                "; SELECT pg_advisory_xact_lock_shared({})",
+                move_lock_key(&self.tenant)
+            ),
+            TenantLock::Exclusive => format!(
+                "; SELECT pg_advisory_xact_lock({})",
+                move_lock_key(&self.tenant)
+            ),
+        };
+        // One round trip; version and key are our own integers, never client input.
         client
             .batch_execute(&format!(
-                "BEGIN; SET LOCAL {VERSION_SETTING} = '{}'",
+                "BEGIN; SET LOCAL {VERSION_SETTING} = '{}'{lock}",
                 self.map_version()
             ))
             .await
             .map_err(|e| self.query_error_on(shard, e))?;
         Ok(Side { shard, client })
     }
+}
 
-    /// Takes the tenant's move lock in `side`'s transaction (released at its end).
-    async fn lock(&self, side: &mut Side) -> Result<(), DbError> {
-        side.client
-            .execute(
-                "SELECT pg_advisory_xact_lock($1)",
-                &[&move_lock_key(&self.tenant)],
-            )
-            .await
-            .map_err(|e| self.query_error_on(side.shard, e))?;
-        Ok(())
-    }
+/// The tenant lock a write transaction takes on its first shard.
+///
+/// Writers of a tenant that is not moving share it, so they never wait on each
+/// other; a moving tenant's dual writers, and a move's backfill and verify, take
+/// it exclusively on the source. A move therefore waits for writers that started
+/// on an older map to finish before it copies, and dual writes keep one order.
+#[derive(Clone, Copy)]
+enum TenantLock {
+    None,
+    Shared,
+    Exclusive,
 }
 
 /// The transaction-local setting through which a write declares its map version.
@@ -501,7 +514,8 @@ pub enum DbError {
     },
     /// A statement failed. 503 if the connection broke, 500 otherwise.
     #[error(
-        "query failed on shard {shard} for tenant {tenant} (map version {map_version}): {cause}"
+        "query failed on shard {shard} for tenant {tenant} (map version {map_version}): {}",
+        crate::migrate::error_text(cause)
     )]
     Query {
         /// The tenant.

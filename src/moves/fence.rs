@@ -16,7 +16,11 @@ use crate::db::{FENCE_SQLSTATE, VERSION_SETTING};
 
 /// Installs (or refreshes) the fence table, its function and the triggers on
 /// `tables`. Idempotent. `column` is the map's validated tenant column.
-pub(crate) async fn install(client: &Client, column: &str, tables: &[TenantTable]) -> Result<(), MoveError> {
+pub(crate) async fn install(
+    client: &Client,
+    column: &str,
+    tables: &[TenantTable],
+) -> Result<(), MoveError> {
     // `column` is a validated lowercase identifier (see the map's `tenant_column`).
     let mut sql = format!(
         "CREATE TABLE IF NOT EXISTS shard_router_fence (\n\

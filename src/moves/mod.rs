@@ -52,7 +52,13 @@ pub enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 5] = [Step::Start, Step::Backfill, Step::Verify, Step::Cutover, Step::Complete];
+    const ALL: [Step; 5] = [
+        Step::Start,
+        Step::Backfill,
+        Step::Verify,
+        Step::Cutover,
+        Step::Complete,
+    ];
 
     /// The phase recorded once this step is done.
     fn done_phase(self) -> &'static str {
@@ -310,6 +316,11 @@ pub async fn start(
     if from == to {
         return Err(bad("the tenant is already there"));
     }
+    // Refuse what backfill cannot copy before anything is recorded or changed.
+    for name in [&from, &to.to_owned()] {
+        let client = migrate::connect(shard_named(&map, name)?).await?;
+        catalog::tenant_tables(&client, map.tenant_column()).await?;
+    }
     control
         .client
         .execute(
@@ -356,7 +367,10 @@ pub async fn resume(
         to: record.to.clone(),
         options: options.clone(),
     };
-    for step in Step::ALL.into_iter().filter(|s| *s >= first && *s <= options.until) {
+    for step in Step::ALL
+        .into_iter()
+        .filter(|s| *s >= first && *s <= options.until)
+    {
         progress(Progress::Step(step));
         let started = Instant::now();
         let result = match step {
@@ -378,9 +392,11 @@ pub async fn resume(
             }
         }
     }
-    status(mover.control, tenant).await?.ok_or_else(|| MoveError::NoMove {
-        tenant: tenant.to_string(),
-    })
+    status(mover.control, tenant)
+        .await?
+        .ok_or_else(|| MoveError::NoMove {
+            tenant: tenant.to_string(),
+        })
 }
 
 /// Aborts the tenant's unfinished move: reads go back to the source (first, if
@@ -428,9 +444,8 @@ pub async fn abort(
             // Reads back to the source while writes still reach both shards.
             mover.route(MapChange::Phase("dual_write")).await?;
         }
-        if record.phase != "starting" {
-            mover.route(MapChange::PinTo(Side::Source)).await?;
-        } else if mover.map_shows_move().await? {
+        // A move stopped while starting may not have published its map yet.
+        if record.phase != "starting" || mover.map_shows_move().await? {
             mover.route(MapChange::PinTo(Side::Source)).await?;
         }
         let map = mover.control.latest().await?.load()?;
@@ -446,9 +461,11 @@ pub async fn abort(
             return Err(e);
         }
     }
-    status(mover.control, tenant).await?.ok_or_else(|| MoveError::NoMove {
-        tenant: tenant.to_string(),
-    })
+    status(mover.control, tenant)
+        .await?
+        .ok_or_else(|| MoveError::NoMove {
+            tenant: tenant.to_string(),
+        })
 }
 
 /// The tenant's move as recorded, if it ever had one.
@@ -461,7 +478,10 @@ pub async fn abort(
 /// }
 /// # Ok(()) }
 /// ```
-pub async fn status(control: &ControlPlane, tenant: &TenantId) -> Result<Option<MoveStatus>, MoveError> {
+pub async fn status(
+    control: &ControlPlane,
+    tenant: &TenantId,
+) -> Result<Option<MoveStatus>, MoveError> {
     let row = control
         .client
         .query_opt(
@@ -510,7 +530,11 @@ fn shard_named<'m>(map: &'m ShardMap, name: &str) -> Result<&'m Shard, MoveError
 }
 
 /// Runs a verify query: (rows, md5 of their contents in key order).
-async fn count_and_sum(client: &Client, sql: &str, tenant: &TenantId) -> Result<(i64, String), MoveError> {
+async fn count_and_sum(
+    client: &Client,
+    sql: &str,
+    tenant: &TenantId,
+) -> Result<(i64, String), MoveError> {
     let row = client
         .query_one(sql, &[&tenant.as_str()])
         .await
@@ -527,7 +551,12 @@ async fn begin(client: &Client, version: u64) -> Result<(), MoveError> {
 }
 
 impl Mover<'_> {
-    async fn record(&mut self, phase: &str, patch: serde_json::Value, error: Option<String>) -> Result<(), MoveError> {
+    async fn record(
+        &mut self,
+        phase: &str,
+        patch: serde_json::Value,
+        error: Option<String>,
+    ) -> Result<(), MoveError> {
         self.control
             .client
             .execute(
@@ -625,15 +654,18 @@ impl Mover<'_> {
         let current = map.move_of(&self.tenant);
         let already = match (&change, current) {
             (MapChange::Phase(phase), Some(route)) => route.phase.as_str() == *phase,
-            (MapChange::PinTo(_), None) => {
-                map.pins().iter().any(|(t, s)| *t == tenant && Some(map.shard(*s).name().to_owned()) == wanted_shard)
-            }
+            (MapChange::PinTo(_), None) => map.pins().iter().any(|(t, s)| {
+                *t == tenant && Some(map.shard(*s).name().to_owned()) == wanted_shard
+            }),
             _ => false,
         };
         let version = if already {
             map.version()
         } else {
-            doc.insert("version".into(), toml::Value::Integer(map.version() as i64 + 1));
+            doc.insert(
+                "version".into(),
+                toml::Value::Integer(map.version() as i64 + 1),
+            );
             let text = toml::to_string(&doc).map_err(|e| PublishError::Rewrite(e.to_string()))?;
             self.control
                 .publish(&text, &PublishOptions::with_note(&note))
@@ -645,7 +677,11 @@ impl Mover<'_> {
             return Err(MoveError::RoutersBehind {
                 version,
                 waited: self.options.wait,
-                laggards: rollout.laggards.into_iter().map(|r| r.instance_id).collect(),
+                laggards: rollout
+                    .laggards
+                    .into_iter()
+                    .map(|r| r.instance_id)
+                    .collect(),
             });
         }
         let (_, source, target) = self.shards().await?;
@@ -687,18 +723,35 @@ impl Mover<'_> {
                  (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, $2::text::jsonb) r) \
                  ORDER BY {order} LIMIT {limit}",
                 name = table.name,
-                keys = table.key.iter().map(|k| format!("r.{k}")).collect::<Vec<_>>().join(", "),
+                keys = table
+                    .key
+                    .iter()
+                    .map(|k| format!("r.{k}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 limit = self.options.batch_rows
             );
             let columns = table.columns.join(", ");
-            let non_key: Vec<&String> = table.columns.iter().filter(|c| !table.key.contains(c)).collect();
+            let non_key: Vec<&String> = table
+                .columns
+                .iter()
+                .filter(|c| !table.key.contains(c))
+                .collect();
             let on_conflict = if non_key.is_empty() {
                 "DO NOTHING".to_owned()
             } else {
                 format!(
                     "DO UPDATE SET ({}) = ROW({})",
-                    non_key.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "),
-                    non_key.iter().map(|c| format!("EXCLUDED.{c}")).collect::<Vec<_>>().join(", ")
+                    non_key
+                        .iter()
+                        .map(|c| c.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    non_key
+                        .iter()
+                        .map(|c| format!("EXCLUDED.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             };
             let upsert = format!(
@@ -723,7 +776,10 @@ impl Mover<'_> {
                 }
                 .map_err(MoveError::db)?;
                 if rows.is_empty() {
-                    source.batch_execute("COMMIT").await.map_err(MoveError::db)?;
+                    source
+                        .batch_execute("COMMIT")
+                        .await
+                        .map_err(MoveError::db)?;
                     break;
                 }
                 let mut batch: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
@@ -736,8 +792,14 @@ impl Mover<'_> {
                     let _ = source.batch_execute("ROLLBACK").await;
                     return Err(MoveError::db(e));
                 }
-                target.batch_execute("COMMIT").await.map_err(MoveError::db)?;
-                source.batch_execute("COMMIT").await.map_err(MoveError::db)?;
+                target
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(MoveError::db)?;
+                source
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(MoveError::db)?;
                 total += batch.len() as u64;
                 progress(Progress::Copied {
                     table: table.name.clone(),
@@ -758,7 +820,10 @@ impl Mover<'_> {
         let tables = catalog::tenant_tables(&source, &column).await?;
         begin(&source, map.version()).await?;
         source
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&move_lock_key(&self.tenant)])
+            .execute(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&move_lock_key(&self.tenant)],
+            )
             .await
             .map_err(MoveError::db)?;
         let mut mismatches = Vec::new();
@@ -790,8 +855,12 @@ impl Mover<'_> {
                 });
             }
         }
-        source.batch_execute("COMMIT").await.map_err(MoveError::db)?;
-        self.record("backfilled", json!({ "verify": sums }), None).await?;
+        source
+            .batch_execute("COMMIT")
+            .await
+            .map_err(MoveError::db)?;
+        self.record("backfilled", json!({ "verify": sums }), None)
+            .await?;
         if mismatches.is_empty() {
             Ok(())
         } else {
@@ -819,7 +888,10 @@ impl Mover<'_> {
         begin(client, map.version()).await?;
         for table in tables.iter().rev() {
             if let Err(e) = client
-                .execute(&format!("DELETE FROM {} WHERE {column} = $1", table.name), &[&self.tenant.as_str()])
+                .execute(
+                    &format!("DELETE FROM {} WHERE {column} = $1", table.name),
+                    &[&self.tenant.as_str()],
+                )
                 .await
             {
                 let _ = client.batch_execute("ROLLBACK").await;

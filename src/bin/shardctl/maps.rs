@@ -256,7 +256,10 @@ fn print_move(status: &moves::MoveStatus, json: bool) {
         );
         return;
     }
-    println!("tenant {}: {} -> {}, phase {}", status.tenant, status.from, status.to, status.phase);
+    println!(
+        "tenant {}: {} -> {}, phase {}",
+        status.tenant, status.from, status.to, status.phase
+    );
     if let Some(rows) = status.state.get("rows_copied").and_then(|r| r.as_object()) {
         for (table, n) in rows {
             println!("  copied {table}: {n} rows");
@@ -266,8 +269,13 @@ fn print_move(status: &moves::MoveStatus, json: bool) {
         for (table, v) in verify {
             println!(
                 "  verify {table}: source {} rows, target {} rows, checksums {}",
-                v["source_rows"], v["target_rows"],
-                if v["source_md5"] == v["target_md5"] { "equal" } else { "DIFFER" }
+                v["source_rows"],
+                v["target_rows"],
+                if v["source_md5"] == v["target_md5"] {
+                    "equal"
+                } else {
+                    "DIFFER"
+                }
             );
         }
     }

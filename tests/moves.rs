@@ -1,0 +1,662 @@
+//! Tenant moves against real Postgres: concurrent writers through every phase,
+//! crash and resume, abort from each phase, the fence against a stale router,
+//! and verify catching per-shard sequence ids.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{connect, map_toml, Shards};
+use shard_router::control::{ControlAgent, ControlOptions, ControlPlane, PublishOptions};
+use shard_router::map::MapLoader;
+use shard_router::moves::{self, MoveError, MoveOptions, Progress, Step};
+use shard_router::{ShardRouter, TenantId};
+use uuid::Uuid;
+
+const SCHEMA: &str = "
+CREATE TABLE projects (tenant_id text NOT NULL, id uuid PRIMARY KEY, name text NOT NULL);
+CREATE TABLE tasks (tenant_id text NOT NULL, id uuid PRIMARY KEY,
+                    project_id uuid NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+                    title text NOT NULL, done boolean NOT NULL DEFAULT false);
+CREATE TABLE comments (tenant_id text NOT NULL, id uuid PRIMARY KEY,
+                       task_id uuid NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+                       body text NOT NULL, at timestamptz NOT NULL);
+CREATE TABLE events (tenant_id text NOT NULL, id uuid PRIMARY KEY, seq bigserial NOT NULL, what text NOT NULL);
+";
+
+struct World {
+    control_db: Shards,
+    shards: Shards,
+    control: ControlPlane,
+}
+
+fn agent_options(id: &str) -> ControlOptions {
+    let mut o = ControlOptions::default();
+    o.instance_id = id.to_owned();
+    o.heartbeat = Duration::from_millis(100);
+    o.lease = Duration::from_millis(1500);
+    o.poll = Duration::from_millis(500);
+    o
+}
+
+fn fast() -> MoveOptions {
+    let mut o = MoveOptions::default();
+    o.wait = Duration::from_secs(10);
+    o.batch_rows = 200;
+    o
+}
+
+/// Control database, two shards with the schema, map v1 with `tenant` pinned to a.
+async fn world(tenant: &str) -> World {
+    let control_db = Shards::create(1).await;
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(SCHEMA).await;
+    let mut control = ControlPlane::connect(&control_db.url(0)).await.unwrap();
+    control.init().await.unwrap();
+    control
+        .publish(
+            &map_toml(1, &shards, &format!("[tenants]\n{tenant} = \"a\"\n")),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    World {
+        control_db,
+        shards,
+        control,
+    }
+}
+
+/// Seeds `projects` projects, each with 2 tasks, each with 1 comment, through SQL on shard a.
+async fn seed(url: &str, tenant: &str, projects: usize) -> BTreeSet<Uuid> {
+    let client = connect(url).await;
+    let mut ids = BTreeSet::new();
+    for p in 0..projects {
+        let pid = Uuid::new_v4();
+        ids.insert(pid);
+        client
+            .execute(
+                "INSERT INTO projects VALUES ($1, $2, $3)",
+                &[&tenant, &pid, &format!("p{p}")],
+            )
+            .await
+            .unwrap();
+        for t in 0..2 {
+            let tid = Uuid::new_v4();
+            client
+                .execute(
+                    "INSERT INTO tasks VALUES ($1, $2, $3, $4, false)",
+                    &[&tenant, &tid, &pid, &format!("t{t}")],
+                )
+                .await
+                .unwrap();
+            client
+                .execute(
+                    "INSERT INTO comments VALUES ($1, $2, $3, 'seed', now())",
+                    &[&tenant, &Uuid::new_v4(), &tid],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    ids
+}
+
+async fn count(url: &str, table: &str, tenant: &str) -> i64 {
+    connect(url)
+        .await
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE tenant_id = $1"),
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The projects of `tenant` in `url`: id -> name.
+async fn projects(url: &str, tenant: &str) -> BTreeMap<Uuid, String> {
+    connect(url)
+        .await
+        .query(
+            "SELECT id, name FROM projects WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// What writers were told succeeded: project id -> its latest name, or None once deleted.
+type Log = Arc<Mutex<BTreeMap<Uuid, Option<String>>>>;
+
+/// A writer through the router's handle: inserts projects (with a task and a
+/// comment), renames and deletes its own, logging only acknowledged writes.
+async fn writer(
+    router: ShardRouter,
+    tenant: TenantId,
+    log: Log,
+    stop: Arc<AtomicBool>,
+    refused: Arc<AtomicUsize>,
+) {
+    let mut mine: Vec<Uuid> = Vec::new();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let db = router.resolve(tenant.clone());
+        let result: Result<(Uuid, Option<String>), shard_router::DbError> = async {
+            let mut w = db.write().await?;
+            let outcome = match n % 5 {
+                3 if !mine.is_empty() => {
+                    let id = mine[(n as usize) % mine.len()];
+                    let name = format!("renamed-{n}");
+                    w.execute(
+                        "UPDATE projects SET name = $3 WHERE tenant_id = $1 AND id = $2",
+                        &[&tenant.as_str(), &id, &name],
+                    )
+                    .await?;
+                    (id, Some(name))
+                }
+                4 if mine.len() > 3 => {
+                    let id = mine[0];
+                    w.execute(
+                        "DELETE FROM projects WHERE tenant_id = $1 AND id = $2",
+                        &[&tenant.as_str(), &id],
+                    )
+                    .await?;
+                    (id, None)
+                }
+                _ => {
+                    let (pid, tid) = (Uuid::new_v4(), Uuid::new_v4());
+                    let name = format!("new-{n}");
+                    w.execute(
+                        "INSERT INTO projects VALUES ($1, $2, $3)",
+                        &[&tenant.as_str(), &pid, &name],
+                    )
+                    .await?;
+                    w.execute(
+                        "INSERT INTO tasks VALUES ($1, $2, $3, 'w', false)",
+                        &[&tenant.as_str(), &tid, &pid],
+                    )
+                    .await?;
+                    w.execute(
+                        "INSERT INTO comments VALUES ($1, $2, $3, 'w', '2026-01-01T00:00:00Z')",
+                        &[&tenant.as_str(), &Uuid::new_v4(), &tid],
+                    )
+                    .await?;
+                    (pid, Some(name))
+                }
+            };
+            w.commit().await?;
+            Ok(outcome)
+        }
+        .await;
+        match result {
+            Ok((id, state)) => {
+                match &state {
+                    None => mine.retain(|m| *m != id),
+                    Some(_) if !mine.contains(&id) => mine.push(id),
+                    Some(_) => {}
+                }
+                log.lock().unwrap().insert(id, state);
+            }
+            // Refused writes (fence, a map change mid-flight) are not acknowledged; retry.
+            Err(_) => {
+                refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_under_concurrent_writers_keeps_every_acknowledged_write() {
+    let tenant = "acme";
+    let mut w = world(tenant).await;
+    let seeded = seed(&w.shards.url(0), tenant, 400).await; // 400 + 800 + 800 rows
+    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+
+    let log: Log = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(writer(
+                router.clone(),
+                id.clone(),
+                log.clone(),
+                stop.clone(),
+                refused.clone(),
+            ))
+        })
+        .collect();
+    // A reader that must never see a seeded project disappear, whichever shard serves it.
+    let reader = {
+        let (router, id, stop, seeded) = (router.clone(), id.clone(), stop.clone(), seeded.clone());
+        tokio::spawn(async move {
+            let mut reads = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let db = router.resolve(id.clone());
+                let client = db.read().await.unwrap();
+                let seen: BTreeSet<Uuid> = client
+                    .query(
+                        "SELECT id FROM projects WHERE tenant_id = $1 AND name LIKE 'p%'",
+                        &[&id.as_str()],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                assert_eq!(
+                    seen,
+                    seeded,
+                    "a seeded project disappeared from reads on {}",
+                    db.shard()
+                );
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            reads
+        })
+    };
+
+    let mut steps = Vec::new();
+    let mut options = fast();
+    options.purge_source = true;
+    let status = moves::start(&mut w.control, &id, "b", &options, |p| {
+        if let Progress::Step(s) = p {
+            steps.push(s)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.phase, "complete");
+    assert_eq!(
+        steps,
+        [
+            Step::Start,
+            Step::Backfill,
+            Step::Verify,
+            Step::Cutover,
+            Step::Complete
+        ]
+    );
+    // Keep writing a little after the move, then stop.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let reads = reader.await.unwrap();
+    assert!(
+        reads > 10,
+        "the reader ran through the move ({reads} reads)"
+    );
+
+    // The target holds exactly the acknowledged state; the source was purged.
+    let log = log.lock().unwrap().clone();
+    assert!(
+        log.len() > 20,
+        "writers wrote during the move ({} writes acknowledged)",
+        log.len()
+    );
+    let on_target = projects(&w.shards.url(1), tenant).await;
+    let mut expected: BTreeMap<Uuid, String> =
+        seeded.iter().map(|id| (*id, String::new())).collect();
+    for (id, state) in &log {
+        match state {
+            Some(name) => {
+                expected.insert(*id, name.clone());
+            }
+            None => {
+                expected.remove(id);
+            }
+        }
+    }
+    assert_eq!(
+        on_target.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "no write lost or duplicated"
+    );
+    for (id, name) in &expected {
+        if !name.is_empty() {
+            assert_eq!(&on_target[id], name, "latest acknowledged name of {id}");
+        }
+    }
+    for table in ["projects", "tasks", "comments"] {
+        assert_eq!(
+            count(&w.shards.url(0), table, tenant).await,
+            0,
+            "source purged: {table}"
+        );
+    }
+    // Tasks and comments followed their projects (2 per seeded project, 1 per written one).
+    let tasks = count(&w.shards.url(1), "tasks", tenant).await;
+    assert!(
+        tasks >= on_target.len() as i64,
+        "{tasks} tasks for {} projects",
+        on_target.len()
+    );
+    assert_eq!(router.resolve(id.clone()).shard(), "b");
+    let recorded = moves::status(&w.control, &id).await.unwrap().unwrap();
+    let copied = recorded.state["rows_copied"]["public.projects"]
+        .as_u64()
+        .unwrap();
+    assert!(copied >= 400, "move-status records rows copied: {copied}");
+}
+
+#[tokio::test]
+async fn a_crash_mid_backfill_resumes_and_verifies() {
+    let tenant = "globex";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 300).await;
+    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+
+    // Run the move in a task and kill it once backfill has copied a few batches.
+    let control_url = w.control_db.url(0);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let mover = {
+        let id = id.clone();
+        tokio::spawn(async move {
+            let mut control = ControlPlane::connect(&control_url).await.unwrap();
+            let mut options = fast();
+            options.batch_rows = 50;
+            let mut tx = Some(tx);
+            let mut batches = 0;
+            let _ = moves::start(&mut control, &id, "b", &options, |p| {
+                if let Progress::Copied { .. } = p {
+                    batches += 1;
+                    if batches == 3 {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+            })
+            .await;
+        })
+    };
+    rx.await.unwrap();
+    mover.abort(); // the crash
+    let _ = mover.await;
+    let crashed = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(crashed.phase, "dual_write", "stopped inside backfill");
+    let partial = count(&w.shards.url(1), "projects", tenant).await;
+    assert!(partial > 0 && partial < 300, "part copied: {partial}");
+
+    let status = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "complete");
+    for table in ["projects", "tasks", "comments"] {
+        assert_eq!(
+            count(&w.shards.url(1), table, tenant).await,
+            count(&w.shards.url(0), table, tenant).await,
+            "{table}"
+        );
+    }
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 300);
+    let verify = &status.state["verify"]["public.comments"];
+    assert_eq!(verify["source_md5"], verify["target_md5"]);
+    assert_eq!(router.resolve(id).shard(), "b");
+}
+
+#[tokio::test]
+async fn abort_from_each_phase_returns_the_tenant_to_its_source() {
+    let tenant = "initech";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 50).await;
+    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+
+    for until in [Step::Start, Step::Backfill, Step::Verify, Step::Cutover] {
+        let mut options = fast();
+        options.until = until;
+        moves::start(&mut w.control, &id, "b", &options, |_| {})
+            .await
+            .unwrap();
+        // Writes during the move reach both shards.
+        let db = router.resolve(id.clone());
+        let mut writer = db.write().await.unwrap();
+        writer
+            .execute(
+                "INSERT INTO projects VALUES ($1, $2, $3)",
+                &[
+                    &tenant,
+                    &Uuid::new_v4(),
+                    &format!("during {}", until.as_str()),
+                ],
+            )
+            .await
+            .unwrap();
+        writer.commit().await.unwrap();
+
+        let second = moves::start(&mut w.control, &id, "b", &fast(), |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(second, MoveError::AlreadyMoving { .. }),
+            "{second}"
+        );
+
+        let status = moves::abort(&mut w.control, &id, &fast()).await.unwrap();
+        assert_eq!(status.phase, "aborted", "abort after {}", until.as_str());
+        assert_eq!(
+            router.resolve(id.clone()).shard(),
+            "a",
+            "served from the source after abort from {}",
+            until.as_str()
+        );
+        for table in ["projects", "tasks", "comments"] {
+            assert_eq!(
+                count(&w.shards.url(1), table, tenant).await,
+                0,
+                "target holds none of its {table} ({})",
+                until.as_str()
+            );
+        }
+        assert!(count(&w.shards.url(0), "projects", tenant).await >= 50);
+        assert_eq!(count(&w.shards.url(0), "tasks", tenant).await, 100);
+    }
+    // Every write made during the four moves is on the source.
+    assert_eq!(count(&w.shards.url(0), "projects", tenant).await, 54);
+    // The router still writes normally afterwards.
+    let db = router.resolve(id.clone());
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute("DELETE FROM comments WHERE tenant_id = $1", &[&tenant])
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_router_on_the_old_map_is_refused_by_the_fence_on_both_shards() {
+    let tenant = "umbrella";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 20).await;
+    let (_router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    // A router held on version 1: built from it, never following the control database.
+    let stale = ShardRouter::new(
+        MapLoader::without_env()
+            .load_str(&map_toml(
+                1,
+                &w.shards,
+                &format!("[tenants]\n{tenant} = \"a\"\n"),
+            ))
+            .unwrap(),
+    )
+    .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    let mut options = fast();
+    for until in [Step::Start, Step::Cutover, Step::Complete] {
+        options.until = until;
+        if until == Step::Start {
+            moves::start(&mut w.control, &id, "b", &options, |_| {})
+                .await
+                .unwrap();
+        } else {
+            moves::resume(&mut w.control, &id, &options, |_| {})
+                .await
+                .unwrap();
+        }
+        for attempt in 0..5 {
+            let db = stale.resolve(id.clone());
+            assert_eq!((db.map_version(), db.shard()), (1, "a"));
+            let mut writer = db.write().await.unwrap();
+            let err = writer
+                .execute(
+                    "INSERT INTO projects VALUES ($1, $2, $3)",
+                    &[
+                        &tenant,
+                        &Uuid::new_v4(),
+                        &format!("stale-{}-{attempt}", until.as_str()),
+                    ],
+                )
+                .await
+                .unwrap_err();
+            assert!(err.is_fenced(), "{err}");
+            assert!(err.to_string().contains("need map version"), "{err}");
+            assert_eq!(shard_router::Rejection::from(&err).status(), 503);
+            writer.rollback().await.unwrap();
+        }
+    }
+    for i in 0..2 {
+        let stale_rows: i64 = connect(&w.shards.url(i))
+            .await
+            .query_one(
+                "SELECT count(*) FROM projects WHERE name LIKE 'stale-%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(stale_rows, 0, "no stale write reached shard {i}");
+    }
+    // Other tenants on the same shard are not fenced.
+    let other = stale.resolve(TenantId::new("bystander").unwrap());
+    let mut writer = other.write().await.unwrap();
+    writer
+        .execute(
+            "INSERT INTO events (tenant_id, id, what) VALUES ('bystander', $1, 'x')",
+            &[&Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn verify_catches_per_shard_sequence_ids_and_refuses_cutover() {
+    let tenant = "hooli";
+    let mut w = world(tenant).await;
+    let source = connect(&w.shards.url(0)).await;
+    for i in 0..30 {
+        source
+            .execute(
+                "INSERT INTO events (tenant_id, id, what) VALUES ($1, $2, $3)",
+                &[&tenant, &Uuid::new_v4(), &format!("e{i}")],
+            )
+            .await
+            .unwrap();
+    }
+    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    let mut options = fast();
+    options.until = Step::Backfill;
+    moves::start(&mut w.control, &id, "b", &options, |_| {})
+        .await
+        .unwrap();
+
+    // A dual write that lets each shard's sequence pick `seq`.
+    let db = router.resolve(id.clone());
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(
+            "INSERT INTO events (tenant_id, id, what) VALUES ($1, $2, 'sequenced')",
+            &[&tenant, &Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+
+    let err = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap_err();
+    match &err {
+        MoveError::VerifyFailed { mismatches, .. } => {
+            assert_eq!(mismatches.len(), 1, "{err}");
+            assert_eq!(mismatches[0].table, "public.events");
+            assert_eq!(
+                (mismatches[0].source_rows, mismatches[0].target_rows),
+                (31, 31)
+            );
+            assert!(mismatches[0].checksums_differ);
+        }
+        other => panic!("expected VerifyFailed, got {other}"),
+    }
+    assert!(err.to_string().contains("cutover refused"), "{err}");
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.phase, "backfilled", "cutover did not happen");
+    assert!(status.error.unwrap().contains("public.events"));
+    assert_eq!(
+        router.resolve(id.clone()).shard(),
+        "a",
+        "reads stay on the source"
+    );
+    // Abort still works from here.
+    moves::abort(&mut w.control, &id, &fast()).await.unwrap();
+    assert_eq!(count(&w.shards.url(1), "events", tenant).await, 0);
+}
+
+#[tokio::test]
+async fn a_tenant_table_without_a_primary_key_is_refused_by_name() {
+    let tenant = "stark";
+    let mut w = world(tenant).await;
+    w.shards
+        .run_everywhere("CREATE TABLE audit (tenant_id text NOT NULL, line text)")
+        .await;
+    let id = TenantId::new(tenant).unwrap();
+    let err = moves::start(&mut w.control, &id, "b", &fast(), |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::NoPrimaryKey { .. }), "{err}");
+    assert!(
+        err.to_string().contains("public.audit has no primary key"),
+        "{err}"
+    );
+    // Nothing was published: the map still has version 1 and no move.
+    let latest = w.control.latest().await.unwrap();
+    assert_eq!(latest.version, 1);
+    let bad_target = moves::start(
+        &mut w.control,
+        &TenantId::new("other").unwrap(),
+        "zz",
+        &fast(),
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(bad_target, MoveError::BadTarget { .. }),
+        "{bad_target}"
+    );
+}
