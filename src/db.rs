@@ -380,7 +380,15 @@ impl TenantWriter {
     /// Marks the writer failed after side `i` returned `cause`.
     fn fail(&mut self, i: usize, cause: tokio_postgres::Error) -> DbError {
         self.state = WriterState::Failed;
-        self.db.query_error_on(self.sides[i].shard, cause)
+        let err = self.db.query_error_on(self.sides[i].shard, cause);
+        if i > 0 {
+            // The primary took the statement and the secondary refused it: the
+            // shards would disagree. The write fails, and the move must know.
+            self.db
+                .table
+                .report_move_failure(self.db.tenant.as_str(), err.to_string());
+        }
+        err
     }
 
     /// Commits: the secondary first, then the primary.
@@ -421,7 +429,13 @@ impl TenantWriter {
                 // The connection's state is unknown: do not give it back to the pool.
                 let _ = Object::take(side.client);
                 if result.is_ok() {
-                    result = Err(self.db.query_error_on(side.shard, e));
+                    let err = self.db.query_error_on(side.shard, e);
+                    if command == "COMMIT" && self.db.location.reason.is_move() {
+                        self.db
+                            .table
+                            .report_move_failure(self.db.tenant.as_str(), err.to_string());
+                    }
+                    result = Err(err);
                 }
                 if command == "COMMIT" {
                     // Do not commit the primary when the secondary could not commit.

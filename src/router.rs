@@ -69,9 +69,26 @@ pub struct RoutingTable {
     map: Arc<ShardMap>,
     /// One pool per shard, in [`ShardIndex`] order.
     pools: Vec<Pool>,
+    /// Where dual-write failures go to be recorded on their move (shared by all tables).
+    move_failures: MoveFailures,
 }
 
+/// A dual write that failed on one side: (tenant, what happened).
+pub(crate) type MoveFailure = (String, String);
+
+/// The sink for [`MoveFailure`]s, set once by whoever records moves (the control agent).
+pub(crate) type MoveFailures =
+    Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<MoveFailure>>>;
+
 impl RoutingTable {
+    /// Reports a dual-write failure to be recorded on the tenant's move.
+    pub(crate) fn report_move_failure(&self, tenant: &str, what: String) {
+        tracing::error!(tenant, error = %what, "dual write failed");
+        if let Some(sink) = self.move_failures.get() {
+            let _ = sink.send((tenant.to_owned(), what));
+        }
+    }
+
     /// The map of this table.
     ///
     /// ```
@@ -212,6 +229,7 @@ impl ShardRouter {
         let table = RoutingTable {
             map: Arc::new(map),
             pools,
+            move_failures: MoveFailures::default(),
         };
         Ok(ShardRouter {
             inner: Arc::new(Inner {
@@ -289,6 +307,7 @@ impl ShardRouter {
         let previous = self.inner.table.swap(Arc::new(RoutingTable {
             map: Arc::new(map),
             pools,
+            move_failures: Arc::clone(&current.move_failures),
         }));
         retired.retire(Arc::clone(&previous.map));
         tracing::info!(
@@ -404,6 +423,14 @@ impl ShardRouter {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         update(&mut state);
+    }
+
+    /// Sends dual-write failures to `sink` from now on (first caller wins).
+    pub(crate) fn set_move_failure_sink(
+        &self,
+        sink: tokio::sync::mpsc::UnboundedSender<MoveFailure>,
+    ) {
+        let _ = self.inner.table.load().move_failures.set(sink);
     }
 
     pub(crate) fn source_state(&self) -> SourceState {

@@ -660,3 +660,129 @@ async fn a_tenant_table_without_a_primary_key_is_refused_by_name() {
         "{bad_target}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_write_refused_by_one_side_fails_and_is_recorded_on_the_move() {
+    let tenant = "wayne";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 5).await;
+    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    let mut options = fast();
+    options.until = Step::Backfill;
+    moves::start(&mut w.control, &id, "b", &options, |_| {})
+        .await
+        .unwrap();
+    // Only the target refuses this name.
+    connect(&w.shards.url(1))
+        .await
+        .batch_execute("ALTER TABLE projects ADD CONSTRAINT no_poison CHECK (name <> 'poison')")
+        .await
+        .unwrap();
+    let db = router.resolve(id.clone());
+    let mut writer = db.write().await.unwrap();
+    let err = writer
+        .execute(
+            "INSERT INTO projects VALUES ($1, $2, 'poison')",
+            &[&tenant, &Uuid::new_v4()],
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("shard b"), "{err}");
+    assert!(writer.commit().await.is_err(), "the write fails as a whole");
+    assert_eq!(
+        count_named(&w.shards.url(0), "poison").await,
+        0,
+        "rolled back on the source too"
+    );
+
+    let mut recorded = None;
+    for _ in 0..200 {
+        recorded = moves::status(&w.control, &id).await.unwrap().unwrap().error;
+        if recorded.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let recorded = recorded.expect("the failure is recorded on the move");
+    assert!(
+        recorded.contains("dual write failed") && recorded.contains("no_poison"),
+        "{recorded}"
+    );
+}
+
+async fn count_named(url: &str, name: &str) -> i64 {
+    connect(url)
+        .await
+        .query_one("SELECT count(*) FROM projects WHERE name = $1", &[&name])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shardctl_runs_a_move_step_by_step() {
+    let tenant = "tyrell";
+    let w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 30).await;
+    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let shardctl = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardctl"));
+        command
+            .args(args)
+            .env("SHARD_ROUTER_CONTROL", w.control_db.url(0));
+        command.output()
+    };
+    let out = shardctl(&[
+        "--json", "tenant", "move", tenant, "--to", "b", "--until", "backfill", "--wait", "10",
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["phase"], "backfilled");
+    assert_eq!(json["state"]["rows_copied"]["public.projects"], 30);
+
+    let out = shardctl(&["tenant", "move", tenant, "--to", "b"])
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "one move per tenant");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already moving"));
+
+    let out = shardctl(&["tenant", "move", tenant, "--resume", "--purge-source"])
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = shardctl(&["tenant", "move-status", tenant]).await.unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("phase complete"), "{text}");
+    assert!(
+        text.contains("verify public.tasks: source 60 rows, target 60 rows, checksums equal"),
+        "{text}"
+    );
+    assert_eq!(
+        count(&w.shards.url(0), "projects", tenant).await,
+        0,
+        "--purge-source"
+    );
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 30);
+    assert_eq!(router.resolve(TenantId::new(tenant).unwrap()).shard(), "b");
+
+    let out = shardctl(&["tenant", "move", tenant, "--abort"])
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is complete"));
+}

@@ -9,7 +9,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 use super::{ControlError, ControlPlane, CHANNEL};
 use crate::map::{redact_url, MapLoader};
 use crate::migrate::error_text;
-use crate::router::MapSource;
+use crate::router::{MapSource, MoveFailure};
 use crate::{Applied, ShardRouter};
 
 /// How a router follows the control database.
@@ -115,7 +115,14 @@ impl ControlAgent {
         };
         // Register before returning, so `map publish --wait` knows this router from now on.
         follower.heartbeat(&session.client).await?;
-        let task = tokio::spawn(follow(follower, url.to_owned(), Some(session)));
+        let (failures, failed_writes) = mpsc::unbounded_channel();
+        router.set_move_failure_sink(failures);
+        let task = tokio::spawn(follow(
+            follower,
+            url.to_owned(),
+            Some(session),
+            failed_writes,
+        ));
         Ok((router, ControlAgent { task, instance_id }))
     }
 
@@ -192,7 +199,12 @@ struct Follower {
     refused: Option<u64>,
 }
 
-async fn follow(mut follower: Follower, url: String, mut first: Option<Session>) {
+async fn follow(
+    mut follower: Follower,
+    url: String,
+    mut first: Option<Session>,
+    mut failed_writes: mpsc::UnboundedReceiver<MoveFailure>,
+) {
     let initial_backoff = Duration::from_millis(100);
     let mut backoff = initial_backoff;
     loop {
@@ -203,7 +215,7 @@ async fn follow(mut follower: Follower, url: String, mut first: Option<Session>)
         let cause = match session {
             Ok(mut session) => {
                 backoff = initial_backoff;
-                follower.run(&mut session).await
+                follower.run(&mut session, &mut failed_writes).await
             }
             Err(e) => e,
         };
@@ -215,7 +227,11 @@ async fn follow(mut follower: Follower, url: String, mut first: Option<Session>)
 
 impl Follower {
     /// Serves one session until its connection fails.
-    async fn run(&mut self, session: &mut Session) -> ControlError {
+    async fn run(
+        &mut self,
+        session: &mut Session,
+        failed_writes: &mut mpsc::UnboundedReceiver<MoveFailure>,
+    ) -> ControlError {
         let mut heartbeat = tokio::time::interval(self.options.heartbeat);
         let mut poll = tokio::time::interval(self.options.poll);
         for ticker in [&mut heartbeat, &mut poll] {
@@ -237,6 +253,7 @@ impl Follower {
                     }
                 },
                 _ = heartbeat.tick() => self.heartbeat(&session.client).await,
+                Some((tenant, what)) = failed_writes.recv() => self.record_failure(&session.client, &tenant, &what).await,
                 _ = poll.tick() => self.catch_up(&session.client).await,
             };
             if let Err(e) = result {
@@ -322,6 +339,25 @@ impl Follower {
             s.last_confirmed = Some(SystemTime::now());
         });
         Ok(())
+    }
+
+    /// Records a failed dual write on the tenant's unfinished move.
+    async fn record_failure(
+        &self,
+        client: &Client,
+        tenant: &str,
+        what: &str,
+    ) -> Result<(), ControlError> {
+        self.bounded(client.execute(
+            "UPDATE shard_router_moves SET error = $2, updated_at = now() \
+             WHERE tenant = $1 AND phase NOT IN ('complete', 'aborted')",
+            &[
+                &tenant,
+                &format!("dual write failed on {}: {what}", self.options.instance_id),
+            ],
+        ))
+        .await
+        .map(|_| ())
     }
 
     /// Runs a control query for at most one lease: a hung connection must not

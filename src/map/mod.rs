@@ -284,6 +284,11 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// True for a tenant in flight.
+    pub(crate) fn is_move(&self) -> bool {
+        matches!(self, Reason::Move(_))
+    }
+
     /// `pin`, `ring` or `move`, as printed by `shardctl tenant locate --json`.
     ///
     /// ```
