@@ -709,109 +709,162 @@ impl Mover<'_> {
         let version = map.version();
         let column = map.tenant_column().to_owned();
         let tables = catalog::tenant_tables(&source, &column).await?;
-        let lock = move_lock_key(&self.tenant);
         let mut copied = serde_json::Map::new();
         for table in &tables {
-            let order = table.key.join(", ");
-            let key_tuple = format!("({order})");
-            let first = format!(
-                "SELECT to_jsonb(t)::text FROM {} t WHERE {column} = $1 ORDER BY {order} LIMIT {}",
-                table.name, self.options.batch_rows
-            );
-            let next = format!(
-                "SELECT to_jsonb(t)::text FROM {name} t WHERE {column} = $1 AND {key_tuple} > \
-                 (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, $2::text::jsonb) r) \
-                 ORDER BY {order} LIMIT {limit}",
-                name = table.name,
-                keys = table
-                    .key
-                    .iter()
-                    .map(|k| format!("r.{k}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                limit = self.options.batch_rows
-            );
-            let columns = table.columns.join(", ");
-            let non_key: Vec<&String> = table
-                .columns
-                .iter()
-                .filter(|c| !table.key.contains(c))
-                .collect();
-            let on_conflict = if non_key.is_empty() {
-                "DO NOTHING".to_owned()
-            } else {
-                format!(
-                    "DO UPDATE SET ({}) = ROW({})",
-                    non_key
-                        .iter()
-                        .map(|c| c.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    non_key
-                        .iter()
-                        .map(|c| format!("EXCLUDED.{c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            };
-            let upsert = format!(
-                "INSERT INTO {name} ({columns}) SELECT {columns} FROM \
-                 jsonb_populate_recordset(NULL::{name}, $1::text::jsonb) \
-                 ON CONFLICT {key_tuple} {on_conflict}",
-                name = table.name
-            );
-            let mut total = 0u64;
-            let mut last: Option<String> = None;
-            loop {
-                // Each batch under the tenant lock, on the source, held until the
-                // target has the batch: no dual write can slip between.
-                begin(&source, version).await?;
-                source
-                    .execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
-                    .await
-                    .map_err(MoveError::db)?;
-                let rows = match &last {
-                    None => source.query(&first, &[&self.tenant.as_str()]).await,
-                    Some(last) => source.query(&next, &[&self.tenant.as_str(), last]).await,
-                }
-                .map_err(MoveError::db)?;
-                if rows.is_empty() {
-                    source
-                        .batch_execute("COMMIT")
-                        .await
-                        .map_err(MoveError::db)?;
-                    break;
-                }
-                let mut batch: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-                begin(&target, version).await?;
-                let result = target
-                    .execute(&upsert, &[&format!("[{}]", batch.join(","))])
-                    .await;
-                if let Err(e) = result {
-                    let _ = target.batch_execute("ROLLBACK").await;
-                    let _ = source.batch_execute("ROLLBACK").await;
-                    return Err(MoveError::db(e));
-                }
-                target
-                    .batch_execute("COMMIT")
-                    .await
-                    .map_err(MoveError::db)?;
-                source
-                    .batch_execute("COMMIT")
-                    .await
-                    .map_err(MoveError::db)?;
-                total += batch.len() as u64;
-                progress(Progress::Copied {
-                    table: table.name.clone(),
-                    rows: batch.len() as u64,
-                });
-                last = batch.pop();
-            }
+            let total = self
+                .copy_table(&source, &target, table, &column, version, progress)
+                .await?;
             copied.insert(table.name.clone(), json!(total));
             self.record("dual_write", json!({ "rows_copied": copied }), None)
                 .await?;
         }
         Ok(())
+    }
+
+    /// Copies one table's rows of the tenant in key order, batch by batch. Each
+    /// batch streams with binary COPY into a staging table on the target and is
+    /// upserted from there, all while the tenant lock is held on the source, so
+    /// no dual write slips between reading a batch and writing it.
+    async fn copy_table(
+        &self,
+        source: &Client,
+        target: &Client,
+        table: &TenantTable,
+        column: &str,
+        version: u64,
+        progress: &mut impl FnMut(Progress),
+    ) -> Result<u64, MoveError> {
+        let name = &table.name;
+        let columns = table.columns.join(", ");
+        let order = table.key.join(", ");
+        let non_key: Vec<&String> = table
+            .columns
+            .iter()
+            .filter(|c| !table.key.contains(c))
+            .collect();
+        let on_conflict = if non_key.is_empty() {
+            "DO NOTHING".to_owned()
+        } else {
+            format!(
+                "DO UPDATE SET ({}) = ROW({})",
+                non_key
+                    .iter()
+                    .map(|c| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                non_key
+                    .iter()
+                    .map(|c| format!("EXCLUDED.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        // COPY takes no parameters: tenant and resume key travel in
+        // transaction-local settings, so no value is ever spliced into SQL.
+        let after = format!(
+            "({order}) > (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, \
+             current_setting('shard_router.copy_after')::jsonb) r)",
+            keys = table
+                .key
+                .iter()
+                .map(|k| format!("r.{k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let select = |resume: bool| {
+            format!(
+                "COPY (SELECT {columns} FROM {name} WHERE {column} = current_setting('shard_router.copy_tenant') \
+                 {} ORDER BY {order} LIMIT {}) TO STDOUT (FORMAT binary)",
+                if resume { format!("AND {after}") } else { String::new() },
+                self.options.batch_rows
+            )
+        };
+        target
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS pg_temp.shard_router_stage; \
+                 CREATE TEMP TABLE shard_router_stage AS SELECT {columns} FROM {name} WITH NO DATA"
+            ))
+            .await
+            .map_err(MoveError::db)?;
+        let upsert = format!(
+            "INSERT INTO {name} ({columns}) SELECT {columns} FROM pg_temp.shard_router_stage \
+             ON CONFLICT ({order}) {on_conflict}"
+        );
+        let last_key = format!(
+            "SELECT to_jsonb(s)::text FROM pg_temp.shard_router_stage s ORDER BY {} LIMIT 1",
+            table
+                .key
+                .iter()
+                .map(|k| format!("{k} DESC"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let lock = move_lock_key(&self.tenant);
+        let mut total = 0u64;
+        let mut last: Option<String> = None;
+        loop {
+            begin(source, version).await?;
+            begin(target, version).await?;
+            let batch = async {
+                source
+                    .query(
+                        "SELECT pg_advisory_xact_lock($1), set_config('shard_router.copy_tenant', $2, true), \
+                         set_config('shard_router.copy_after', $3, true)",
+                        &[&lock, &self.tenant.as_str(), &last.clone().unwrap_or_default()],
+                    )
+                    .await?;
+                let rows = source.copy_out(&select(last.is_some())).await?;
+                let sink = target
+                    .copy_in(&format!("COPY pg_temp.shard_router_stage ({columns}) FROM STDIN (FORMAT binary)"))
+                    .await?;
+                futures_util::pin_mut!(rows);
+                futures_util::pin_mut!(sink);
+                while let Some(chunk) = futures_util::StreamExt::next(&mut rows).await {
+                    futures_util::SinkExt::send(&mut sink, chunk?).await?;
+                }
+                let n = sink.finish().await?;
+                if n == 0 {
+                    return Ok((0, None));
+                }
+                target.execute(&upsert, &[]).await?;
+                let key: String = target.query_one(&last_key, &[]).await?.get(0);
+                target.execute("TRUNCATE pg_temp.shard_router_stage", &[]).await?;
+                Ok::<_, tokio_postgres::Error>((n, Some(key)))
+            }
+            .await;
+            match batch {
+                Ok((n, key)) => {
+                    // Target first: the source's lock must outlive the target's write.
+                    target
+                        .batch_execute("COMMIT")
+                        .await
+                        .map_err(MoveError::db)?;
+                    source
+                        .batch_execute("COMMIT")
+                        .await
+                        .map_err(MoveError::db)?;
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                    progress(Progress::Copied {
+                        table: name.clone(),
+                        rows: n,
+                    });
+                    last = key;
+                }
+                Err(e) => {
+                    let _ = target.batch_execute("ROLLBACK").await;
+                    let _ = source.batch_execute("ROLLBACK").await;
+                    return Err(MoveError::db(e));
+                }
+            }
+        }
+        target
+            .batch_execute("DROP TABLE IF EXISTS pg_temp.shard_router_stage")
+            .await
+            .map_err(MoveError::db)?;
+        Ok(total)
     }
 
     async fn verify(&mut self, progress: &mut impl FnMut(Progress)) -> Result<(), MoveError> {
