@@ -15,7 +15,7 @@ pub mod tenant;
 pub mod watch;
 
 pub use db::{DbError, TenantDb, TenantWriter};
-pub use layer::{ShardRouterLayer, ShardRouterService};
+pub use layer::{Protocol, ShardRouterLayer, ShardRouterService};
 pub use map::{MapError, ShardMap};
 pub use migrate::Migrations;
 pub use rejection::Rejection;

@@ -103,15 +103,15 @@ impl Rejection {
         }
     }
 
-    /// The HTTP response, for any body type that can be made from a `&'static str`.
+    /// The HTTP response.
     ///
     /// ```
     /// # use shard_router::Rejection;
     /// let response: http::Response<String> = Rejection::ShardUnavailable.into_response();
     /// assert_eq!(response.headers()["retry-after"], "1");
     /// ```
-    pub fn into_response<B: From<&'static str>>(self) -> Response<B> {
-        let mut response = Response::new(B::from(self.body()));
+    pub fn into_response<B: RejectionBody>(self) -> Response<B> {
+        let mut response = Response::new(B::fixed(self.body()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(
@@ -122,6 +122,111 @@ impl Rejection {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         response
+    }
+
+    /// The gRPC response: trailers-only (HTTP 200, `grpc-status` and
+    /// `grpc-message` in the headers, no body), as gRPC clients expect.
+    ///
+    /// ```
+    /// # use shard_router::Rejection;
+    /// let response: http::Response<String> = Rejection::MissingTenant.into_grpc_response();
+    /// assert_eq!(response.headers()["grpc-status"], "3"); // INVALID_ARGUMENT
+    /// assert!(response.body().is_empty());
+    /// ```
+    pub fn into_grpc_response<B: RejectionBody>(self) -> Response<B> {
+        let mut response = Response::new(B::empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(self.grpc_code()));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static(self.grpc_message()),
+        );
+        response
+    }
+
+    /// A short fixed message for gRPC (`grpc-message`, percent-encoding-safe).
+    ///
+    /// ```
+    /// # use shard_router::Rejection;
+    /// assert_eq!(Rejection::MissingTenant.grpc_message(), "missing tenant: set the x-tenant-id metadata");
+    /// ```
+    pub fn grpc_message(self) -> &'static str {
+        match self {
+            Rejection::MissingTenant => "missing tenant: set the x-tenant-id metadata",
+            Rejection::InvalidTenant => "invalid tenant id",
+            Rejection::ShardUnavailable => "the tenant's database is unavailable; retry later",
+            Rejection::DatabaseError => "the database refused the request",
+            Rejection::RouterMissing => "server misconfigured: ShardRouterLayer is not installed",
+        }
+    }
+}
+
+/// A response body the layer can build its rejections from: a fixed text for
+/// HTTP, nothing for gRPC's trailers-only responses.
+///
+/// Implemented for `String`, axum's body, and (feature `grpc`) tonic's body.
+/// Implement it for your own body type to use the layer with it.
+///
+/// ```
+/// use shard_router::rejection::RejectionBody;
+/// assert_eq!(String::fixed("x"), "x");
+/// assert!(String::empty().is_empty());
+/// ```
+pub trait RejectionBody: Sized {
+    /// A body holding `text`.
+    fn fixed(text: &'static str) -> Self;
+    /// An empty body.
+    fn empty() -> Self;
+}
+
+impl RejectionBody for String {
+    fn fixed(text: &'static str) -> Self {
+        text.to_owned()
+    }
+    fn empty() -> Self {
+        String::new()
+    }
+}
+
+impl RejectionBody for axum_core::body::Body {
+    fn fixed(text: &'static str) -> Self {
+        axum_core::body::Body::from(text)
+    }
+    fn empty() -> Self {
+        axum_core::body::Body::empty()
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl RejectionBody for tonic::body::Body {
+    fn fixed(_text: &'static str) -> Self {
+        // gRPC carries errors in grpc-status / grpc-message, never in the body.
+        tonic::body::Body::empty()
+    }
+    fn empty() -> Self {
+        tonic::body::Body::empty()
+    }
+}
+
+/// Service methods may return `Err(DbError)` (through `?`): the client gets the
+/// fixed status of the table above, the error goes to the logs.
+#[cfg(feature = "grpc")]
+impl From<DbError> for tonic::Status {
+    fn from(err: DbError) -> Self {
+        let rejection = Rejection::from(&err);
+        if rejection == Rejection::ShardUnavailable {
+            tracing::warn!(error = %err, "shard unavailable");
+        } else {
+            tracing::error!(error = %err, "database error");
+        }
+        tonic::Status::new(
+            tonic::Code::from_i32(rejection.grpc_code()),
+            rejection.grpc_message(),
+        )
     }
 }
 

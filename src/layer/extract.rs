@@ -28,3 +28,29 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantDb {
         })
     }
 }
+
+#[cfg(feature = "grpc")]
+impl TenantDb {
+    /// The handle inside a tonic service method. Without the layer, the
+    /// status is INTERNAL and the log says which layer to add.
+    ///
+    /// ```
+    /// # use shard_router::TenantDb;
+    /// let request = tonic::Request::new(());
+    /// let status = TenantDb::from_grpc(&request).unwrap_err();
+    /// assert_eq!(status.code(), tonic::Code::Internal);
+    /// ```
+    pub fn from_grpc<T>(request: &tonic::Request<T>) -> Result<TenantDb, tonic::Status> {
+        request
+            .extensions()
+            .get::<TenantDb>()
+            .cloned()
+            .ok_or_else(|| {
+                tracing::error!(
+                    "a service method asked for TenantDb but the request has none: add \
+                 ShardRouterLayer::grpc to the server"
+                );
+                tonic::Status::internal(Rejection::RouterMissing.grpc_message())
+            })
+    }
+}

@@ -44,6 +44,7 @@ use tower_service::Service;
 
 pub use future::ResponseFuture;
 
+use crate::rejection::RejectionBody;
 use crate::tenant::TenantExtractor;
 use crate::{Rejection, ShardRouter};
 
@@ -60,6 +61,18 @@ use crate::{Rejection, ShardRouter};
 pub struct ShardRouterLayer<E> {
     router: ShardRouter,
     extractor: Arc<E>,
+    protocol: Protocol,
+}
+
+/// How the layer answers the requests it rejects. Chosen explicitly when the
+/// layer is built, never guessed from the request (a content type can lie).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// HTTP statuses with a fixed JSON body (400, 503 + `Retry-After`, 500).
+    Http,
+    /// gRPC trailers-only responses (INVALID_ARGUMENT, UNAVAILABLE, INTERNAL).
+    Grpc,
 }
 
 impl<E> Clone for ShardRouterLayer<E> {
@@ -67,6 +80,7 @@ impl<E> Clone for ShardRouterLayer<E> {
         ShardRouterLayer {
             router: self.router.clone(),
             extractor: Arc::clone(&self.extractor),
+            protocol: self.protocol,
         }
     }
 }
@@ -85,6 +99,26 @@ impl<E: TenantExtractor> ShardRouterLayer<E> {
         ShardRouterLayer {
             router,
             extractor: Arc::new(extractor),
+            protocol: Protocol::Http,
+        }
+    }
+
+    /// For gRPC servers (tonic): rejections are trailers-only gRPC statuses.
+    /// Tenant metadata arrives as headers, so [`HeaderExtractor`](crate::tenant::HeaderExtractor)
+    /// reads `x-tenant-id` metadata.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter, ShardRouterLayer, tenant::HeaderExtractor};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// let layer = ShardRouterLayer::grpc(router, HeaderExtractor::default());
+    /// // tonic::transport::Server::builder().layer(layer).add_service(...)
+    /// # }
+    /// ```
+    pub fn grpc(router: ShardRouter, extractor: E) -> Self {
+        ShardRouterLayer {
+            protocol: Protocol::Grpc,
+            ..ShardRouterLayer::new(router, extractor)
         }
     }
 }
@@ -97,6 +131,7 @@ impl<S, E> Layer<S> for ShardRouterLayer<E> {
             inner,
             router: self.router.clone(),
             extractor: Arc::clone(&self.extractor),
+            protocol: self.protocol,
         }
     }
 }
@@ -133,6 +168,7 @@ pub struct ShardRouterService<S, E> {
     inner: S,
     router: ShardRouter,
     extractor: Arc<E>,
+    protocol: Protocol,
 }
 
 impl<S: Clone, E> Clone for ShardRouterService<S, E> {
@@ -141,6 +177,7 @@ impl<S: Clone, E> Clone for ShardRouterService<S, E> {
             inner: self.inner.clone(),
             router: self.router.clone(),
             extractor: Arc::clone(&self.extractor),
+            protocol: self.protocol,
         }
     }
 }
@@ -149,7 +186,7 @@ impl<S, E, ReqBody, ResBody> Service<Request<ReqBody>> for ShardRouterService<S,
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     E: TenantExtractor,
-    ResBody: From<&'static str>,
+    ResBody: RejectionBody,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -165,7 +202,11 @@ where
             Ok(tenant) => tenant,
             Err(err) => {
                 tracing::debug!(error = %err, path = parts.uri.path(), "request rejected: no valid tenant");
-                return ResponseFuture::rejected(Rejection::from(&err).into_response());
+                let rejection = Rejection::from(&err);
+                return ResponseFuture::rejected(match self.protocol {
+                    Protocol::Http => rejection.into_response(),
+                    Protocol::Grpc => rejection.into_grpc_response(),
+                });
             }
         };
         let db = self.router.resolve(tenant);

@@ -12,7 +12,7 @@
 //!
 //! Each step that changes routing publishes a new map version through the
 //! control database, waits for every live router to apply it, and then raises
-//! the tenant's [fence](fence) on both shards to that version, so a router
+//! the tenant's [`fence`] on both shards to that version, so a router
 //! left on an older map has its writes for the tenant refused by the shards.
 //! The move's phase and progress live in the control table `shard_router_moves`;
 //! [`resume`] continues from the last finished step.

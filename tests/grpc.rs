@@ -1,0 +1,201 @@
+//! The tonic example through a real tonic client over loopback (feature `grpc`).
+#![cfg(feature = "grpc")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{connect, notes_of, Shards};
+use shard_router::map::MapLoader;
+use shard_router::{Migrations, TenantId};
+
+mod pb {
+    include!("../examples/proto/notes.v1.rs");
+}
+use pb::notes_client::NotesClient;
+
+fn example_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("tonic_app");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--features", "grpc", "--example", "tonic_app"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    binary
+}
+
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn with_tenant<T>(tenant: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-tenant-id", tenant.parse().unwrap());
+    request
+}
+
+/// Connections open from the router to the test's shard databases.
+async fn router_connections(shards: &Shards) -> i64 {
+    connect(&common::db_url("postgres"))
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = ANY($1) AND application_name = 'shard-router'",
+            &[&shards.names],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn notes_over_grpc_land_on_their_shards_and_failures_are_grpc_statuses() {
+    let shards = Shards::create(2).await;
+    let toml = common::map_toml(
+        1,
+        &shards,
+        "[shards.down]\nurl = \"postgres://postgres@127.0.0.1:1/down\"\nweight = 0\n\
+         pool = { wait_timeout_ms = 500, connect_timeout_ms = 500 }\n\
+         [tenants]\nacme = \"b\"\nunlucky = \"down\"\n",
+    );
+    let map = MapLoader::without_env().load_str(&toml).unwrap();
+    let migrations =
+        Migrations::load(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/notes")).unwrap();
+    let reachable = MapLoader::without_env()
+        .load_str(&common::map_toml(1, &shards, ""))
+        .unwrap();
+    for report in shard_router::migrate::migrate(&reachable, &migrations, |_, _| {}).await {
+        report.outcome.unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("grpc-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let map_path = dir.join("shard-map.toml");
+    std::fs::write(&map_path, &toml).unwrap();
+
+    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _server = Server(
+        Command::new(example_binary())
+            .args([
+                "--map",
+                map_path.to_str().unwrap(),
+                "--listen",
+                &addr.to_string(),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut client = None;
+    for _ in 0..200 {
+        if let Ok(c) = NotesClient::connect(format!("http://{addr}")).await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client = client.expect("the gRPC example listens");
+
+    // Missing or invalid tenant: INVALID_ARGUMENT, and no query (no connection opened).
+    let missing = client
+        .create_note(tonic::Request::new(pb::CreateNoteRequest {
+            body: "x".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::InvalidArgument);
+    assert!(
+        missing.message().contains("x-tenant-id"),
+        "{}",
+        missing.message()
+    );
+    let invalid = client
+        .list_notes(with_tenant("acme;drop", pb::ListNotesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        router_connections(&shards).await,
+        0,
+        "rejected requests issued no query"
+    );
+
+    // Notes for several tenants land on their located shards; lists are per tenant.
+    let tenants: Vec<String> = (0..10)
+        .map(|i| format!("grpc-{i}"))
+        .chain(["acme".into()])
+        .collect();
+    for tenant in &tenants {
+        for n in 0..2 {
+            let note = client
+                .create_note(with_tenant(
+                    tenant,
+                    pb::CreateNoteRequest {
+                        body: format!("{n} of {tenant}"),
+                    },
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(uuid::Uuid::parse_str(&note.id).is_ok());
+        }
+    }
+    for tenant in &tenants {
+        let notes = client
+            .list_notes(with_tenant(tenant, pb::ListNotesRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .notes;
+        assert_eq!(notes.len(), 2, "{tenant}");
+        assert!(notes.iter().all(|n| n.body.ends_with(tenant.as_str())));
+        let located = map.locate(&TenantId::new(tenant).unwrap()).shard.get();
+        for i in 0..2 {
+            let expected = if i == located { 2 } else { 0 };
+            assert_eq!(
+                notes_of(&shards.url(i), tenant).await,
+                expected,
+                "{tenant} on shard {i}"
+            );
+        }
+    }
+
+    // A shard that is down: UNAVAILABLE within its wait; others unaffected.
+    let started = Instant::now();
+    let down = client
+        .list_notes(with_tenant("unlucky", pb::ListNotesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(down.code(), tonic::Code::Unavailable);
+    assert!(started.elapsed() < Duration::from_millis(500) + Duration::from_secs(2));
+    assert!(
+        !down.message().contains("127.0.0.1"),
+        "no internal detail leaks: {}",
+        down.message()
+    );
+    let fine = client
+        .list_notes(with_tenant("acme", pb::ListNotesRequest {}))
+        .await
+        .unwrap();
+    assert_eq!(fine.into_inner().notes.len(), 2);
+}
