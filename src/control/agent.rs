@@ -4,11 +4,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use super::{ControlError, ControlPlane, CHANNEL};
 use crate::map::{redact_url, MapLoader};
-use crate::migrate::error_text;
 use crate::router::{MapSource, MoveFailure};
 use crate::{Applied, ShardRouter};
 
@@ -150,20 +149,7 @@ struct Session {
 
 impl Session {
     async fn open(url: &str) -> Result<Session, ControlError> {
-        let unreachable = |cause: String| ControlError::Unreachable {
-            url: redact_url(url),
-            cause,
-        };
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| unreachable(e.to_string()))?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(5));
-        }
-        let (client, mut connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|e| unreachable(error_text(&e)))?;
+        let (client, mut connection) = super::open(url).await?;
         let (tx, notifications) = mpsc::unbounded_channel();
         // Drive the connection ourselves to see its notifications; when it ends,
         // the channel closes and the session knows.

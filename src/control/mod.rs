@@ -421,7 +421,8 @@ pub(crate) fn checksum(toml: &str) -> String {
     format!("{:016x}", placement::hash_bytes(toml.as_bytes()))
 }
 
-pub(crate) async fn connect_client(url: &str) -> Result<Client, ControlError> {
+/// A connection to the control database; the caller drives the connection.
+pub(crate) async fn open(url: &str) -> Result<(Client, ControlConnection), ControlError> {
     let unreachable = |cause: String| ControlError::Unreachable {
         url: redact_url(url),
         cause,
@@ -432,10 +433,18 @@ pub(crate) async fn connect_client(url: &str) -> Result<Client, ControlError> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
-    let (client, connection) = config
+    config
         .connect(NoTls)
         .await
-        .map_err(|e| unreachable(migrate::error_text(&e)))?;
+        .map_err(|e| unreachable(migrate::error_text(&e)))
+}
+
+/// The connection half of [`open`].
+pub(crate) type ControlConnection =
+    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>;
+
+async fn connect_client(url: &str) -> Result<Client, ControlError> {
+    let (client, connection) = open(url).await?;
     tokio::spawn(connection);
     Ok(client)
 }

@@ -350,23 +350,11 @@ pub async fn resume(
     options: &MoveOptions,
     mut progress: impl FnMut(Progress),
 ) -> Result<MoveStatus, MoveError> {
-    let record = status(control, tenant)
-        .await?
-        .ok_or_else(|| MoveError::NoMove {
-            tenant: tenant.to_string(),
-        })?;
+    let record = recorded(control, tenant).await?;
     let Some(first) = Step::after(&record.phase) else {
-        return Err(MoveError::NoMove {
-            tenant: tenant.to_string(),
-        });
+        return Err(no_move(tenant));
     };
-    let mut mover = Mover {
-        control,
-        tenant: tenant.clone(),
-        from: record.from.clone(),
-        to: record.to.clone(),
-        options: options.clone(),
-    };
+    let mut mover = Mover::new(control, tenant, &record, options);
     for step in Step::ALL
         .into_iter()
         .filter(|s| *s >= first && *s <= options.until)
@@ -392,11 +380,20 @@ pub async fn resume(
             }
         }
     }
-    status(mover.control, tenant)
+    recorded(mover.control, tenant).await
+}
+
+fn no_move(tenant: &TenantId) -> MoveError {
+    MoveError::NoMove {
+        tenant: tenant.to_string(),
+    }
+}
+
+/// The tenant's move record, which must exist.
+async fn recorded(control: &ControlPlane, tenant: &TenantId) -> Result<MoveStatus, MoveError> {
+    status(control, tenant)
         .await?
-        .ok_or_else(|| MoveError::NoMove {
-            tenant: tenant.to_string(),
-        })
+        .ok_or_else(|| no_move(tenant))
 }
 
 /// Aborts the tenant's unfinished move: reads go back to the source (first, if
@@ -414,31 +411,17 @@ pub async fn abort(
     tenant: &TenantId,
     options: &MoveOptions,
 ) -> Result<MoveStatus, MoveError> {
-    let record = status(control, tenant)
-        .await?
-        .ok_or_else(|| MoveError::NoMove {
-            tenant: tenant.to_string(),
-        })?;
+    let record = recorded(control, tenant).await?;
     match record.phase.as_str() {
         "complete" => {
             return Err(MoveError::Finished {
                 tenant: tenant.to_string(),
             })
         }
-        "aborted" => {
-            return Err(MoveError::NoMove {
-                tenant: tenant.to_string(),
-            })
-        }
+        "aborted" => return Err(no_move(tenant)),
         _ => {}
     }
-    let mut mover = Mover {
-        control,
-        tenant: tenant.clone(),
-        from: record.from.clone(),
-        to: record.to.clone(),
-        options: options.clone(),
-    };
+    let mut mover = Mover::new(control, tenant, &record, options);
     let result = async {
         if record.phase == "reversed" {
             // Reads back to the source while writes still reach both shards.
@@ -461,11 +444,7 @@ pub async fn abort(
             return Err(e);
         }
     }
-    status(mover.control, tenant)
-        .await?
-        .ok_or_else(|| MoveError::NoMove {
-            tenant: tenant.to_string(),
-        })
+    recorded(mover.control, tenant).await
 }
 
 /// The tenant's move as recorded, if it ever had one.
@@ -550,7 +529,22 @@ async fn begin(client: &Client, version: u64) -> Result<(), MoveError> {
         .map_err(MoveError::db)
 }
 
-impl Mover<'_> {
+impl<'a> Mover<'a> {
+    fn new(
+        control: &'a mut ControlPlane,
+        tenant: &TenantId,
+        record: &MoveStatus,
+        options: &MoveOptions,
+    ) -> Self {
+        Mover {
+            control,
+            tenant: tenant.clone(),
+            from: record.from.clone(),
+            to: record.to.clone(),
+            options: options.clone(),
+        }
+    }
+
     async fn record(
         &mut self,
         phase: &str,
