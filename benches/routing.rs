@@ -196,5 +196,39 @@ fn big_maps(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, location, layer, big_maps);
+/// Checking out a connection from a warm pool, bare and through the handle
+/// (resolve + checkout). Needs the local Postgres; skipped without it.
+fn checkout(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let map =
+        load("version = 1\n[shards.a]\nurl = \"postgres://postgres@127.0.0.1:5432/postgres\"\n");
+    let router = ShardRouter::new(map).unwrap();
+    let tenant = TenantId::new("acme").unwrap();
+    if runtime
+        .block_on(router.resolve(tenant.clone()).read())
+        .is_err()
+    {
+        println!("checkout: skipped, no Postgres at 127.0.0.1:5432");
+        return;
+    }
+    let table = router.table();
+    let (_, pool) = table.shards().next().unwrap();
+    let mut group = c.benchmark_group("checkout (warm pool)");
+    group.bench_function("deadpool Pool::get", |b| {
+        b.iter(|| runtime.block_on(async { black_box(pool.get().await.unwrap()) }))
+    });
+    group.bench_function("TenantDb::read (resolve + get)", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(async { black_box(router.resolve(tenant.clone()).read().await.unwrap()) })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, location, layer, checkout, big_maps);
 criterion_main!(benches);

@@ -703,6 +703,7 @@ impl<'a> Mover<'a> {
         let version = map.version();
         let column = map.tenant_column().to_owned();
         let tables = catalog::tenant_tables(&source, &column).await?;
+        self.wait_for_writes_in_flight(&source, &tables).await?;
         let mut copied = serde_json::Map::new();
         for table in &tables {
             let total = self
@@ -922,9 +923,36 @@ impl<'a> Mover<'a> {
         self.route(MapChange::PinTo(Side::Target)).await?;
         if self.options.purge_source {
             let (map, source, _) = self.shards().await?;
+            let tables = catalog::tenant_tables(&source, map.tenant_column()).await?;
+            self.wait_for_writes_in_flight(&source, &tables).await?;
             self.delete_rows(&source, &map).await?;
         }
         Ok(())
+    }
+
+    /// Waits until every write transaction already open on the tenant tables
+    /// has ended. A writer that began on an older map checked the fence before
+    /// it was raised and takes no tenant lock; once it is done, every later
+    /// write of the tenant is either fenced out or a dual write under the lock.
+    /// A SHARE lock does this: it waits for the open writers (of all tenants)
+    /// and holds new ones back only while it waits, at most `options.wait`.
+    async fn wait_for_writes_in_flight(
+        &self,
+        client: &Client,
+        tables: &[TenantTable],
+    ) -> Result<(), MoveError> {
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+        client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN SHARE MODE; COMMIT",
+                self.options.wait.as_millis(),
+                names.join(", ")
+            ))
+            .await
+            .map_err(MoveError::db)
     }
 
     /// Deletes the tenant's rows from every tenant table, children first, in one

@@ -1,0 +1,515 @@
+//! End-to-end load harness: the notes API under concurrent keep-alive HTTP
+//! clients over loopback, in four configurations measured in one run.
+//!
+//! ```text
+//! bash examples/pgbouncer.sh        # optional: pgbouncer (transaction pooling) on 127.0.0.1:6432 for D
+//! cargo run --release --example load_harness -- --seconds 10 --connections 32
+//! ```
+//!
+//! * A: `axum_app` (the router) on 1 shard.
+//! * B: the same handlers on one plain deadpool pool, no router: the floor.
+//! * C: `axum_app` on 4 shard databases with 1,000 tenants.
+//! * D: B's server through pgbouncer in transaction pooling mode (unnamed
+//!   statements, `query_typed`, because named ones break there).
+//!
+//! Each server is a separate process (A and C run the real example binary; B
+//! and D run this binary's `serve-baseline`). Requests: 80% `GET /notes`, 20%
+//! `POST /notes`, tenants spread evenly. Prints requests/s, p50/p99/p99.9, and
+//! the ratios A/B and A/D. The databases it creates (`srl_*`) are dropped after.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::{Json, Router};
+use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+const SCHEMA: &str = include_str!("../migrations/notes/V1__notes.sql");
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Sub>,
+    /// Seconds of load per configuration.
+    #[arg(long, default_value = "10")]
+    seconds: u64,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value = "32")]
+    connections: usize,
+    /// Rounds of A, B, C, D; figures are medians over rounds.
+    #[arg(long, default_value = "3")]
+    rounds: usize,
+    /// pgbouncer's address for configuration D.
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    pgbouncer: String,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// The baseline server: the notes handlers on one plain deadpool pool.
+    ServeBaseline {
+        /// The database.
+        #[arg(long)]
+        db_url: String,
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Use unnamed statements (needed behind pgbouncer's transaction pooling).
+        #[arg(long)]
+        unnamed: bool,
+    },
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match args.command {
+        Some(Sub::ServeBaseline {
+            ref db_url,
+            listen,
+            unnamed,
+        }) => runtime.block_on(serve_baseline(db_url.clone(), listen, unnamed)),
+        None => runtime.block_on(harness(args)),
+    }
+}
+
+// ---------- the baseline server (B and D) ----------
+
+#[derive(Clone)]
+struct Baseline {
+    pool: deadpool_postgres::Pool,
+    unnamed: bool,
+}
+
+#[derive(Deserialize)]
+struct NewNote {
+    body: String,
+}
+
+#[derive(Serialize)]
+struct Note {
+    id: Uuid,
+    body: String,
+    created_at: String,
+}
+
+fn tenant_of(headers: &HeaderMap) -> Result<String, StatusCode> {
+    headers
+        .get("x-tenant-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .ok_or(StatusCode::BAD_REQUEST)
+}
+
+async fn baseline_list(
+    State(s): State<Baseline>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<Note>>, StatusCode> {
+    let tenant = tenant_of(&headers)?;
+    let client = s
+        .pool
+        .get()
+        .await
+        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    let sql = "SELECT id, body, to_json(created_at) #>> '{}' FROM notes WHERE tenant_id = $1 ORDER BY created_at, id";
+    let rows = if s.unnamed {
+        client
+            .query_typed(sql, &[(&tenant, tokio_postgres::types::Type::TEXT)])
+            .await
+    } else {
+        client.query(sql, &[&tenant]).await
+    }
+    .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    Ok(Json(
+        rows.iter()
+            .map(|r| Note {
+                id: r.get(0),
+                body: r.get(1),
+                created_at: r.get(2),
+            })
+            .collect(),
+    ))
+}
+
+async fn baseline_create(
+    State(s): State<Baseline>,
+    headers: HeaderMap,
+    Json(new): Json<NewNote>,
+) -> Result<(StatusCode, Json<Note>), StatusCode> {
+    let tenant = tenant_of(&headers)?;
+    let id = Uuid::new_v4();
+    let mut client = s
+        .pool
+        .get()
+        .await
+        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    let sql = "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, $3) RETURNING to_json(created_at) #>> '{}'";
+    let rows = if s.unnamed {
+        use tokio_postgres::types::Type;
+        tx.query_typed(
+            sql,
+            &[
+                (&tenant, Type::TEXT),
+                (&id, Type::UUID),
+                (&new.body, Type::TEXT),
+            ],
+        )
+        .await
+    } else {
+        let statement = tx
+            .prepare_cached(sql)
+            .await
+            .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+        tx.query(&statement, &[&tenant, &id, &new.body]).await
+    }
+    .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    tx.commit()
+        .await
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    let created_at = rows.first().map(|r| r.get(0)).unwrap_or_default();
+    Ok((
+        StatusCode::CREATED,
+        Json(Note {
+            id,
+            body: new.body,
+            created_at,
+        }),
+    ))
+}
+
+async fn serve_baseline(
+    db_url: String,
+    listen: SocketAddr,
+    unnamed: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let pg: tokio_postgres::Config = db_url.parse()?;
+    let manager = deadpool_postgres::Manager::from_config(
+        pg,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    // The same pool settings as the router's default.
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(16)
+        .wait_timeout(Some(Duration::from_secs(2)))
+        .create_timeout(Some(Duration::from_secs(2)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()?;
+    let app = Router::new()
+        .route("/notes", get(baseline_list).post(baseline_create))
+        .with_state(Baseline { pool, unnamed });
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+// ---------- the harness ----------
+
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{SERVER}/postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("Postgres at 127.0.0.1:5432");
+    tokio::spawn(connection);
+    client
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn sibling(name: &str) -> std::path::PathBuf {
+    std::env::current_exe().unwrap().with_file_name(name)
+}
+
+async fn wait_listening(addr: SocketAddr) {
+    for _ in 0..400 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
+
+fn router_map(dbs: &[String], dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let mut toml = "version = 1\n".to_owned();
+    for (i, db) in dbs.iter().enumerate() {
+        // 16 connections per shard, as the baseline's one pool.
+        toml += &format!("[shards.s{i}]\nurl = \"{SERVER}/{db}\"\npool = {{ max_size = 16 }}\n");
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// One configuration's round: requests/s, p50, p99, p99.9, errors.
+type Figures = (f64, Duration, Duration, Duration, u64);
+
+#[derive(Default)]
+struct Outcome {
+    latencies: Vec<Duration>,
+    errors: u64,
+    elapsed: Duration,
+}
+
+impl Outcome {
+    fn rps(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+    fn pct(&self, p: f64) -> Duration {
+        self.latencies[((self.latencies.len() - 1) as f64 * p).round() as usize]
+    }
+}
+
+/// Keep-alive HTTP/1.1 clients for `seconds`, each on its own connection.
+async fn drive(addr: SocketAddr, tenants: usize, connections: usize, length: Duration) -> Outcome {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(TcpStream::connect(addr).await.unwrap());
+                stream.get_mut().set_nodelay(true).unwrap();
+                let (mut latencies, mut errors) = (Vec::new(), 0u64);
+                let mut n = c;
+                while !stop.load(Ordering::Relaxed) {
+                    let tenant = format!("tenant-{:04}", n % tenants);
+                    let request = if n % 5 == 0 {
+                        let body = format!("{{\"body\":\"note {n}\"}}");
+                        format!("POST /notes HTTP/1.1\r\nhost: h\r\nx-tenant-id: {tenant}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                    } else {
+                        format!("GET /notes HTTP/1.1\r\nhost: h\r\nx-tenant-id: {tenant}\r\n\r\n")
+                    };
+                    let sent = Instant::now();
+                    stream.get_mut().write_all(request.as_bytes()).await.unwrap();
+                    let status = read_response(&mut stream).await;
+                    latencies.push(sent.elapsed());
+                    if !(200..300).contains(&status) {
+                        errors += 1;
+                    }
+                    n += connections;
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    tokio::time::sleep(length).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut outcome = Outcome::default();
+    for task in tasks {
+        let (latencies, errors) = task.await.unwrap();
+        outcome.latencies.extend(latencies);
+        outcome.errors += errors;
+    }
+    outcome.elapsed = started.elapsed();
+    outcome.latencies.sort();
+    outcome
+}
+
+/// Reads one response; returns its status.
+async fn read_response(stream: &mut BufReader<TcpStream>) -> u16 {
+    let mut line = String::new();
+    stream.read_line(&mut line).await.unwrap();
+    let status = line.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        stream.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.unwrap();
+    status
+}
+
+async fn harness(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let admin = admin().await;
+    let pid = std::process::id();
+    let single = format!("srl_{pid}_single");
+    let four: Vec<String> = (0..4).map(|i| format!("srl_{pid}_four_{i}")).collect();
+    let all: Vec<String> = std::iter::once(single.clone())
+        .chain(four.clone())
+        .collect();
+    for db in &all {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await?;
+        let (client, connection) =
+            tokio_postgres::connect(&format!("{SERVER}/{db}"), tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        client.batch_execute(SCHEMA).await?;
+    }
+    let result = run_configs(&args, &single, &four).await;
+    for db in &all {
+        let _ = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .await;
+    }
+    result
+}
+
+async fn run_configs(
+    args: &Args,
+    single: &str,
+    four: &[String],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::env::temp_dir().join(format!("load-harness-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let length = Duration::from_secs(args.seconds);
+    let start = |command: &mut Command| {
+        Server(
+            command
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .env("RUST_LOG", "error")
+                .spawn()
+                .expect("server binary (cargo build --release --examples)"),
+        )
+    };
+
+    let configs: [(&str, usize); 4] = [
+        ("A router, 1 shard", 100),
+        ("B plain pool, no router", 100),
+        ("C router, 4 shards", 1000),
+        ("D pgbouncer (transaction), plain pool", 100),
+    ];
+    let mut figures: Vec<Vec<Figures>> = vec![Vec::new(); 4];
+    let pgbouncer_up = TcpStream::connect(&args.pgbouncer).await.is_ok();
+    if !pgbouncer_up {
+        println!(
+            "D: skipped, nothing listens on {} (run examples/pgbouncer.sh)",
+            args.pgbouncer
+        );
+    }
+    for round in 1..=args.rounds {
+        for (i, (label, tenants)) in configs.iter().enumerate() {
+            let addr = free_addr();
+            let server = match &label[..1] {
+                "A" => start(
+                    Command::new(sibling("axum_app")).args([
+                        "--map",
+                        router_map(&[single.to_owned()], &dir, "a.toml")
+                            .to_str()
+                            .unwrap(),
+                        "--listen",
+                        &addr.to_string(),
+                    ]),
+                ),
+                "C" => start(Command::new(sibling("axum_app")).args([
+                    "--map",
+                    router_map(four, &dir, "c.toml").to_str().unwrap(),
+                    "--listen",
+                    &addr.to_string(),
+                ])),
+                "B" => start(Command::new(std::env::current_exe()?).args([
+                    "serve-baseline",
+                    "--db-url",
+                    &format!("{SERVER}/{single}"),
+                    "--listen",
+                    &addr.to_string(),
+                ])),
+                _ if !pgbouncer_up => continue,
+                _ => start(Command::new(std::env::current_exe()?).args([
+                    "serve-baseline",
+                    "--db-url",
+                    &format!("postgres://postgres@{}/{single}", args.pgbouncer),
+                    "--listen",
+                    &addr.to_string(),
+                    "--unnamed",
+                ])),
+            };
+            wait_listening(addr).await;
+            // Warm up pools and caches, then measure.
+            drive(addr, *tenants, args.connections, Duration::from_secs(1)).await;
+            let o = drive(addr, *tenants, args.connections, length).await;
+            drop(server);
+            println!(
+                "round {round} {label:<40} {:>9.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  p99.9 {:>8.2?}  errors {}",
+                o.rps(),
+                o.pct(0.5),
+                o.pct(0.99),
+                o.pct(0.999),
+                o.errors
+            );
+            figures[i].push((o.rps(), o.pct(0.5), o.pct(0.99), o.pct(0.999), o.errors));
+        }
+    }
+    fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    }
+    println!("medians over {} rounds:", args.rounds);
+    let mut medians = Vec::new();
+    for (i, (label, _)) in configs.iter().enumerate() {
+        if figures[i].is_empty() {
+            medians.push(None);
+            continue;
+        }
+        let f = &figures[i];
+        let m = (
+            median(f.iter().map(|x| x.0).collect()),
+            median(f.iter().map(|x| x.1).collect()),
+            median(f.iter().map(|x| x.2).collect()),
+            median(f.iter().map(|x| x.3).collect()),
+            f.iter().map(|x| x.4).sum::<u64>(),
+        );
+        println!(
+            "  {label:<40} {:>9.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  p99.9 {:>8.2?}  errors {}",
+            m.0, m.1, m.2, m.3, m.4
+        );
+        medians.push(Some(m));
+    }
+    if let (Some(a), Some(b)) = (medians[0], medians[1]) {
+        println!(
+            "A/B: throughput {:.3}, p99 {:.3} (targets: >= 0.97, <= 1.05)",
+            a.0 / b.0,
+            a.2.as_secs_f64() / b.2.as_secs_f64()
+        );
+    }
+    if let (Some(a), Some(d)) = (medians[0], medians[3]) {
+        println!("A/D: throughput {:.3} (target: >= 1.0)", a.0 / d.0);
+    }
+    println!(
+        "machine: {} cores; {} connections, {} s per configuration, 80% GET / 20% POST",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.connections,
+        args.seconds
+    );
+    Ok(())
+}
