@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Regenerates every figure of the README's "Benchmarks" section in one run:
+# pgbouncer for configuration D, the criterion benches, the rollout and move
+# benches, and the end-to-end load harness. Output: target/bench-figures.txt
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=target/bench-figures.txt
+mkdir -p target
+pg_isready -h 127.0.0.1 -q || pg_ctlcluster --skip-systemctl-redirect 15 main start
+bash examples/pgbouncer.sh
+cargo build --release --examples
+{
+  echo "== cargo bench --bench routing"; cargo bench --bench routing 2>&1 | grep -E "^[a-zA-Z1].*|time:|pin index|lookups during"
+  echo "== cargo bench --bench rollout"; cargo bench --bench rollout 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"
+  echo "== cargo bench --bench moves";   cargo bench --bench moves 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"
+  echo "== load harness";                ./target/release/examples/load_harness --seconds 8 --connections 32 --rounds 3
+} | tee "$out"
+echo "figures written to $out"
