@@ -129,7 +129,7 @@ impl TenantDb {
     ///     .get(0);
     /// # Ok(()) }
     /// ```
-    pub async fn read(&self) -> Result<Object, DbError> {
+    pub async fn read(&self) -> Result<TenantClient, DbError> {
         self.checkout(self.location.shard).await
     }
 
@@ -196,17 +196,51 @@ impl TenantDb {
         self.table.map().shard(index).name()
     }
 
-    async fn checkout(&self, shard: ShardIndex) -> Result<Object, DbError> {
-        self.table
-            .pool(shard)
-            .get()
-            .await
-            .map_err(|cause| DbError::Unavailable {
-                tenant: self.tenant.clone(),
-                shard: self.shard_name(shard).to_owned(),
-                map_version: self.map_version(),
-                cause: Box::new(cause),
-            })
+    /// A connection within the shard's wait: first the tenant's slot (when the
+    /// shard caps tenants), then a pooled connection, then the tenant setting
+    /// for row-level security (when the map names one).
+    async fn checkout(&self, shard: ShardIndex) -> Result<TenantClient, DbError> {
+        let settings = self.table.map().shard(shard).pool();
+        let pool = self.table.pool(shard);
+        let unavailable = |cause: PoolError| DbError::Unavailable {
+            tenant: self.tenant.clone(),
+            shard: self.shard_name(shard).to_owned(),
+            map_version: self.map_version(),
+            cause: Box::new(cause),
+        };
+        let (client, slot) = match self.table.limiter(shard) {
+            None => (pool.get().await.map_err(unavailable)?, None),
+            Some(limiter) => {
+                let started = std::time::Instant::now();
+                let slot = limiter
+                    .acquire(self.tenant.as_str(), settings.wait_timeout)
+                    .await
+                    .ok_or_else(|| {
+                        unavailable(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait))
+                    })?;
+                let mut timeouts = pool.timeouts();
+                timeouts.wait = Some(settings.wait_timeout.saturating_sub(started.elapsed()));
+                (
+                    pool.timeout_get(&timeouts).await.map_err(unavailable)?,
+                    Some(slot),
+                )
+            }
+        };
+        if let Some(setting) = self.table.map().tenant_setting() {
+            // Session-wide, and set at every checkout: the previous user's tenant
+            // never survives into this one.
+            client
+                .execute(
+                    "SELECT set_config($1, $2, false)",
+                    &[&setting, &self.tenant.as_str()],
+                )
+                .await
+                .map_err(|e| self.query_error_on(shard, e))?;
+        }
+        Ok(TenantClient {
+            client,
+            _slot: slot,
+        })
     }
 
     /// Opens a write transaction that declares this handle's map version (which
@@ -271,7 +305,35 @@ impl fmt::Debug for TenantDb {
 
 struct Side {
     shard: ShardIndex,
+    client: TenantClient,
+}
+
+/// A pooled connection to the tenant's shard; dereferences to the
+/// `tokio_postgres` client. Returning it (dropping it) gives the connection back
+/// to the pool and the tenant's slot back to its cap.
+pub struct TenantClient {
     client: Object,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl TenantClient {
+    /// Detaches the connection from the pool (it closes when dropped).
+    fn discard(self) {
+        let _ = Object::take(self.client);
+    }
+}
+
+impl std::ops::Deref for TenantClient {
+    type Target = Object;
+    fn deref(&self) -> &Object {
+        &self.client
+    }
+}
+
+impl fmt::Debug for TenantClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantClient").finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -423,7 +485,7 @@ impl TenantWriter {
         while let Some(side) = self.sides.pop() {
             if let Err(e) = side.client.batch_execute(command).await {
                 // The connection's state is unknown: do not give it back to the pool.
-                let _ = Object::take(side.client);
+                side.client.discard();
                 if result.is_ok() {
                     let err = self.db.query_error_on(side.shard, e);
                     if command == "COMMIT" && self.db.location.reason.is_move() {
@@ -455,7 +517,7 @@ impl TenantWriter {
 async fn command_rollback_rest(sides: &mut Vec<Side>) {
     while let Some(side) = sides.pop() {
         if side.client.batch_execute("ROLLBACK").await.is_err() {
-            let _ = Object::take(side.client);
+            side.client.discard();
         }
     }
 }
@@ -475,7 +537,7 @@ impl Drop for TenantWriter {
             }
             // No runtime to roll back on: closing the connections rolls back.
             Err(_) => sides.into_iter().for_each(|side| {
-                let _ = Object::take(side.client);
+                side.client.discard();
             }),
         }
     }

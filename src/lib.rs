@@ -5,6 +5,7 @@
 pub mod control;
 pub mod db;
 pub mod layer;
+mod limit;
 pub mod map;
 pub mod migrate;
 pub mod moves;
@@ -14,7 +15,7 @@ pub mod status;
 pub mod tenant;
 pub mod watch;
 
-pub use db::{DbError, TenantDb, TenantWriter};
+pub use db::{DbError, TenantClient, TenantDb, TenantWriter};
 pub use layer::{Protocol, ShardRouterLayer, ShardRouterService};
 pub use map::{MapError, ShardMap};
 pub use migrate::Migrations;

@@ -31,6 +31,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwap;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
+use crate::limit::TenantLimiter;
 use crate::map::{Location, Shard, ShardIndex, ShardMap};
 use crate::{TenantDb, TenantId};
 
@@ -69,6 +70,8 @@ pub struct RoutingTable {
     map: Arc<ShardMap>,
     /// One pool per shard, in [`ShardIndex`] order.
     pools: Vec<Pool>,
+    /// Per-tenant connection caps, per shard (kept with their pools).
+    limiters: Vec<Option<Arc<TenantLimiter>>>,
     /// Where dual-write failures go to be recorded on their move (shared by all tables).
     move_failures: MoveFailures,
 }
@@ -115,6 +118,10 @@ impl RoutingTable {
     /// ```
     pub fn pool(&self, index: ShardIndex) -> &Pool {
         &self.pools[index.get()]
+    }
+
+    pub(crate) fn limiter(&self, index: ShardIndex) -> Option<&TenantLimiter> {
+        self.limiters[index.get()].as_deref()
     }
 
     /// Every shard with its pool, in shard order.
@@ -226,9 +233,11 @@ impl ShardRouter {
             .iter()
             .map(|shard| build_pool(shard, map.version()))
             .collect::<Result<Vec<_>, _>>()?;
+        let limiters = map.shards().iter().map(build_limiter).collect();
         let table = RoutingTable {
             map: Arc::new(map),
             pools,
+            limiters,
             move_failures: MoveFailures::default(),
         };
         Ok(ShardRouter {
@@ -287,6 +296,7 @@ impl ShardRouter {
         }
         let (mut kept, mut built) = (0, 0);
         let mut pools = Vec::with_capacity(map.shards().len());
+        let mut limiters = Vec::with_capacity(map.shards().len());
         for shard in map.shards() {
             let reusable = current
                 .map
@@ -296,10 +306,12 @@ impl ShardRouter {
                 Some(old) => {
                     kept += 1;
                     pools.push(current.pool(old).clone());
+                    limiters.push(current.limiters[old.get()].clone());
                 }
                 None => {
                     built += 1;
                     pools.push(build_pool(shard, offered)?);
+                    limiters.push(build_limiter(shard));
                 }
             }
         }
@@ -307,6 +319,7 @@ impl ShardRouter {
         let previous = self.inner.table.swap(Arc::new(RoutingTable {
             map: Arc::new(map),
             pools,
+            limiters,
             move_failures: Arc::clone(&current.move_failures),
         }));
         retired.retire(Arc::clone(&previous.map));
@@ -448,6 +461,13 @@ impl fmt::Debug for ShardRouter {
             .field("table", &*self.inner.table.load())
             .finish()
     }
+}
+
+fn build_limiter(shard: &Shard) -> Option<Arc<TenantLimiter>> {
+    shard
+        .pool()
+        .tenant_max_connections
+        .map(|max| Arc::new(TenantLimiter::new(max)))
 }
 
 fn build_pool(shard: &Shard, version: u64) -> Result<Pool, ApplyError> {

@@ -786,3 +786,97 @@ async fn shardctl_runs_a_move_step_by_step() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is complete"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_database_going_away_mid_move_loses_nothing_and_the_move_resumes() {
+    let tenant = "cyberdyne";
+    let w = world(tenant).await;
+    let seeded = seed(&w.shards.url(0), tenant, 200).await;
+    // Routers and the mover reach the control database through a proxy the test cuts.
+    let proxy = common::Proxy::start(5432).await;
+    let control_url = proxy.url(&w.control_db.names[0]);
+    let (router, _agent) = ControlAgent::start(&control_url, agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    let log: Log = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(writer(
+                router.clone(),
+                id.clone(),
+                log.clone(),
+                stop.clone(),
+                refused.clone(),
+            ))
+        })
+        .collect();
+
+    // Cut the control database once backfill has copied a few batches.
+    let mut options = fast();
+    options.batch_rows = 20;
+    let mut control = ControlPlane::connect(&control_url).await.unwrap();
+    let mut batches = 0;
+    let cut = &proxy;
+    let err = moves::start(&mut control, &id, "b", &options, |p| {
+        if let Progress::Copied { .. } = p {
+            batches += 1;
+            if batches == 3 {
+                cut.cut();
+            }
+        }
+    })
+    .await
+    .unwrap_err();
+    println!("move stopped by the outage: {err}");
+    let acked_before = log.lock().unwrap().len();
+    // The router keeps serving its last map (dual writes) while cut off.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(router.status().unconfirmed_for_ms.is_some());
+    assert!(
+        log.lock().unwrap().len() > acked_before,
+        "writes kept being acknowledged during the outage"
+    );
+
+    proxy.restore();
+    let mut control = ControlPlane::connect(&control_url).await.unwrap();
+    let status = moves::resume(&mut control, &id, &fast(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "complete");
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    let mut expected: BTreeMap<Uuid, Option<String>> =
+        seeded.iter().map(|id| (*id, None)).collect();
+    for (id, state) in &log {
+        match state {
+            Some(name) => {
+                expected.insert(*id, Some(name.clone()));
+            }
+            None => {
+                expected.remove(id);
+            }
+        }
+    }
+    let on_target = projects(&w.shards.url(1), tenant).await;
+    assert_eq!(
+        on_target.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "nothing lost or duplicated"
+    );
+    for (id, name) in &expected {
+        if let Some(name) = name {
+            assert_eq!(&on_target[id], name);
+        }
+    }
+    println!(
+        "control outage mid-move: {} writes acknowledged, {} refused and retried, 0 lost",
+        log.len(),
+        refused.load(Ordering::Relaxed)
+    );
+}

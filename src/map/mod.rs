@@ -57,6 +57,7 @@ pub struct ShardMap {
     version: u64,
     vnodes: u32,
     tenant_column: String,
+    tenant_setting: Option<String>,
     shards: Vec<Shard>,
     pins: PinIndex,
     moves: HashMap<Box<str>, MoveRoute>,
@@ -197,6 +198,9 @@ pub struct PoolSettings {
     pub wait_timeout: Duration,
     /// How long opening a new connection may take before it counts as failed. Default 2000 ms.
     pub connect_timeout: Duration,
+    /// Most connections one tenant may hold at once from this shard's pool, so a
+    /// hot tenant cannot starve the others (`tenant_max_connections`). Default: no cap.
+    pub tenant_max_connections: Option<usize>,
 }
 
 impl Default for PoolSettings {
@@ -205,6 +209,7 @@ impl Default for PoolSettings {
             max_size: 16,
             wait_timeout: Duration::from_millis(2000),
             connect_timeout: Duration::from_millis(2000),
+            tenant_max_connections: None,
         }
     }
 }
@@ -346,6 +351,18 @@ impl ShardMap {
     /// ```
     pub fn tenant_column(&self) -> &str {
         &self.tenant_column
+    }
+
+    /// The setting the router sets to the tenant id on every connection it gives
+    /// out, for row-level security policies (`tenant_setting`, e.g. `app.tenant_id`).
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 4\ntenant_setting = \"app.tenant_id\"\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert_eq!(map.tenant_setting(), Some("app.tenant_id"));
+    /// ```
+    pub fn tenant_setting(&self) -> Option<&str> {
+        self.tenant_setting.as_deref()
     }
 
     /// The shards, ordered by name; a [`ShardIndex`] is a position in this slice.
@@ -525,6 +542,7 @@ impl PartialEq for ShardMap {
         self.version == other.version
             && self.vnodes == other.vnodes
             && self.tenant_column == other.tenant_column
+            && self.tenant_setting == other.tenant_setting
             && self.shards == other.shards
             && self.pins == other.pins
             && self.moves == other.moves

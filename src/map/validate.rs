@@ -88,6 +88,7 @@ impl fmt::Display for Problem {
 pub(super) struct RawMap {
     version: Option<i64>,
     tenant_column: Option<String>,
+    tenant_setting: Option<String>,
     placement: Option<RawPlacement>,
     #[serde(default)]
     shards: BTreeMap<String, RawShard>,
@@ -103,6 +104,7 @@ pub(super) struct RawMap {
 pub(super) struct RawOverrides {
     version: Option<i64>,
     tenant_column: Option<String>,
+    tenant_setting: Option<String>,
     placement: Option<RawPlacement>,
     #[serde(default)]
     shards: BTreeMap<String, RawShard>,
@@ -128,6 +130,7 @@ struct RawPool {
     max_size: Option<i64>,
     wait_timeout_ms: Option<i64>,
     connect_timeout_ms: Option<i64>,
+    tenant_max_connections: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,6 +193,7 @@ impl RawMap {
         }
         set(&mut self.version, overrides.version);
         set(&mut self.tenant_column, overrides.tenant_column);
+        set(&mut self.tenant_setting, overrides.tenant_setting);
         if let Some(placement) = overrides.placement {
             set(
                 &mut self.placement.get_or_insert_with(Default::default).vnodes,
@@ -213,6 +217,10 @@ impl RawMap {
                 set(&mut target.max_size, pool.max_size);
                 set(&mut target.wait_timeout_ms, pool.wait_timeout_ms);
                 set(&mut target.connect_timeout_ms, pool.connect_timeout_ms);
+                set(
+                    &mut target.tenant_max_connections,
+                    pool.tenant_max_connections,
+                );
             }
         }
         if invented.is_empty() {
@@ -254,6 +262,19 @@ impl RawMap {
                 "tenant_column",
                 "must be a lowercase identifier (a-z, 0-9, _; starting with a letter)",
             );
+        }
+
+        let tenant_setting = self.tenant_setting;
+        if let Some(setting) = &tenant_setting {
+            let valid = setting
+                .split_once('.')
+                .is_some_and(|(a, b)| valid_identifier(a) && valid_identifier(b));
+            if !valid {
+                problems.add(
+                    "tenant_setting",
+                    "must be a custom setting name like app.tenant_id (two lowercase identifiers joined by a dot)",
+                );
+            }
         }
 
         if self.shards.is_empty() {
@@ -312,6 +333,15 @@ impl RawMap {
                 1,
                 600_000,
             ) as u64;
+            let tenant_max = pool.and_then(|p| p.tenant_max_connections).map(|n| {
+                problems.ranged(
+                    &format!("{field}.pool.tenant_max_connections"),
+                    Some(n),
+                    1,
+                    1,
+                    max_size as i64,
+                ) as usize
+            });
             shards.push(Shard {
                 name: name.clone(),
                 url,
@@ -321,6 +351,7 @@ impl RawMap {
                     max_size,
                     wait_timeout: Duration::from_millis(wait_ms),
                     connect_timeout: Duration::from_millis(connect_ms),
+                    tenant_max_connections: tenant_max,
                 },
             });
         }
@@ -433,6 +464,7 @@ impl RawMap {
             version,
             vnodes,
             tenant_column,
+            tenant_setting,
             shards,
             pins,
             moves,
