@@ -311,6 +311,17 @@ struct Side {
 /// A pooled connection to the tenant's shard; dereferences to the
 /// `tokio_postgres` client. Returning it (dropping it) gives the connection back
 /// to the pool and the tenant's slot back to its cap.
+///
+/// ```no_run
+/// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
+/// let client = db.read().await?;
+/// let rows = client
+///     .query("SELECT body FROM notes WHERE tenant_id = $1", &[&db.tenant().as_str()])
+///     .await
+///     .map_err(|e| db.query_error(e))?;
+/// drop(client); // back to the pool
+/// # Ok(()) }
+/// ```
 pub struct TenantClient {
     client: Object,
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
