@@ -214,6 +214,82 @@ async fn writer(
     }
 }
 
+/// Four writers, their log of acknowledged writes, and how many were refused.
+struct Writers {
+    log: Log,
+    stop: Arc<AtomicBool>,
+    refused: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(router: &ShardRouter, tenant: &TenantId, n: usize) -> Writers {
+        let (log, stop, refused): (Log, _, _) = (Arc::default(), Arc::default(), Arc::default());
+        let tasks = (0..n)
+            .map(|_| {
+                tokio::spawn(writer(
+                    router.clone(),
+                    tenant.clone(),
+                    Arc::clone(&log),
+                    Arc::clone(&stop),
+                    Arc::clone(&refused),
+                ))
+            })
+            .collect();
+        Writers {
+            log,
+            stop,
+            refused,
+            tasks,
+        }
+    }
+
+    /// Stops them; returns the log and the number of refused (retried) writes.
+    async fn stop(self) -> (BTreeMap<Uuid, Option<String>>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let log = self.log.lock().unwrap().clone();
+        (log, self.refused.load(Ordering::Relaxed))
+    }
+}
+
+/// Asserts that the target holds exactly the seeded projects plus the
+/// acknowledged writes: nothing lost, nothing duplicated, latest names. Returns
+/// the projects found.
+async fn assert_target_holds(
+    url: &str,
+    tenant: &str,
+    seeded: &BTreeSet<Uuid>,
+    log: &BTreeMap<Uuid, Option<String>>,
+) -> BTreeMap<Uuid, String> {
+    let mut expected: BTreeMap<Uuid, Option<String>> =
+        seeded.iter().map(|id| (*id, None)).collect();
+    for (id, state) in log {
+        match state {
+            Some(name) => {
+                expected.insert(*id, Some(name.clone()));
+            }
+            None => {
+                expected.remove(id);
+            }
+        }
+    }
+    let on_target = projects(url, tenant).await;
+    assert_eq!(
+        on_target.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "no acknowledged write lost or duplicated"
+    );
+    for (id, name) in &expected {
+        if let Some(name) = name {
+            assert_eq!(&on_target[id], name, "latest acknowledged name of {id}");
+        }
+    }
+    on_target
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_under_concurrent_writers_keeps_every_acknowledged_write() {
     let tenant = "acme";
@@ -224,20 +300,8 @@ async fn a_move_under_concurrent_writers_keeps_every_acknowledged_write() {
         .unwrap();
     let id = TenantId::new(tenant).unwrap();
 
-    let log: Log = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(AtomicUsize::new(0));
-    let writers: Vec<_> = (0..4)
-        .map(|_| {
-            tokio::spawn(writer(
-                router.clone(),
-                id.clone(),
-                log.clone(),
-                stop.clone(),
-                refused.clone(),
-            ))
-        })
-        .collect();
+    let writers = Writers::start(&router, &id, 4);
+    let stop = writers.stop.clone();
     // A reader that must never see a seeded project disappear, whichever shard serves it.
     let reader = {
         let (router, id, stop, seeded) = (router.clone(), id.clone(), stop.clone(), seeded.clone());
@@ -292,10 +356,7 @@ async fn a_move_under_concurrent_writers_keeps_every_acknowledged_write() {
     );
     // Keep writing a little after the move, then stop.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.await.unwrap();
-    }
+    let (log, _) = writers.stop().await;
     let reads = reader.await.unwrap();
     assert!(
         reads > 10,
@@ -303,35 +364,12 @@ async fn a_move_under_concurrent_writers_keeps_every_acknowledged_write() {
     );
 
     // The target holds exactly the acknowledged state; the source was purged.
-    let log = log.lock().unwrap().clone();
     assert!(
         log.len() > 20,
         "writers wrote during the move ({} writes acknowledged)",
         log.len()
     );
-    let on_target = projects(&w.shards.url(1), tenant).await;
-    let mut expected: BTreeMap<Uuid, String> =
-        seeded.iter().map(|id| (*id, String::new())).collect();
-    for (id, state) in &log {
-        match state {
-            Some(name) => {
-                expected.insert(*id, name.clone());
-            }
-            None => {
-                expected.remove(id);
-            }
-        }
-    }
-    assert_eq!(
-        on_target.keys().collect::<Vec<_>>(),
-        expected.keys().collect::<Vec<_>>(),
-        "no write lost or duplicated"
-    );
-    for (id, name) in &expected {
-        if !name.is_empty() {
-            assert_eq!(&on_target[id], name, "latest acknowledged name of {id}");
-        }
-    }
+    let on_target = assert_target_holds(&w.shards.url(1), tenant, &seeded, &log).await;
     for table in ["projects", "tasks", "comments"] {
         assert_eq!(
             count(&w.shards.url(0), table, tenant).await,
@@ -799,20 +837,8 @@ async fn the_control_database_going_away_mid_move_loses_nothing_and_the_move_res
         .await
         .unwrap();
     let id = TenantId::new(tenant).unwrap();
-    let log: Log = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(AtomicUsize::new(0));
-    let writers: Vec<_> = (0..4)
-        .map(|_| {
-            tokio::spawn(writer(
-                router.clone(),
-                id.clone(),
-                log.clone(),
-                stop.clone(),
-                refused.clone(),
-            ))
-        })
-        .collect();
+    let writers = Writers::start(&router, &id, 4);
+    let log = writers.log.clone();
 
     // Cut the control database once backfill has copied a few batches.
     let mut options = fast();
@@ -846,37 +872,11 @@ async fn the_control_database_going_away_mid_move_loses_nothing_and_the_move_res
         .await
         .unwrap();
     assert_eq!(status.phase, "complete");
-    stop.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    let log = log.lock().unwrap().clone();
-    let mut expected: BTreeMap<Uuid, Option<String>> =
-        seeded.iter().map(|id| (*id, None)).collect();
-    for (id, state) in &log {
-        match state {
-            Some(name) => {
-                expected.insert(*id, Some(name.clone()));
-            }
-            None => {
-                expected.remove(id);
-            }
-        }
-    }
-    let on_target = projects(&w.shards.url(1), tenant).await;
-    assert_eq!(
-        on_target.keys().collect::<Vec<_>>(),
-        expected.keys().collect::<Vec<_>>(),
-        "nothing lost or duplicated"
-    );
-    for (id, name) in &expected {
-        if let Some(name) = name {
-            assert_eq!(&on_target[id], name);
-        }
-    }
+    let (log, refused) = writers.stop().await;
+    assert_target_holds(&w.shards.url(1), tenant, &seeded, &log).await;
     println!(
         "control outage mid-move: {} writes acknowledged, {} refused and retried, 0 lost",
         log.len(),
-        refused.load(Ordering::Relaxed)
+        refused
     );
 }
