@@ -425,9 +425,7 @@ impl ShardMap {
                 };
             }
         }
-        // One hash serves both the pin index and the ring.
-        let hash = placement::hash_bytes(id.as_bytes());
-        if let Some(shard) = self.pins.get(id, hash) {
+        if let Some(shard) = self.pins.get(id, pins::probe_hash(id.as_bytes())) {
             return Location {
                 shard,
                 reason: Reason::Pin,
@@ -435,7 +433,7 @@ impl ShardMap {
         }
         Location {
             // Validation guarantees a non-empty ring.
-            shard: self.ring.locate_hash(hash).unwrap_or(ShardIndex(0)),
+            shard: self.ring.locate(id).unwrap_or(ShardIndex(0)),
             reason: Reason::Ring,
         }
     }
