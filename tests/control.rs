@@ -533,16 +533,8 @@ async fn cli_commands_read_the_newest_map_from_the_control_database() {
         )
         .await
         .unwrap();
-    let shardctl = |args: &[&str]| {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardctl"));
-        command
-            .args(args)
-            .env("SHARD_ROUTER_CONTROL", control_db.url(0));
-        command.output()
-    };
-    let out = shardctl(&["--json", "tenant", "locate", "acme"])
-        .await
-        .unwrap();
+    let control_url = control_db.url(0);
+    let out = common::shardctl(&control_url, &["--json", "tenant", "locate", "acme"]).await;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (json["shard"].as_str(), json["map_version"].as_u64()),
@@ -550,9 +542,7 @@ async fn cli_commands_read_the_newest_map_from_the_control_database() {
     );
 
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/notes");
-    let out = shardctl(&["--json", "migrate", "status", "--dir", dir])
-        .await
-        .unwrap();
+    let out = common::shardctl(&control_url, &["--json", "migrate", "status", "--dir", dir]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -561,14 +551,14 @@ async fn cli_commands_read_the_newest_map_from_the_control_database() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["shards"].as_array().unwrap().len(), 2);
 
-    let out = shardctl(&["--json", "map", "history"]).await.unwrap();
+    let out = common::shardctl(&control_url, &["--json", "map", "history"]).await;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json[0]["note"], "first");
 
-    let out = shardctl(&["map", "show", "--version", "1"]).await.unwrap();
+    let out = common::shardctl(&control_url, &["map", "show", "--version", "1"]).await;
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("version 1"));
 
-    let out = shardctl(&["--json", "routers"]).await.unwrap();
+    let out = common::shardctl(&control_url, &["--json", "routers"]).await;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["newest_version"], 1);
 }

@@ -3,37 +3,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use common::{notes_of, Shards};
 use shard_router::map::MapLoader;
 use shard_router::{Migrations, TenantId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// The example binary, built on demand when the test runs alone.
-fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let binary = profile_dir.join("examples").join("axum_app");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--example", "axum_app"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    binary
-}
-
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One HTTP/1.1 request on a fresh connection; returns (status, body).
 async fn http(addr: SocketAddr, method: &str, tenant: Option<&str>, body: &str) -> (u16, String) {
@@ -73,8 +49,8 @@ async fn notes_api_over_http_routes_each_tenant_to_its_shard() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap()
     };
-    let _server = Server(
-        Command::new(example_binary())
+    let _server = common::Server(
+        Command::new(common::example_binary("axum_app"))
             .args([
                 "--map",
                 map_path.to_str().unwrap(),

@@ -4,8 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{connect, notes_of, Shards};
@@ -16,33 +15,6 @@ mod pb {
     include!("../examples/proto/notes.v1.rs");
 }
 use pb::notes_client::NotesClient;
-
-fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let binary = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("tonic_app");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--features", "grpc", "--example", "tonic_app"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    binary
-}
-
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn with_tenant<T>(tenant: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -93,8 +65,8 @@ async fn notes_over_grpc_land_on_their_shards_and_failures_are_grpc_statuses() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let _server = Server(
-        Command::new(example_binary())
+    let _server = common::Server(
+        Command::new(common::example_binary("tonic_app"))
             .args([
                 "--map",
                 map_path.to_str().unwrap(),

@@ -768,18 +768,14 @@ async fn shardctl_runs_a_move_step_by_step() {
     let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
         .await
         .unwrap();
-    let shardctl = |args: &[&str]| {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardctl"));
-        command
-            .args(args)
-            .env("SHARD_ROUTER_CONTROL", w.control_db.url(0));
-        command.output()
-    };
-    let out = shardctl(&[
-        "--json", "tenant", "move", tenant, "--to", "b", "--until", "backfill", "--wait", "10",
-    ])
-    .await
-    .unwrap();
+    let control_url = w.control_db.url(0);
+    let out = common::shardctl(
+        &control_url,
+        &[
+            "--json", "tenant", "move", tenant, "--to", "b", "--until", "backfill", "--wait", "10",
+        ],
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -789,21 +785,21 @@ async fn shardctl_runs_a_move_step_by_step() {
     assert_eq!(json["phase"], "backfilled");
     assert_eq!(json["state"]["rows_copied"]["public.projects"], 30);
 
-    let out = shardctl(&["tenant", "move", tenant, "--to", "b"])
-        .await
-        .unwrap();
+    let out = common::shardctl(&control_url, &["tenant", "move", tenant, "--to", "b"]).await;
     assert_eq!(out.status.code(), Some(1), "one move per tenant");
     assert!(String::from_utf8_lossy(&out.stderr).contains("already moving"));
 
-    let out = shardctl(&["tenant", "move", tenant, "--resume", "--purge-source"])
-        .await
-        .unwrap();
+    let out = common::shardctl(
+        &control_url,
+        &["tenant", "move", tenant, "--resume", "--purge-source"],
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = shardctl(&["tenant", "move-status", tenant]).await.unwrap();
+    let out = common::shardctl(&control_url, &["tenant", "move-status", tenant]).await;
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("phase complete"), "{text}");
     assert!(
@@ -818,9 +814,7 @@ async fn shardctl_runs_a_move_step_by_step() {
     assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 30);
     assert_eq!(router.resolve(TenantId::new(tenant).unwrap()).shard(), "b");
 
-    let out = shardctl(&["tenant", "move", tenant, "--abort"])
-        .await
-        .unwrap();
+    let out = common::shardctl(&control_url, &["tenant", "move", tenant, "--abort"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is complete"));
 }

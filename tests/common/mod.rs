@@ -221,3 +221,49 @@ pub async fn eventually(limit: std::time::Duration, mut condition: impl FnMut() 
     }
     condition()
 }
+
+/// The example binary `name`, built with the features this test was built with
+/// (so the library is not rebuilt for it).
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build
+        .args(["build", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if cfg!(feature = "grpc") {
+        build.args(["--features", "grpc"]);
+    }
+    assert!(
+        build.status().unwrap().success(),
+        "cannot build example {name}"
+    );
+    binary
+}
+
+/// A server process, killed when dropped.
+pub struct Server(pub std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `shardctl` with `SHARD_ROUTER_CONTROL` set to `control_url`, run without blocking the runtime.
+pub async fn shardctl(control_url: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(args)
+        .env("SHARD_ROUTER_CONTROL", control_url)
+        .output()
+        .await
+        .unwrap()
+}
