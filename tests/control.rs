@@ -119,20 +119,13 @@ async fn wait_names_a_stopped_router_stale_and_a_live_one_that_lags() {
     let file = std::env::temp_dir().join(format!("control-wait-{}.toml", std::process::id()));
     std::fs::write(&file, map_toml(2, &shards, "[tenants]\nx = \"a\"\n")).unwrap();
     let started = Instant::now();
-    // tokio's Command, so the routers in this process keep heartbeating meanwhile.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
-        .args([
-            "--json",
-            "map",
-            "publish",
-            file.to_str().unwrap(),
-            "--wait",
-            "10",
-        ])
-        .env("SHARD_ROUTER_CONTROL", control_db.url(0))
-        .output()
-        .await
-        .unwrap();
+    // Without blocking: the routers in this process keep heartbeating meanwhile.
+    let file_arg = file.to_str().unwrap();
+    let out = common::shardctl(
+        &control_db.url(0),
+        &["--json", "map", "publish", file_arg, "--wait", "10"],
+    )
+    .await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -155,12 +148,11 @@ async fn wait_names_a_stopped_router_stale_and_a_live_one_that_lags() {
         map_toml(3, &shards, "[tenants]\nx = \"a\"\ny = \"a\"\n"),
     )
     .unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
-        .args(["map", "publish", file.to_str().unwrap(), "--wait", "1"])
-        .env("SHARD_ROUTER_CONTROL", control_db.url(0))
-        .output()
-        .await
-        .unwrap();
+    let out = common::shardctl(
+        &control_db.url(0),
+        &["map", "publish", file_arg, "--wait", "1"],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
