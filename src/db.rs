@@ -140,9 +140,11 @@ impl TenantDb {
     /// ```no_run
     /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
     /// let mut writer = db.write().await?;
+    /// // The id is made here, not in SQL: during a move both shards must get the same row.
+    /// let id = uuid::Uuid::new_v4();
     /// writer
-    ///     .execute("INSERT INTO notes (tenant_id, id, body) VALUES ($1, gen_random_uuid(), 'hi')",
-    ///              &[&db.tenant().as_str()])
+    ///     .execute("INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'hi')",
+    ///              &[&db.tenant().as_str(), &id])
     ///     .await?;
     /// writer.commit().await?;
     /// # Ok(()) }
