@@ -13,9 +13,11 @@
 //! `migrations/notes/`; apply it to every shard first with
 //! `shardctl migrate --map shard-map.toml --dir migrations/notes`.
 
+mod common;
+
+use common::{NewNote, Note};
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
@@ -23,38 +25,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use clap::Parser;
-use serde::{Deserialize, Serialize};
-use shard_router::control::{ControlAgent, ControlOptions};
 use shard_router::status::StatusService;
 use shard_router::tenant::HeaderExtractor;
-use shard_router::watch::FileWatcher;
-use shard_router::{DbError, ShardMap, ShardRouter, ShardRouterLayer, TenantDb};
+use shard_router::{DbError, ShardRouter, ShardRouterLayer, TenantDb};
 use uuid::Uuid;
 
 /// Serves the notes API.
 #[derive(Parser)]
 struct Args {
-    /// The shard map file (reloaded on change and on SIGHUP).
-    #[arg(long, required_unless_present = "control")]
-    map: Option<PathBuf>,
-    /// Or: follow the control database at this URL.
-    #[arg(long, conflicts_with = "map")]
-    control: Option<String>,
+    #[command(flatten)]
+    source: common::MapSource,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
-}
-
-#[derive(Deserialize)]
-struct NewNote {
-    body: String,
-}
-
-#[derive(Serialize)]
-struct Note {
-    id: Uuid,
-    body: String,
-    created_at: String,
 }
 
 /// A handler failure: a routing/database error, or a bad request body.
@@ -88,8 +71,7 @@ async fn create_note(
     let mut writer = db.write().await?;
     let rows = writer
         .query(
-            "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, $3) \
-             RETURNING to_json(created_at) #>> '{}'",
+            common::INSERT_NOTE,
             &[&db.tenant().as_str(), &id, &new.body],
         )
         .await?;
@@ -108,11 +90,7 @@ async fn create_note(
 async fn list_notes(db: TenantDb) -> Result<Json<Vec<Note>>, AppError> {
     let client = db.read().await?;
     let rows = client
-        .query(
-            "SELECT id, body, to_json(created_at) #>> '{}' FROM notes \
-             WHERE tenant_id = $1 ORDER BY created_at, id",
-            &[&db.tenant().as_str()],
-        )
+        .query(common::LIST_NOTES, &[&db.tenant().as_str()])
         .await
         .map_err(|e| db.query_error(e))?;
     Ok(Json(
@@ -140,28 +118,10 @@ fn app(router: ShardRouter) -> Router {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    common::init_tracing();
     let args = Args::parse();
     // Keep the follower alive as long as the server runs.
-    let (router, _follower): (ShardRouter, Box<dyn std::any::Any>) =
-        match (&args.map, &args.control) {
-            (Some(path), _) => {
-                let router = ShardRouter::new(ShardMap::from_file(path)?)?;
-                let watcher = FileWatcher::spawn(router.clone(), path, Duration::from_secs(1));
-                (router, Box::new(watcher))
-            }
-            (None, Some(url)) => {
-                let (router, agent) = ControlAgent::start(url, ControlOptions::default())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                (router, Box::new(agent))
-            }
-            (None, None) => unreachable!("clap requires --map or --control"),
-        };
+    let (router, _follower) = args.source.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, map_version = router.version(), "listening");
     axum::serve(listener, app(router)).await?;

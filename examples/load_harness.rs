@@ -17,6 +17,10 @@
 //! `POST /notes`, tenants spread evenly. Prints requests/s, p50/p99/p99.9, and
 //! the ratios A/B and A/D. The databases it creates (`srl_*`) are dropped after.
 
+mod common;
+
+use common::{NewNote, Note};
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +32,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use axum::{Json, Router};
 use clap::{Parser, Subcommand};
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use uuid::Uuid;
@@ -91,18 +94,6 @@ struct Baseline {
     unnamed: bool,
 }
 
-#[derive(Deserialize)]
-struct NewNote {
-    body: String,
-}
-
-#[derive(Serialize)]
-struct Note {
-    id: Uuid,
-    body: String,
-    created_at: String,
-}
-
 fn tenant_of(headers: &HeaderMap) -> Result<String, StatusCode> {
     headers
         .get("x-tenant-id")
@@ -121,7 +112,7 @@ async fn baseline_list(
         .get()
         .await
         .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    let sql = "SELECT id, body, to_json(created_at) #>> '{}' FROM notes WHERE tenant_id = $1 ORDER BY created_at, id";
+    let sql = common::LIST_NOTES;
     let rows = if s.unnamed {
         client
             .query_typed(sql, &[(&tenant, tokio_postgres::types::Type::TEXT)])
@@ -157,7 +148,7 @@ async fn baseline_create(
         .transaction()
         .await
         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    let sql = "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, $3) RETURNING to_json(created_at) #>> '{}'";
+    let sql = common::INSERT_NOTE;
     let rows = if s.unnamed {
         use tokio_postgres::types::Type;
         tx.query_typed(

@@ -11,15 +11,13 @@
 //! connection in time is UNAVAILABLE. Apply the schema first with
 //! `shardctl migrate --map shard-map.toml --dir migrations/notes`.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
-use shard_router::control::{ControlAgent, ControlOptions};
 use shard_router::tenant::HeaderExtractor;
-use shard_router::watch::FileWatcher;
-use shard_router::{ShardMap, ShardRouter, ShardRouterLayer, TenantDb};
+use shard_router::{ShardRouterLayer, TenantDb};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -34,12 +32,8 @@ use pb::{CreateNoteRequest, ListNotesRequest, ListNotesResponse, Note};
 /// Serves the notes API over gRPC.
 #[derive(Parser)]
 struct Args {
-    /// The shard map file (reloaded on change and on SIGHUP).
-    #[arg(long, required_unless_present = "control")]
-    map: Option<PathBuf>,
-    /// Or: follow the control database at this URL.
-    #[arg(long, conflicts_with = "map")]
-    control: Option<String>,
+    #[command(flatten)]
+    source: common::MapSource,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -61,11 +55,7 @@ impl Notes for NotesService {
         let id = Uuid::new_v4();
         let mut writer = db.write().await?;
         let rows = writer
-            .query(
-                "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, $3) \
-                 RETURNING to_json(created_at) #>> '{}'",
-                &[&db.tenant().as_str(), &id, &body],
-            )
+            .query(common::INSERT_NOTE, &[&db.tenant().as_str(), &id, &body])
             .await?;
         writer.commit().await?;
         let created_at = rows.first().map(|r| r.get(0)).unwrap_or_default();
@@ -83,11 +73,7 @@ impl Notes for NotesService {
         let db = TenantDb::from_grpc(&request)?;
         let client = db.read().await?;
         let rows = client
-            .query(
-                "SELECT id, body, to_json(created_at) #>> '{}' FROM notes \
-                 WHERE tenant_id = $1 ORDER BY created_at, id",
-                &[&db.tenant().as_str()],
-            )
+            .query(common::LIST_NOTES, &[&db.tenant().as_str()])
             .await
             .map_err(|e| db.query_error(e))?;
         let notes = rows
@@ -104,26 +90,10 @@ impl Notes for NotesService {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    common::init_tracing();
     let args = Args::parse();
     // Keep the follower alive as long as the server runs.
-    let (router, _follower): (ShardRouter, Box<dyn std::any::Any>) =
-        match (&args.map, &args.control) {
-            (Some(path), _) => {
-                let router = ShardRouter::new(ShardMap::from_file(path)?)?;
-                let watcher = FileWatcher::spawn(router.clone(), path, Duration::from_secs(1));
-                (router, Box::new(watcher))
-            }
-            (None, Some(url)) => {
-                let (router, agent) = ControlAgent::start(url, ControlOptions::default()).await?;
-                (router, Box::new(agent))
-            }
-            (None, None) => unreachable!("clap requires --map or --control"),
-        };
+    let (router, _follower) = args.source.start().await?;
     tracing::info!(addr = %args.listen, map_version = router.version(), "serving gRPC");
     tonic::transport::Server::builder()
         .layer(ShardRouterLayer::grpc(router, HeaderExtractor::default()))
