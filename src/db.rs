@@ -5,11 +5,12 @@
 //! version). Connections are checked out lazily: a request that never calls
 //! [`TenantDb::read`] or [`TenantDb::write`] never touches a pool.
 //!
-//! While a tenant is moving, [`TenantDb::write`] gives a writer that applies each
-//! statement to both shards, in one order, under a per-tenant advisory lock
-//! taken on the move's source shard; the secondary commits before the primary.
-//! Mirrored statements must be deterministic: generate ids in the application
-//! (UUIDs), never from per-shard sequences, and keep `now()` out of keys.
+//! While a tenant is moving, [`TenantDb::write`] gives a writer that runs each
+//! statement on the primary (the shard serving reads) and, at commit, applies
+//! the primary's row images to the other shard, all under a per-tenant advisory
+//! lock taken on the move's source shard, which commits last. `DEFAULT now()`,
+//! triggers, identity columns and generated ids therefore end identical on both
+//! shards.
 
 use std::fmt;
 use std::sync::Arc;
@@ -150,26 +151,40 @@ impl TenantDb {
     /// # Ok(()) }
     /// ```
     pub async fn write(&self) -> Result<TenantWriter, DbError> {
-        let sides = match self.location.reason {
+        let writer = match self.location.reason {
             Reason::Move(route) => {
+                let tenant = self.tenant.as_str();
+                let reversed = route.phase == MovePhase::Reversed;
                 // Source first, and its lock before the target's connection, so
-                // every writer of the tenant, on any map version, queues in one place.
-                let source = self.begin(route.from, TenantLock::Exclusive).await?;
-                let target = self.begin(route.to, TenantLock::None).await?;
-                match route.phase {
-                    MovePhase::DualWrite => vec![source, target],
-                    MovePhase::Reversed => vec![target, source],
+                // every writer of the tenant, on any map version, queues in one
+                // place. The primary captures its changed rows; the secondary
+                // takes them in replica mode.
+                let source = self
+                    .begin(route.from, Begin::lock(!reversed, tenant))
+                    .await?;
+                let target = self
+                    .begin(route.to, Begin::mirror(reversed, tenant))
+                    .await?;
+                let (primary, secondary) = if reversed {
+                    (target, source)
+                } else {
+                    (source, target)
+                };
+                TenantWriter {
+                    db: self.clone(),
+                    primary,
+                    secondary: Some(secondary),
+                    state: WriterState::Open,
                 }
             }
-            Reason::Pin | Reason::Ring => {
-                vec![self.begin(self.location.shard, TenantLock::None).await?]
-            }
+            Reason::Pin | Reason::Ring => TenantWriter {
+                db: self.clone(),
+                primary: self.begin(self.location.shard, Begin::PLAIN).await?,
+                secondary: None,
+                state: WriterState::Open,
+            },
         };
-        Ok(TenantWriter {
-            db: self.clone(),
-            sides,
-            state: WriterState::Open,
-        })
+        Ok(writer)
     }
 
     /// Wraps a `tokio_postgres` error from a client this handle gave out, adding
@@ -246,39 +261,103 @@ impl TenantDb {
     }
 
     /// Opens a write transaction that declares this handle's map version (which
-    /// the fence on the shards checks) and takes the tenant lock as asked.
-    async fn begin(&self, shard: ShardIndex, lock: TenantLock) -> Result<Side, DbError> {
-        let client = self.checkout(shard).await?;
-        let lock = match lock {
-            TenantLock::None => String::new(),
-            TenantLock::Exclusive => format!(
-                "; SELECT pg_advisory_xact_lock({})",
-                move_lock_key(&self.tenant)
-            ),
+    /// the fence on the shards checks), in one round trip where it can. The
+    /// side is dirty until the transaction is open: dropped before that (a
+    /// cancelled request, a failed lock), its connection is closed, never
+    /// returned to the pool with a transaction open.
+    async fn begin(&self, shard: ShardIndex, how: Begin<'_>) -> Result<Side, DbError> {
+        let mut side = Side {
+            shard,
+            client: Some(self.checkout(shard).await?),
+            clean: false,
         };
-        // One round trip; version and key are our own integers, never client input.
-        client
-            .batch_execute(&format!(
-                "BEGIN; SET LOCAL {VERSION_SETTING} = '{}'{lock}",
-                self.map_version()
-            ))
-            .await
-            .map_err(|e| self.query_error_on(shard, e))?;
-        Ok(Side { shard, client })
+        let client = side.client();
+        // READ COMMITTED: every statement sees the fence as committed when it
+        // starts, whatever the database's default isolation.
+        let mut head = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; {}",
+            declare_version_sql(self.map_version())
+        );
+        if how.replica {
+            // Row images from the primary: the shard's own triggers, defaults
+            // and foreign-key checks must not change or refuse them.
+            head.push_str("; SET LOCAL session_replication_role = replica");
+        }
+        let result = match (how.capture, how.lock) {
+            (None, false) => client.batch_execute(&head).await,
+            (capture, lock) => {
+                let sql = if lock {
+                    "SELECT set_config('shard_router.capture', $1, true), pg_advisory_xact_lock($2)"
+                } else {
+                    "SELECT set_config('shard_router.capture', $1, true)"
+                };
+                match client.prepare_cached(sql).await {
+                    Err(e) => Err(e),
+                    Ok(statement) => {
+                        let key = move_lock_key(&self.tenant);
+                        let capture = capture.unwrap_or("");
+                        let params: &[&(dyn ToSql + Sync)] =
+                            if lock { &[&capture, &key] } else { &[&capture] };
+                        // Pipelined: both go out before either answer comes back.
+                        let (began, set) = tokio::join!(
+                            client.batch_execute(&head),
+                            client.query(&statement, params)
+                        );
+                        began.and(set.map(|_| ()))
+                    }
+                }
+            }
+        };
+        result.map_err(|e| self.query_error_on(shard, e))?;
+        side.clean = true;
+        Ok(side)
     }
 }
 
-/// The tenant lock a write transaction takes on its first shard.
-///
-/// A moving tenant's dual writers, and a move's backfill and verify, take it on
-/// the source, so dual writes keep one order and no batch of the backfill races
-/// a writer. Writers of tenants that are not moving take none: it measurably
-/// costs throughput (about 10% end to end), and a move instead waits once for
-/// writes already in flight on the source before it copies.
+/// How a write transaction opens on one shard.
 #[derive(Clone, Copy)]
-enum TenantLock {
-    None,
-    Exclusive,
+struct Begin<'a> {
+    /// Take the tenant's move lock (a moving tenant's source).
+    lock: bool,
+    /// Capture the tenant's changed rows (a moving tenant's primary).
+    capture: Option<&'a str>,
+    /// Apply row images in replica mode (a moving tenant's secondary).
+    replica: bool,
+}
+
+impl<'a> Begin<'a> {
+    const PLAIN: Begin<'static> = Begin {
+        lock: false,
+        capture: None,
+        replica: false,
+    };
+
+    /// The source of a move: locked; the primary unless `reversed`.
+    fn lock(primary: bool, tenant: &'a str) -> Self {
+        Begin {
+            lock: true,
+            capture: primary.then_some(tenant),
+            replica: !primary,
+        }
+    }
+
+    /// The target of a move: the primary when `reversed`.
+    fn mirror(primary: bool, tenant: &'a str) -> Self {
+        Begin {
+            lock: false,
+            capture: primary.then_some(tenant),
+            replica: !primary,
+        }
+    }
+}
+
+/// The statement that declares `version` for the current transaction only:
+/// the value carries the transaction's start time, which the fence compares, so
+/// a session-wide `SET` left by an earlier transaction does not pass.
+pub(crate) fn declare_version_sql(version: u64) -> String {
+    format!(
+        "SELECT set_config('{VERSION_SETTING}', '{version}@' || extract(epoch FROM now())::text, true)"
+    )
 }
 
 /// The transaction-local setting through which a write declares its map version.
@@ -305,9 +384,55 @@ impl fmt::Debug for TenantDb {
     }
 }
 
+/// One shard's write transaction. Its connection goes back to the pool only
+/// after a clean `COMMIT` or `ROLLBACK`; dropped with a statement in flight (a
+/// cancelled request) it is closed, which ends the transaction on the server
+/// and releases any lock it held.
 struct Side {
     shard: ShardIndex,
-    client: TenantClient,
+    client: Option<TenantClient>,
+    /// No statement in flight, and the transaction state known.
+    clean: bool,
+}
+
+impl Side {
+    fn client(&self) -> &TenantClient {
+        self.client
+            .as_ref()
+            .expect("a side keeps its client until it ends")
+    }
+
+    /// Runs `command` (`COMMIT` or `ROLLBACK`); the connection returns to the
+    /// pool only if it succeeded.
+    async fn end(mut self, command: &str) -> Result<(), tokio_postgres::Error> {
+        self.clean = false;
+        let result = self.client().batch_execute(command).await;
+        if result.is_ok() {
+            self.clean = true;
+            drop(self.client.take()); // back to the pool, no transaction open
+        }
+        result
+    }
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if self.clean => {
+                runtime.spawn(async move {
+                    if client.batch_execute("ROLLBACK").await.is_err() {
+                        client.discard();
+                    }
+                });
+            }
+            // A statement was in flight, or there is no runtime: closing the
+            // connection rolls back and frees the tenant lock.
+            _ => client.discard(),
+        }
+    }
 }
 
 /// A pooled connection to the tenant's shard; dereferences to the
@@ -354,16 +479,18 @@ enum WriterState {
     Open,
     /// A statement failed; the transactions can only roll back.
     Failed,
-    Done,
 }
 
 /// A write transaction on the tenant's shard, or on both shards during a move.
 ///
-/// Statements run on the primary (the shard serving reads), then on the
-/// secondary. [`commit`](Self::commit) commits the secondary first, then the
-/// primary. After any failed statement the writer only rolls back. A writer
-/// dropped without `commit` or `rollback` rolls back in the background (or
-/// discards its connections outside a runtime).
+/// Statements run on the primary (the shard serving reads). During a move the
+/// primary records the final image of every row they change (after defaults,
+/// identity values and triggers), and [`commit`](Self::commit) applies those
+/// images to the other shard before committing both, so the two shards hold the
+/// same rows whatever the schema generates. The side holding the tenant's move
+/// lock (the source) commits last. After any failed statement the writer only
+/// rolls back; a writer dropped without `commit` or `rollback` rolls back (its
+/// connections are closed if a statement was in flight).
 ///
 /// ```no_run
 /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
@@ -375,13 +502,14 @@ enum WriterState {
 /// ```
 pub struct TenantWriter {
     db: TenantDb,
-    /// Primary first, then the secondary during a move.
-    sides: Vec<Side>,
+    primary: Side,
+    /// The other shard of a move.
+    secondary: Option<Side>,
     state: WriterState,
 }
 
 impl TenantWriter {
-    /// Runs a statement on every side; returns the primary's affected-row count.
+    /// Runs a statement on the tenant's primary shard; returns the affected-row count.
     ///
     /// ```no_run
     /// # async fn f(mut w: shard_router::TenantWriter) -> Result<(), shard_router::DbError> {
@@ -394,24 +522,22 @@ impl TenantWriter {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, DbError> {
         self.ensure_open()?;
-        let mut primary = 0;
-        for i in 0..self.sides.len() {
-            let side = &self.sides[i];
-            let result = async {
-                let statement = side.client.prepare_cached(sql).await?;
-                side.client.execute(&statement, params).await
-            }
-            .await;
-            match result {
-                Ok(n) if i == 0 => primary = n,
-                Ok(_) => {}
-                Err(e) => return Err(self.fail(i, e)),
-            }
+        self.primary.clean = false;
+        let client = self.primary.client();
+        let result = async {
+            let statement = client.prepare_cached(sql).await?;
+            client.execute(&statement, params).await
         }
-        Ok(primary)
+        .await;
+        self.primary.clean = true;
+        let n = result.map_err(|e| self.fail(e))?;
+        if n == 0 {
+            self.check_fence().await?;
+        }
+        Ok(n)
     }
 
-    /// Runs a statement on every side; returns the primary's rows.
+    /// Runs a statement on the tenant's primary shard; returns its rows.
     ///
     /// ```no_run
     /// # async fn f(mut w: shard_router::TenantWriter) -> Result<(), shard_router::DbError> {
@@ -424,45 +550,78 @@ impl TenantWriter {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, DbError> {
         self.ensure_open()?;
-        let mut primary = Vec::new();
-        for i in 0..self.sides.len() {
-            let side = &self.sides[i];
-            let result = async {
-                let statement = side.client.prepare_cached(sql).await?;
-                side.client.query(&statement, params).await
-            }
-            .await;
-            match result {
-                Ok(rows) if i == 0 => primary = rows,
-                Ok(_) => {}
-                Err(e) => return Err(self.fail(i, e)),
-            }
+        self.primary.clean = false;
+        let client = self.primary.client();
+        let result = async {
+            let statement = client.prepare_cached(sql).await?;
+            client.query(&statement, params).await
         }
-        Ok(primary)
+        .await;
+        self.primary.clean = true;
+        let rows = result.map_err(|e| self.fail(e))?;
+        if rows.is_empty() {
+            self.check_fence().await?;
+        }
+        Ok(rows)
     }
 
     fn ensure_open(&self) -> Result<(), DbError> {
         match self.state {
             WriterState::Open => Ok(()),
-            WriterState::Failed | WriterState::Done => Err(self.aborted()),
+            WriterState::Failed => Err(self.aborted()),
         }
     }
 
-    /// Marks the writer failed after side `i` returned `cause`.
-    fn fail(&mut self, i: usize, cause: tokio_postgres::Error) -> DbError {
+    /// Marks the writer failed after the primary returned `cause`.
+    fn fail(&mut self, cause: tokio_postgres::Error) -> DbError {
         self.state = WriterState::Failed;
-        let err = self.db.query_error_on(self.sides[i].shard, cause);
-        if i > 0 {
-            // The primary took the statement and the secondary refused it: the
-            // shards would disagree. The write fails, and the move must know.
-            self.db
-                .table
-                .report_move_failure(self.db.tenant.as_str(), err.to_string());
-        }
-        err
+        self.db.query_error_on(self.primary.shard, cause)
     }
 
-    /// Commits: the secondary first, then the primary.
+    /// A statement that changed no row fires no row trigger, so the fence never
+    /// saw it: a router on an old map would be told that an UPDATE or DELETE of a
+    /// moved tenant's purged rows succeeded. Check the fence row directly.
+    async fn check_fence(&mut self) -> Result<(), DbError> {
+        self.primary.clean = false;
+        let client = self.primary.client();
+        let result = async {
+            let fenced: Option<i64> = client
+                .query_one(
+                    "SELECT CASE WHEN to_regclass('shard_router_fence') IS NOT NULL \
+                     THEN 0::bigint END",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if fenced.is_none() {
+                return Ok(None);
+            }
+            let row = client
+                .query_opt(
+                    "SELECT min_version FROM shard_router_fence WHERE tenant = $1",
+                    &[&self.db.tenant.as_str()],
+                )
+                .await?;
+            Ok::<_, tokio_postgres::Error>(row.map(|r| r.get::<_, i64>(0)))
+        }
+        .await;
+        self.primary.clean = true;
+        match result.map_err(|e| self.fail(e))? {
+            Some(min) if min > self.db.map_version() as i64 => {
+                self.state = WriterState::Failed;
+                Err(DbError::Fenced {
+                    tenant: self.db.tenant.clone(),
+                    shard: self.db.shard_name(self.primary.shard).to_owned(),
+                    map_version: self.db.map_version(),
+                    min_version: min as u64,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Commits. During a move: the primary's row images go to the secondary,
+    /// then the side without the tenant lock commits, then the side with it.
     ///
     /// Fails with [`DbError::Aborted`] (and rolls back) if a statement failed earlier.
     ///
@@ -474,10 +633,75 @@ impl TenantWriter {
     pub async fn commit(mut self) -> Result<(), DbError> {
         if self.state != WriterState::Open {
             let err = self.aborted();
-            self.finish("ROLLBACK").await?;
+            self.rollback().await?;
             return Err(err);
         }
-        self.finish("COMMIT").await
+        let Some(mut secondary) = self.secondary.take() else {
+            let primary = self.primary_side();
+            let shard = primary.shard;
+            return primary
+                .end("COMMIT")
+                .await
+                .map_err(|e| self.db.query_error_on(shard, e));
+        };
+        let tenant = self.db.tenant.clone();
+        let column = self.db.table.map().tenant_column().to_owned();
+        // 1. The primary's captured row images, in the order they changed.
+        self.primary.clean = false;
+        let images = self
+            .primary
+            .client()
+            .query_one(DRAIN_SQL, &[])
+            .await
+            .map(|row| row.get::<_, String>(0));
+        self.primary.clean = true;
+        let images = match images {
+            Ok(images) => images,
+            Err(e) => return Err(self.fail(e)),
+        };
+        // 2. Applied on the secondary.
+        if images != "[]" {
+            secondary.clean = false;
+            let applied = secondary
+                .client()
+                .execute(APPLY_SQL, &[&images, &column])
+                .await;
+            secondary.clean = true;
+            if let Err(e) = applied {
+                let err = self.db.query_error_on(secondary.shard, e);
+                // The write fails and nothing commits; the move hears of it.
+                self.db
+                    .table
+                    .report_move_failure(tenant.as_str(), err.to_string());
+                self.state = WriterState::Failed;
+                return Err(err);
+            }
+        }
+        // 3. The lock holder (the source) last: until it commits, no other
+        //    writer, backfill batch or verify of the tenant can run between the
+        //    two commits.
+        let reversed = self.db.location.reason.is_reversed_move();
+        let primary = self.primary_side();
+        let (first, last) = if reversed {
+            (primary, secondary)
+        } else {
+            (secondary, primary)
+        };
+        let (first_shard, last_shard) = (first.shard, last.shard);
+        if let Err(e) = first.end("COMMIT").await {
+            // `last` rolls back when dropped: neither side has the write.
+            drop(last);
+            return Err(self.db.query_error_on(first_shard, e));
+        }
+        if let Err(e) = last.end("COMMIT").await {
+            let err = self.db.query_error_on(last_shard, e);
+            self.db.table.report_move_failure(
+                tenant.as_str(),
+                format!("committed on one shard only: {err}"),
+            );
+            return Err(err);
+        }
+        Ok(())
     }
 
     /// Rolls back on every side.
@@ -488,34 +712,28 @@ impl TenantWriter {
     /// # Ok(()) }
     /// ```
     pub async fn rollback(mut self) -> Result<(), DbError> {
-        self.finish("ROLLBACK").await
-    }
-
-    /// Ends every side's transaction, secondary first.
-    async fn finish(&mut self, command: &str) -> Result<(), DbError> {
-        self.state = WriterState::Done;
         let mut result = Ok(());
-        while let Some(side) = self.sides.pop() {
-            if let Err(e) = side.client.batch_execute(command).await {
-                // The connection's state is unknown: do not give it back to the pool.
-                side.client.discard();
-                if result.is_ok() {
-                    let err = self.db.query_error_on(side.shard, e);
-                    if command == "COMMIT" && self.db.location.reason.is_move() {
-                        self.db
-                            .table
-                            .report_move_failure(self.db.tenant.as_str(), err.to_string());
-                    }
-                    result = Err(err);
-                }
-                if command == "COMMIT" {
-                    // Do not commit the primary when the secondary could not commit.
-                    command_rollback_rest(&mut self.sides).await;
-                    break;
-                }
+        if let Some(secondary) = self.secondary.take() {
+            let shard = secondary.shard;
+            if let Err(e) = secondary.end("ROLLBACK").await {
+                result = Err(self.db.query_error_on(shard, e));
             }
         }
+        let primary = self.primary_side();
+        let shard = primary.shard;
+        if let Err(e) = primary.end("ROLLBACK").await {
+            result = result.and(Err(self.db.query_error_on(shard, e)));
+        }
         result
+    }
+
+    /// Takes the primary out of the writer (which then has nothing left to roll back).
+    fn primary_side(&mut self) -> Side {
+        Side {
+            shard: self.primary.shard,
+            client: self.primary.client.take(),
+            clean: self.primary.clean,
+        }
     }
 
     fn aborted(&self) -> DbError {
@@ -527,47 +745,24 @@ impl TenantWriter {
     }
 }
 
-async fn command_rollback_rest(sides: &mut Vec<Side>) {
-    while let Some(side) = sides.pop() {
-        if side.client.batch_execute("ROLLBACK").await.is_err() {
-            side.client.discard();
-        }
-    }
-}
+/// Takes the transaction's captured row images off the primary, as one JSON array.
+const DRAIN_SQL: &str = "WITH d AS (DELETE FROM shard_router_capture WHERE xid = pg_current_xact_id() \
+     RETURNING seq, tbl, op, old, new) \
+     SELECT coalesce(jsonb_agg(jsonb_build_object('t', tbl::text, 'op', op, 'old', old, 'new', new) \
+     ORDER BY seq)::text, '[]') FROM d";
 
-impl Drop for TenantWriter {
-    fn drop(&mut self) {
-        if self.sides.is_empty() {
-            return;
-        }
-        let sides = std::mem::take(&mut self.sides);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    let mut sides = sides;
-                    command_rollback_rest(&mut sides).await;
-                });
-            }
-            // No runtime to roll back on: closing the connections rolls back.
-            Err(_) => sides.into_iter().for_each(|side| {
-                side.client.discard();
-            }),
-        }
-    }
-}
+/// Applies row images on the secondary (see [`crate::moves::fence`]).
+const APPLY_SQL: &str = "SELECT shard_router_apply($1::text::jsonb, $2::text)";
 
 impl fmt::Debug for TenantWriter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shards = vec![self.db.shard_name(self.primary.shard)];
+        if let Some(secondary) = &self.secondary {
+            shards.push(self.db.shard_name(secondary.shard));
+        }
         f.debug_struct("TenantWriter")
             .field("tenant", &self.db.tenant)
-            .field(
-                "shards",
-                &self
-                    .sides
-                    .iter()
-                    .map(|s| self.db.shard_name(s.shard))
-                    .collect::<Vec<_>>(),
-            )
+            .field("shards", &shards)
             .field("state", &self.state)
             .finish()
     }
@@ -612,6 +807,19 @@ pub enum DbError {
         /// The driver's error; `cause.as_db_error()` gives the SQLSTATE.
         cause: tokio_postgres::Error,
     },
+    /// The shard's fence refused the write: this router's map is older than the
+    /// tenant's move allows (found for a statement that changed no row). 503.
+    #[error("shard {shard} refuses writes for tenant {tenant} from map version {map_version}; the tenant's move needs version {min_version} or later")]
+    Fenced {
+        /// The tenant.
+        tenant: TenantId,
+        /// The shard.
+        shard: String,
+        /// The map version of the request.
+        map_version: u64,
+        /// The lowest version the shard accepts for the tenant.
+        min_version: u64,
+    },
     /// A statement of this writer failed earlier, so it can only roll back. 500.
     #[error("write transaction for tenant {tenant} on shard {shard} (map version {map_version}) was aborted by an earlier error")]
     Aborted {
@@ -635,6 +843,7 @@ impl DbError {
     /// ```
     pub fn is_fenced(&self) -> bool {
         match self {
+            DbError::Fenced { .. } => true,
             DbError::Query { cause, .. } => cause
                 .as_db_error()
                 .is_some_and(|db| db.code().code() == FENCE_SQLSTATE),
@@ -651,7 +860,7 @@ impl DbError {
     /// ```
     pub fn is_unavailable(&self) -> bool {
         match self {
-            DbError::Unavailable { .. } => true,
+            DbError::Unavailable { .. } | DbError::Fenced { .. } => true,
             DbError::Query { cause, .. } => {
                 self.is_fenced()
                     || cause.is_closed()

@@ -309,6 +309,15 @@ pub enum ShardError {
         /// The database's error.
         cause: String,
     },
+    /// Tenants of the shard are moving: a table created or altered now would
+    /// miss the move's fence and row capture. Nothing ran there.
+    #[error("shard {shard}: tenants are moving ({}); finish or abort their moves, then migrate", tenants.join(", "))]
+    MoveInFlight {
+        /// The shard.
+        shard: String,
+        /// The moving tenants.
+        tenants: Vec<String>,
+    },
     /// Reading the shard's history failed.
     #[error("shard {shard}: {cause}")]
     Database {
@@ -537,6 +546,17 @@ pub(crate) async fn apply_pending(
         .map_err(|e| database(&e))?;
     let result = async {
         let status = shard_status(shard, client, migrations).await?;
+        if !status.pending.is_empty() {
+            let tenants = crate::moves::fence::moving_tenants(client)
+                .await
+                .map_err(|e| database(&e))?;
+            if !tenants.is_empty() {
+                return Err(ShardError::MoveInFlight {
+                    shard: shard.to_owned(),
+                    tenants,
+                });
+            }
+        }
         let mut version = status.version;
         for target in status.pending {
             let file = &migrations.files[target as usize - 1];

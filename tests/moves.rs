@@ -46,7 +46,43 @@ fn fast() -> MoveOptions {
     let mut o = MoveOptions::default();
     o.wait = Duration::from_secs(10);
     o.batch_rows = 200;
+    o.lease = Duration::from_millis(1500);
+    o.purge_grace = Duration::from_secs(5);
     o
+}
+
+/// Resumes once a crashed mover's lease has run out, as an operator retrying would.
+async fn resume_when_free(
+    control: &mut ControlPlane,
+    id: &TenantId,
+    options: &MoveOptions,
+) -> Result<moves::MoveStatus, MoveError> {
+    for _ in 0..100 {
+        match moves::resume(control, id, options, |_| {}).await {
+            Err(MoveError::LeaseHeld { .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => return other,
+        }
+    }
+    panic!("the lease never ran out");
+}
+
+/// Aborts once a crashed mover's lease has run out.
+async fn abort_when_free(
+    control: &mut ControlPlane,
+    id: &TenantId,
+    options: &MoveOptions,
+) -> Result<moves::MoveStatus, MoveError> {
+    for _ in 0..100 {
+        match moves::abort(control, id, options).await {
+            Err(MoveError::LeaseHeld { .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => return other,
+        }
+    }
+    panic!("the lease never ran out");
 }
 
 /// Control database, two shards with the schema, map v1 with `tenant` pinned to a.
@@ -434,7 +470,7 @@ async fn a_crash_mid_backfill_resumes_and_verifies() {
     let partial = count(&w.shards.url(1), "projects", tenant).await;
     assert!(partial > 0 && partial < 300, "part copied: {partial}");
 
-    let status = moves::resume(&mut w.control, &id, &fast(), |_| {})
+    let status = resume_when_free(&mut w.control, &id, &fast())
         .await
         .unwrap();
     assert_eq!(status.phase, "complete");
@@ -601,10 +637,15 @@ async fn a_router_on_the_old_map_is_refused_by_the_fence_on_both_shards() {
 }
 
 #[tokio::test]
-async fn verify_catches_per_shard_sequence_ids_and_refuses_cutover() {
+async fn per_shard_sequence_values_reach_the_target_as_the_source_drew_them() {
     let tenant = "hooli";
     let mut w = world(tenant).await;
     let source = connect(&w.shards.url(0)).await;
+    // Spread the sequences apart, as on two shards with different histories.
+    source
+        .batch_execute("SELECT setval('events_seq_seq', 500)")
+        .await
+        .unwrap();
     for i in 0..30 {
         source
             .execute(
@@ -624,7 +665,7 @@ async fn verify_catches_per_shard_sequence_ids_and_refuses_cutover() {
         .await
         .unwrap();
 
-    // A dual write that lets each shard's sequence pick `seq`.
+    // A write during the move whose `seq` comes from the source's sequence.
     let db = router.resolve(id.clone());
     let mut writer = db.write().await.unwrap();
     writer
@@ -636,16 +677,83 @@ async fn verify_catches_per_shard_sequence_ids_and_refuses_cutover() {
         .unwrap();
     writer.commit().await.unwrap();
 
+    let status = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "complete");
+    let seqs = |url: String| async move {
+        connect(&url)
+            .await
+            .query(
+                "SELECT seq FROM events WHERE tenant_id = $1 ORDER BY seq",
+                &[&tenant],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i64>(0))
+            .collect::<Vec<_>>()
+    };
+    let on_source = seqs(w.shards.url(0)).await;
+    assert_eq!(on_source.len(), 31);
+    assert_eq!(
+        seqs(w.shards.url(1)).await,
+        on_source,
+        "the same values on the target"
+    );
+    // The target, now primary, draws past every copied value.
+    let db = router.resolve(id.clone());
+    assert_eq!(db.shard(), "b");
+    let mut writer = db.write().await.unwrap();
+    let row = writer
+        .query(
+            "INSERT INTO events (tenant_id, id, what) VALUES ($1, $2, 'after') RETURNING seq",
+            &[&tenant, &Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    let fresh: i64 = row[0].get(0);
+    assert!(
+        fresh > *on_source.last().unwrap(),
+        "{fresh} after {on_source:?}"
+    );
+}
+
+#[tokio::test]
+async fn verify_catches_a_target_changed_behind_the_move_and_refuses_cutover() {
+    let tenant = "hooli2";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 20).await;
+    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    let mut options = fast();
+    options.until = Step::Backfill;
+    moves::start(&mut w.control, &id, "b", &options, |_| {})
+        .await
+        .unwrap();
+    // Someone edits the target directly, around the fence.
+    connect(&w.shards.url(1))
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE projects DISABLE TRIGGER shard_router_fence; \
+             UPDATE projects SET name = 'tampered' WHERE tenant_id = '{tenant}'; \
+             ALTER TABLE projects ENABLE ALWAYS TRIGGER shard_router_fence;"
+        ))
+        .await
+        .unwrap();
     let err = moves::resume(&mut w.control, &id, &fast(), |_| {})
         .await
         .unwrap_err();
     match &err {
         MoveError::VerifyFailed { mismatches, .. } => {
             assert_eq!(mismatches.len(), 1, "{err}");
-            assert_eq!(mismatches[0].table, "public.events");
+            assert_eq!(mismatches[0].table, "public.projects");
             assert_eq!(
                 (mismatches[0].source_rows, mismatches[0].target_rows),
-                (31, 31)
+                (20, 20)
             );
             assert!(mismatches[0].checksums_differ);
         }
@@ -654,7 +762,7 @@ async fn verify_catches_per_shard_sequence_ids_and_refuses_cutover() {
     assert!(err.to_string().contains("cutover refused"), "{err}");
     let status = moves::status(&w.control, &id).await.unwrap().unwrap();
     assert_eq!(status.phase, "backfilled", "cutover did not happen");
-    assert!(status.error.unwrap().contains("public.events"));
+    assert!(status.error.unwrap().contains("public.projects"));
     assert_eq!(
         router.resolve(id.clone()).shard(),
         "a",
@@ -662,7 +770,7 @@ async fn verify_catches_per_shard_sequence_ids_and_refuses_cutover() {
     );
     // Abort still works from here.
     moves::abort(&mut w.control, &id, &fast()).await.unwrap();
-    assert_eq!(count(&w.shards.url(1), "events", tenant).await, 0);
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 0);
 }
 
 #[tokio::test]
@@ -721,15 +829,18 @@ async fn a_dual_write_refused_by_one_side_fails_and_is_recorded_on_the_move() {
         .unwrap();
     let db = router.resolve(id.clone());
     let mut writer = db.write().await.unwrap();
-    let err = writer
+    writer
         .execute(
             "INSERT INTO projects VALUES ($1, $2, 'poison')",
             &[&tenant, &Uuid::new_v4()],
         )
         .await
-        .unwrap_err();
-    assert!(err.to_string().contains("shard b"), "{err}");
-    assert!(writer.commit().await.is_err(), "the write fails as a whole");
+        .unwrap();
+    let err = writer.commit().await.unwrap_err();
+    assert!(
+        err.to_string().contains("shard b"),
+        "the write fails as a whole: {err}"
+    );
     assert_eq!(
         count_named(&w.shards.url(0), "poison").await,
         0,
@@ -862,9 +973,7 @@ async fn the_control_database_going_away_mid_move_loses_nothing_and_the_move_res
 
     proxy.restore();
     let mut control = ControlPlane::connect(&control_url).await.unwrap();
-    let status = moves::resume(&mut control, &id, &fast(), |_| {})
-        .await
-        .unwrap();
+    let status = resume_when_free(&mut control, &id, &fast()).await.unwrap();
     assert_eq!(status.phase, "complete");
     let (log, refused) = writers.stop().await;
     assert_target_holds(&w.shards.url(1), tenant, &seeded, &log).await;

@@ -47,6 +47,10 @@ fn control_migrations() -> Migrations {
                 "V2__map_json",
                 include_str!("../../migrations/control/V2__map_json.sql"),
             ),
+            (
+                "V3__move_lease",
+                include_str!("../../migrations/control/V3__move_lease.sql"),
+            ),
         ],
     )
 }
@@ -351,12 +355,17 @@ impl ControlPlane {
         }
     }
 
-    /// Inserts `toml` as `version`, refusing a version that is not above the newest.
+    /// Inserts `toml` as `version`, refusing a version that is not above the
+    /// newest, a newest that is no longer `base` (the version the publisher's
+    /// checks ran against), a change of move entries by anyone but their mover,
+    /// and a mover whose lease token is no longer the move's.
     pub(crate) async fn insert(
         &mut self,
         version: u64,
         toml: &str,
         note: Option<&str>,
+        base: Option<u64>,
+        mover: Option<&(String, i64)>,
     ) -> Result<(), PublishError> {
         let tx = self
             .client
@@ -380,6 +389,39 @@ impl ControlPlane {
                 return Err(PublishError::NotNewer {
                     newest: newest as u64,
                     offered: version,
+                });
+            }
+        }
+        if newest.map(|v| v as u64) != base {
+            return Err(PublishError::Concurrent {
+                base: base.unwrap_or(0),
+                newest: newest.unwrap_or(0) as u64,
+            });
+        }
+        if let Some(newest) = newest {
+            let stored: String = tx
+                .query_one(
+                    "SELECT map FROM shard_router_maps WHERE version = $1",
+                    &[&newest],
+                )
+                .await
+                .map_err(ControlError::from)?
+                .get(0);
+            publish::check_moves(&stored, toml, mover)?;
+        }
+        if let Some((tenant, token)) = mover {
+            // The move row stays locked until this version is in.
+            let current: Option<i64> = tx
+                .query_opt(
+                    "SELECT lease_token FROM shard_router_moves WHERE tenant = $1 FOR UPDATE",
+                    &[tenant],
+                )
+                .await
+                .map_err(ControlError::from)?
+                .map(|r| r.get(0));
+            if current != Some(*token) {
+                return Err(PublishError::MoverFenced {
+                    tenant: tenant.clone(),
                 });
             }
         }

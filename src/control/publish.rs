@@ -1,7 +1,7 @@
 //! Publishing a map version: validate, diff, refuse silent re-homing, insert.
 
 use super::{ControlError, ControlPlane, RehomeError, Rehomed};
-use crate::map::{MapDiff, MapLoader};
+use crate::map::{MapDiff, MapDocument, MapLoader};
 use crate::MapError;
 
 /// How to publish.
@@ -14,6 +14,8 @@ pub struct PublishOptions {
     pub pin_existing: bool,
     /// Check everything, print the plan, publish nothing.
     pub dry_run: bool,
+    /// The mover publishing a change of its own move entry: tenant and lease token.
+    pub(crate) mover: Option<(String, i64)>,
 }
 
 impl PublishOptions {
@@ -80,6 +82,28 @@ pub enum PublishError {
     /// A stored or given map could not be rewritten (rollback, added pins).
     #[error("cannot rewrite the map's TOML: {0}")]
     Rewrite(String),
+    /// The map would add, drop or change a move entry. Only the mover edits
+    /// them: keep `[moves]` as in the newest version.
+    #[error("refused: the map would add, drop or change the move entries of {}; only `shardctl tenant move` edits [moves]: copy them from the newest version (`shardctl map show`), or finish or abort the moves first", tenants.join(", "))]
+    MovesChanged {
+        /// The tenants whose entries differ.
+        tenants: Vec<String>,
+    },
+    /// Another version was published while this one was being checked; its
+    /// checks ran against a map that is no longer the newest.
+    #[error("refused: version {newest} was published while this map was checked against version {base}; check it again against the newest")]
+    Concurrent {
+        /// The version the checks ran against.
+        base: u64,
+        /// The newest version now.
+        newest: u64,
+    },
+    /// The mover no longer holds the move's lease.
+    #[error("refused: this mover no longer holds the lease of tenant {tenant}'s move")]
+    MoverFenced {
+        /// The tenant.
+        tenant: String,
+    },
 }
 
 impl ControlPlane {
@@ -131,9 +155,18 @@ impl ControlPlane {
                 Some(MapDiff::between(&old, &new))
             }
         };
+        if let Some(stored) = &current {
+            check_moves(&stored.toml, &toml, options.mover.as_ref())?;
+        }
         if !options.dry_run {
-            self.insert(new.version(), &toml, options.note.as_deref())
-                .await?;
+            self.insert(
+                new.version(),
+                &toml,
+                options.note.as_deref(),
+                current.as_ref().map(|c| c.version),
+                options.mover.as_ref(),
+            )
+            .await?;
         }
         Ok(Published {
             version: new.version(),
@@ -174,32 +207,38 @@ impl ControlPlane {
     }
 }
 
-fn parse(toml: &str) -> Result<toml::Table, PublishError> {
-    toml.parse::<toml::Table>()
-        .map_err(|e| PublishError::Rewrite(e.to_string()))
-}
-
-fn render(doc: &toml::Table) -> Result<String, PublishError> {
-    toml::to_string(doc).map_err(|e| PublishError::Rewrite(e.to_string()))
+/// Refuses a map whose `[moves]` differ from the newest's, except the one
+/// entry of the mover publishing it.
+pub(crate) fn check_moves(
+    newest: &str,
+    offered: &str,
+    mover: Option<&(String, i64)>,
+) -> Result<(), PublishError> {
+    let newest = MapDocument::parse(newest).map_err(PublishError::Rewrite)?;
+    let offered = MapDocument::parse(offered).map_err(PublishError::Rewrite)?;
+    let mut differing = offered.moves_differing(&newest);
+    if let Some((tenant, _)) = mover {
+        differing.retain(|t| t != tenant);
+    }
+    if differing.is_empty() {
+        Ok(())
+    } else {
+        Err(PublishError::MovesChanged { tenants: differing })
+    }
 }
 
 /// Adds `tenant = "shard"` pins (comments are not kept).
 fn add_pins(toml: &str, pins: &[Rehomed]) -> Result<String, PublishError> {
-    let mut doc = parse(toml)?;
-    let tenants = doc
-        .entry("tenants")
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let toml::Value::Table(tenants) = tenants else {
-        return Err(PublishError::Rewrite("`tenants` is not a table".into()));
-    };
+    let mut doc = MapDocument::parse(toml).map_err(PublishError::Rewrite)?;
     for pin in pins {
-        tenants.insert(pin.tenant.clone(), toml::Value::String(pin.from.clone()));
+        doc.pin(&pin.tenant, &pin.from)
+            .map_err(PublishError::Rewrite)?;
     }
-    render(&doc)
+    Ok(doc.render())
 }
 
 fn set_version(toml: &str, version: u64) -> Result<String, PublishError> {
-    let mut doc = parse(toml)?;
-    doc.insert("version".into(), toml::Value::Integer(version as i64));
-    render(&doc)
+    let mut doc = MapDocument::parse(toml).map_err(PublishError::Rewrite)?;
+    doc.set_version(version);
+    Ok(doc.render())
 }

@@ -29,6 +29,7 @@
 //! ```
 
 mod diff;
+mod document;
 mod load;
 mod pins;
 pub mod placement;
@@ -39,6 +40,7 @@ use std::fmt;
 use std::time::Duration;
 
 pub use diff::MapDiff;
+pub use document::MapDocument;
 pub use load::{MapLoader, DEFAULT_ENV_PREFIX};
 pub use validate::{MapError, Problem};
 
@@ -289,9 +291,9 @@ pub enum Reason {
 }
 
 impl Reason {
-    /// True for a tenant in flight.
-    pub(crate) fn is_move(&self) -> bool {
-        matches!(self, Reason::Move(_))
+    /// True for a tenant in flight whose reads come from the target.
+    pub(crate) fn is_reversed_move(&self) -> bool {
+        matches!(self, Reason::Move(route) if route.phase == MovePhase::Reversed)
     }
 
     /// `pin`, `ring` or `move`, as printed by `shardctl tenant locate --json`.

@@ -1,12 +1,24 @@
-//! The fence: shards refuse writes for a moving or moved tenant from routers on
-//! a map older than the move allows.
+//! What a move installs on both shards: the fence, the row-image capture and
+//! the function that applies row images.
 //!
-//! Each shard gets a table `shard_router_fence (tenant, min_version)` and a row
-//! trigger on every tenant table. A write transaction declares its map version
-//! in the transaction-local setting `shard_router.map_version` (the
-//! [`TenantWriter`](crate::TenantWriter) does this); a write to a fenced tenant
-//! that declares no version, or an older one, fails with SQLSTATE `SRF01`.
-//! Tenants without a fence row are not affected.
+//! * **Fence.** A table `shard_router_fence (tenant, min_version, moving)` and a
+//!   row trigger on every tenant table. A write transaction declares its map
+//!   version in the transaction-local setting `shard_router.map_version`, bound
+//!   to its transaction (see [`crate::db`]); a write to a fenced tenant that
+//!   declares no version, an older one, or one set by an earlier transaction
+//!   fails with SQLSTATE `SRF01`. The trigger is `ENABLE ALWAYS`, so it also
+//!   guards row images applied in replica mode. `TRUNCATE` of a tenant table is
+//!   refused while any tenant of the shard is moving. Tenants without a fence
+//!   row are not affected.
+//! * **Capture.** An `AFTER` row trigger, active only in transactions that set
+//!   `shard_router.capture` to the tenant being written, records each changed
+//!   row's final image (after defaults, identity, and every `BEFORE` trigger) in
+//!   the unlogged table `shard_router_capture`. A row of any other tenant
+//!   touched by such a transaction is refused.
+//! * **Apply.** `shard_router_apply(changes jsonb, tenant_column text)` replays
+//!   captured images on the other shard in order, by primary key, in replica
+//!   mode (the writer sets it), so foreign keys whose parents are not copied yet,
+//!   triggers and defaults on that shard cannot change or refuse the rows.
 
 use tokio_postgres::Client;
 
@@ -14,61 +26,221 @@ use super::catalog::TenantTable;
 use super::MoveError;
 use crate::db::{FENCE_SQLSTATE, VERSION_SETTING};
 
-/// Installs (or refreshes) the fence table, its function and the triggers on
-/// `tables`. Idempotent. `column` is the map's validated tenant column.
+/// The transaction-local setting that turns capture on for one tenant.
+pub(crate) const CAPTURE_SETTING: &str = "shard_router.capture";
+
+/// Installs (or refreshes) the fence, capture and apply objects and the
+/// triggers on `tables`. Idempotent. `column` is the map's validated tenant
+/// column, quoted here as an identifier.
 pub(crate) async fn install(
     client: &Client,
     column: &str,
     tables: &[TenantTable],
 ) -> Result<(), MoveError> {
-    // `column` is a validated lowercase identifier (see the map's `tenant_column`).
+    let col = quote_ident(column);
     let mut sql = format!(
         "CREATE TABLE IF NOT EXISTS shard_router_fence (\n\
            tenant text PRIMARY KEY,\n\
            min_version bigint NOT NULL\n\
          );\n\
+         ALTER TABLE shard_router_fence ADD COLUMN IF NOT EXISTS moving boolean NOT NULL DEFAULT true;\n\
+         CREATE UNLOGGED TABLE IF NOT EXISTS shard_router_capture (\n\
+           xid xid8 NOT NULL DEFAULT pg_current_xact_id(),\n\
+           seq bigserial,\n\
+           tbl regclass NOT NULL,\n\
+           op \"char\" NOT NULL,\n\
+           old jsonb,\n\
+           new jsonb\n\
+         );\n\
+         CREATE INDEX IF NOT EXISTS shard_router_capture_xid ON shard_router_capture (xid, seq);\n\
          CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE plpgsql AS $f$\n\
          DECLARE\n\
            t text;\n\
            fenced bigint;\n\
            declared text := current_setting('{VERSION_SETTING}', true);\n\
+           version text := split_part(coalesce(declared, ''), '@', 1);\n\
+           bound text := split_part(coalesce(declared, ''), '@', 2);\n\
          BEGIN\n\
-           IF TG_OP = 'DELETE' THEN t := OLD.{column}; ELSE t := NEW.{column}; END IF;\n\
+           IF TG_OP = 'DELETE' THEN t := OLD.{col}; ELSE t := NEW.{col}; END IF;\n\
            SELECT min_version INTO fenced FROM shard_router_fence WHERE tenant = t;\n\
-           IF fenced IS NULL AND TG_OP = 'UPDATE' AND OLD.{column} IS DISTINCT FROM t THEN\n\
-             t := OLD.{column};\n\
+           IF fenced IS NULL AND TG_OP = 'UPDATE' AND OLD.{col} IS DISTINCT FROM t THEN\n\
+             t := OLD.{col};\n\
              SELECT min_version INTO fenced FROM shard_router_fence WHERE tenant = t;\n\
            END IF;\n\
-           IF fenced IS NOT NULL AND (coalesce(declared, '') = '' OR declared::bigint < fenced) THEN\n\
+           IF fenced IS NOT NULL AND (version = '' OR version::bigint < fenced\n\
+                                      OR bound IS DISTINCT FROM shard_router_tx_bound()) THEN\n\
              RAISE EXCEPTION USING ERRCODE = '{FENCE_SQLSTATE}',\n\
-               MESSAGE = format('shard-router fence: writes for tenant %s need map version %s or later; this transaction declared %s',\n\
+               MESSAGE = format('shard-router fence: writes for tenant %s need map version %s or later, declared by the writing transaction; this transaction declared %s',\n\
                                 t, fenced, coalesce(nullif(declared, ''), 'none')),\n\
-               HINT = 'the router writing is on an old shard map; it must apply the newest one';\n\
+               HINT = 'the router writing is on an old shard map, or wrote outside TenantDb::write; it must apply the newest map';\n\
            END IF;\n\
            IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;\n\
            RETURN NEW;\n\
-         END $f$;\n"
+         END $f$;\n\
+         CREATE OR REPLACE FUNCTION shard_router_truncate_check() RETURNS trigger LANGUAGE plpgsql AS $f$\n\
+         DECLARE moving text;\n\
+         BEGIN\n\
+           SELECT string_agg(tenant, ', ') INTO moving FROM shard_router_fence WHERE shard_router_fence.moving;\n\
+           IF moving IS NOT NULL THEN\n\
+             RAISE EXCEPTION USING ERRCODE = '{FENCE_SQLSTATE}',\n\
+               MESSAGE = format('shard-router fence: TRUNCATE of %s is refused while tenants are moving: %s', TG_TABLE_NAME, moving);\n\
+           END IF;\n\
+           RETURN NULL;\n\
+         END $f$;\n\
+         CREATE OR REPLACE FUNCTION shard_router_capture_row() RETURNS trigger LANGUAGE plpgsql AS $f$\n\
+         DECLARE\n\
+           want text := current_setting('{CAPTURE_SETTING}', true);\n\
+         BEGIN\n\
+           IF (TG_OP <> 'INSERT' AND OLD.{col} IS DISTINCT FROM want)\n\
+              OR (TG_OP <> 'DELETE' AND NEW.{col} IS DISTINCT FROM want) THEN\n\
+             RAISE EXCEPTION USING ERRCODE = '{FENCE_SQLSTATE}',\n\
+               MESSAGE = format('shard-router: a write of moving tenant %s touched a row of another tenant in %s', want, TG_TABLE_NAME);\n\
+           END IF;\n\
+           INSERT INTO shard_router_capture (tbl, op, old, new)\n\
+           VALUES (TG_RELID, left(TG_OP, 1),\n\
+                   CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,\n\
+                   CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);\n\
+           RETURN NULL;\n\
+         END $f$;\n\
+         {APPLY_FUNCTION}\n\
+         {BOUND_FUNCTION}\n"
     );
     for table in tables {
+        let name = &table.name;
         sql += &format!(
-            "CREATE OR REPLACE TRIGGER shard_router_fence BEFORE INSERT OR UPDATE OR DELETE ON {} \
-             FOR EACH ROW EXECUTE FUNCTION shard_router_fence_check();\n",
-            table.name
+            "CREATE OR REPLACE TRIGGER shard_router_fence BEFORE INSERT OR UPDATE OR DELETE ON {name} \
+             FOR EACH ROW EXECUTE FUNCTION shard_router_fence_check();\n\
+             ALTER TABLE {name} ENABLE ALWAYS TRIGGER shard_router_fence;\n\
+             CREATE OR REPLACE TRIGGER shard_router_truncate BEFORE TRUNCATE ON {name} \
+             FOR EACH STATEMENT EXECUTE FUNCTION shard_router_truncate_check();\n\
+             ALTER TABLE {name} ENABLE ALWAYS TRIGGER shard_router_truncate;\n\
+             CREATE OR REPLACE TRIGGER zz_shard_router_capture AFTER INSERT OR UPDATE OR DELETE ON {name} \
+             FOR EACH ROW WHEN (coalesce(current_setting('{CAPTURE_SETTING}', true), '') <> '') \
+             EXECUTE FUNCTION shard_router_capture_row();\n"
         );
     }
     client.batch_execute(&sql).await.map_err(MoveError::db)
 }
 
-/// Raises the tenant's fence to `version` (never lowers it).
+/// Binds a declared version to its transaction: a session-wide `SET` of the
+/// version setting, left over from an earlier transaction, no longer matches.
+const BOUND_FUNCTION: &str = "CREATE OR REPLACE FUNCTION shard_router_tx_bound() RETURNS text \
+    LANGUAGE sql STABLE AS $f$ SELECT extract(epoch FROM now())::text $f$;";
+
+/// Replays captured row images (a JSON array of `{t, op, old, new}`) in order.
+/// Updates and deletes remove the old key (of the same tenant only); inserts
+/// and updates write the new image with every stored column, identity values
+/// included. Generated columns are recomputed by the shard.
+const APPLY_FUNCTION: &str = r#"CREATE OR REPLACE FUNCTION shard_router_apply(changes jsonb, tenant_column text)
+RETURNS integer LANGUAGE plpgsql AS $f$
+DECLARE
+  c jsonb;
+  rel regclass;
+  keys text;
+  cols text;
+  n integer := 0;
+BEGIN
+  FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
+    rel := (c->>'t')::regclass;
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord) INTO keys
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    IF keys IS NULL THEN
+      RAISE EXCEPTION 'shard-router: % has no primary key; moves need one', rel;
+    END IF;
+    IF c->>'op' IN ('U', 'D') THEN
+      EXECUTE format('DELETE FROM %s t WHERE (%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1) r) '
+                     'AND t.%I = ($1->>%L)', rel, keys, keys, rel, tenant_column, tenant_column)
+        USING c->'old';
+    END IF;
+    IF c->>'op' IN ('I', 'U') THEN
+      SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) INTO cols
+        FROM pg_attribute
+       WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = '';
+      IF c->>'op' = 'I' THEN
+        -- The row may be there already: backfill copied it under the same lock.
+        EXECUTE format('DELETE FROM %s t WHERE (%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1) r) '
+                       'AND t.%I = ($1->>%L)', rel, keys, keys, rel, tenant_column, tenant_column)
+          USING c->'new';
+      END IF;
+      EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1)',
+                     rel, cols, cols, rel)
+        USING c->'new';
+    END IF;
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END $f$;"#;
+
+/// Raises the tenant's fence to `version` (never lowers it) and marks it moving.
 pub(crate) async fn raise(client: &Client, tenant: &str, version: u64) -> Result<(), MoveError> {
     client
         .execute(
-            "INSERT INTO shard_router_fence (tenant, min_version) VALUES ($1, $2) \
+            "INSERT INTO shard_router_fence (tenant, min_version, moving) VALUES ($1, $2, true) \
              ON CONFLICT (tenant) DO UPDATE \
-             SET min_version = greatest(shard_router_fence.min_version, EXCLUDED.min_version)",
+             SET min_version = greatest(shard_router_fence.min_version, EXCLUDED.min_version), moving = true",
             &[&tenant, &(version as i64)],
         )
         .await
         .map(|_| ())
         .map_err(MoveError::db)
+}
+
+/// After a move ends: the shard that keeps the tenant drops its fence row (its
+/// writers no longer need to declare a version), the shard that lost it keeps
+/// the row, no longer marked moving, so routers on old maps stay refused there.
+pub(crate) async fn settle(owner: &Client, former: &Client, tenant: &str) -> Result<(), MoveError> {
+    former
+        .execute(
+            "UPDATE shard_router_fence SET moving = false WHERE tenant = $1",
+            &[&tenant],
+        )
+        .await
+        .map_err(MoveError::db)?;
+    owner
+        .execute(
+            "DELETE FROM shard_router_fence WHERE tenant = $1",
+            &[&tenant],
+        )
+        .await
+        .map(|_| ())
+        .map_err(MoveError::db)
+}
+
+/// Tenants whose move is in flight on the shard behind `client` (empty when the
+/// shard never had a move).
+pub(crate) async fn moving_tenants(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('shard_router_fence') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT tenant FROM shard_router_fence WHERE moving ORDER BY tenant",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Quotes an identifier as Postgres does (`"..."`, inner quotes doubled).
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote_ident;
+
+    #[test]
+    fn identifiers_are_always_quoted() {
+        assert_eq!(quote_ident("tenant_id"), "\"tenant_id\"");
+        assert_eq!(quote_ident("user"), "\"user\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
 }

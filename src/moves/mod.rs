@@ -3,25 +3,37 @@
 //!
 //! | step | the map says | reads | writes | done when |
 //! | --- | --- | --- | --- | --- |
-//! | start | tenant in `moves`, `dual_write` | source | source, then target, under the source lock | target cleared of the tenant's stale rows, map applied by every live router, fence raised |
+//! | start | tenant in `moves`, `dual_write` | source | source (primary), row images to target, under the source lock | target cleared of the tenant's stale rows, map applied by every live router, fence raised, writes in flight before it finished |
 //! | backfill | unchanged | source | both | every tenant table copied in key order, batch by batch under the tenant lock |
 //! | verify | unchanged | source | both | row counts and content checksums equal on both shards, taken under the tenant lock |
-//! | cutover | `reversed` | target | target and source | map applied by every live router, fence raised |
-//! | complete | tenant pinned to target | target | target | map applied, fence raised; source rows purged if asked |
-//! | abort | tenant pinned to source | source | source | target's copied rows removed (after cutover, reads go back to the source first) |
+//! | cutover | `reversed` | target | target (primary), row images to source | verified again, target sequences past the source's, map applied by every live router, fence raised |
+//! | complete | tenant pinned to target | target | target | map applied, fence raised and settled; source rows purged if asked, once every router confirmed |
+//! | abort | tenant pinned to source | source | source | (after cutover: source verified equal, reads back on the source first) target's copied rows removed |
 //!
-//! Each step that changes routing publishes a new map version through the
-//! control database, waits for every live router to apply it, and then raises
-//! the tenant's [`fence`] on both shards to that version, so a router
-//! left on an older map has its writes for the tenant refused by the shards.
-//! The move's phase and progress live in the control table `shard_router_moves`;
-//! [`resume`] continues from the last finished step.
+//! **Row images, not statements.** During a move the handle runs each
+//! statement on the primary only; the primary's capture trigger records every
+//! changed row as it finally is (after `DEFAULT now()`, identity values,
+//! `gen_random_uuid()` and every trigger), and the writer applies those images
+//! to the other shard in replica mode before committing. So both shards hold
+//! the same rows on any schema, and a child whose parent is not copied yet is
+//! accepted on the target. This needs a role that may set
+//! `session_replication_role` (a superuser, or on PostgreSQL 15 and later
+//! `GRANT SET ON PARAMETER session_replication_role TO app`); `start` checks it
+//! before anything changes.
 //!
-//! Mirrored writes must be deterministic (see [`crate::db`]); verify catches
-//! rows that differ, such as ids drawn from per-shard sequences.
+//! **Routing.** Each step that changes routing records its intent, publishes a
+//! new map version through the control database (only the mover holding the
+//! move's lease may change a move entry), waits for every live router to apply
+//! it, and raises the tenant's [`fence`] on both shards to that version, so a
+//! router left on an older map has its writes for the tenant refused by the
+//! shards. The move's phase, intent, lease and progress live in the control
+//! table `shard_router_moves`; [`resume`] continues from the last finished step.
 
 mod catalog;
 pub mod fence;
+
+mod copy;
+mod record;
 
 use std::time::{Duration, Instant};
 
@@ -31,7 +43,6 @@ use tokio_postgres::Client;
 pub use catalog::TenantTable;
 
 use crate::control::{ControlError, ControlPlane, PublishError, PublishOptions};
-use crate::db::{move_lock_key, VERSION_SETTING};
 use crate::map::Shard;
 use crate::migrate::{self, error_text, ShardError};
 use crate::{ShardMap, TenantId};
@@ -121,6 +132,14 @@ pub struct MoveOptions {
     pub purge_source: bool,
     /// Stop after this step. Default: run to complete.
     pub until: Step,
+    /// How long this mover's lease lasts without renewal (it renews at every
+    /// step, batch and wait). Another mover can take the move over only after
+    /// a dead mover's lease ran out. Default 60 s.
+    pub lease: Duration,
+    /// Purging the source waits until every router that ever reported
+    /// (including stopped ones) has applied the complete map, or has been
+    /// silent for longer than this. Default 10 minutes.
+    pub purge_grace: Duration,
 }
 
 impl Default for MoveOptions {
@@ -130,6 +149,8 @@ impl Default for MoveOptions {
             batch_rows: 1000,
             purge_source: false,
             until: Step::Complete,
+            lease: Duration::from_secs(60),
+            purge_grace: Duration::from_secs(600),
         }
     }
 }
@@ -243,11 +264,61 @@ pub enum MoveError {
         /// The tables that differ.
         mismatches: Vec<Mismatch>,
     },
-    /// The move is complete; it can no longer be aborted.
-    #[error("the move of tenant {tenant} is complete; move it back with a new move instead")]
+    /// The move is complete, or its complete map may already be live; it can
+    /// no longer be aborted.
+    #[error("the move of tenant {tenant} is complete or its complete map is published; resume to finish it, then move the tenant back with a new move")]
     Finished {
         /// The tenant.
         tenant: String,
+    },
+    /// Another mover holds the move's lease.
+    #[error("tenant {tenant}'s move is held by mover {holder} for {left:?} more; if that mover died, retry once its lease runs out")]
+    LeaseHeld {
+        /// The tenant.
+        tenant: String,
+        /// The holder (`host:pid`).
+        holder: String,
+        /// Time left on its lease.
+        left: Duration,
+    },
+    /// Another mover took the move over; this one stopped without changing more.
+    #[error("another mover took over tenant {tenant}'s move; this one stopped")]
+    LeaseLost {
+        /// The tenant.
+        tenant: String,
+    },
+    /// Write transactions open on the source did not end in time.
+    #[error("write transactions open on the source did not end within {waited:?} (backends {pids:?}); nothing was copied, resume later")]
+    WritersInFlight {
+        /// Their backend pids.
+        pids: Vec<i32>,
+        /// How long the move waited.
+        waited: Duration,
+    },
+    /// A tenant table's primary key comes from a per-shard sequence without the
+    /// tenant column: copied ids would collide with the target's tenants.
+    #[error("tenant table {table}: primary key column {column} comes from a per-shard sequence and the key lacks the tenant column; copied ids would collide on the target. Make the key ({tenant_column}, {column}) or use UUIDs")]
+    SharedSequenceKey {
+        /// The table.
+        table: String,
+        /// The sequence-backed key column.
+        column: String,
+        /// The map's tenant column.
+        tenant_column: String,
+    },
+    /// The shard's role may not write row images in replica mode.
+    #[error("shard {shard}: the role cannot set session_replication_role, which moves need to apply row images: {cause}; use a superuser, or GRANT SET ON PARAMETER session_replication_role TO the role (PostgreSQL 15+)")]
+    ReplicaRoleRefused {
+        /// The shard.
+        shard: String,
+        /// The database's error.
+        cause: String,
+    },
+    /// A shard of the move is no longer in the newest map.
+    #[error("shard {shard} of the move is no longer in the map")]
+    ShardGone {
+        /// The shard.
+        shard: String,
     },
 }
 
@@ -261,6 +332,7 @@ impl MoveError {
 
 /// A move as the control database records it.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct MoveStatus {
     /// The tenant.
     pub tenant: String,
@@ -268,15 +340,28 @@ pub struct MoveStatus {
     pub from: String,
     /// Target shard.
     pub to: String,
-    /// `starting`, `dual_write`, `backfilled`, `verified`, `reversed`, `complete` or `aborted`.
+    /// The last finished step: `starting`, `dual_write`, `backfilled`,
+    /// `verified`, `reversed`, `complete` or `aborted`.
     pub phase: String,
     /// Rows copied per table, checksums, versions published, step timings.
     pub state: serde_json::Value,
     /// The last error, if the move stopped on one.
     pub error: Option<String>,
+    /// The map change the mover recorded before publishing it: `dual_write`,
+    /// `reversed`, `complete` or `abort`.
+    pub intent: Option<String>,
+    /// The mover holding the lease (`host:pid`), if any.
+    pub lease_holder: Option<String>,
+    /// Time left on that lease, in milliseconds.
+    pub lease_left_ms: Option<u64>,
 }
 
 /// Starts moving `tenant` to shard `to` and runs it up to `options.until`.
+///
+/// Refuses, before anything is recorded or changed: a target not in the map or
+/// already the tenant's, a tenant already moving, a tenant table without a
+/// primary key or with a sequence-drawn key that lacks the tenant column, and
+/// a role that cannot apply row images.
 ///
 /// ```no_run
 /// # use shard_router::{control::ControlPlane, moves::{self, MoveOptions}, TenantId};
@@ -292,7 +377,7 @@ pub async fn start(
     options: &MoveOptions,
     progress: impl FnMut(Progress),
 ) -> Result<MoveStatus, MoveError> {
-    if let Some(existing) = status(control, tenant).await? {
+    if let Some(existing) = record::load(control, tenant).await? {
         if existing.phase != "complete" && existing.phase != "aborted" {
             return Err(MoveError::AlreadyMoving {
                 tenant: tenant.to_string(),
@@ -316,27 +401,39 @@ pub async fn start(
     if from == to {
         return Err(bad("the tenant is already there"));
     }
-    // Refuse what backfill cannot copy before anything is recorded or changed.
-    for name in [&from, &to.to_owned()] {
-        let client = migrate::connect(shard_named(&map, name)?).await?;
-        catalog::tenant_tables(&client, map.tenant_column()).await?;
+    // Refuse what a move cannot do before anything is recorded or changed.
+    for name in [from.as_str(), to] {
+        let shard = shard_named(&map, name)?;
+        let client = migrate::connect(shard).await?;
+        let tables = catalog::tenant_tables(&client, map.tenant_column()).await?;
+        if let Some((table, column)) =
+            copy::shared_sequence_keys(&client, &tables, map.tenant_column())
+                .await?
+                .into_iter()
+                .next()
+        {
+            return Err(MoveError::SharedSequenceKey {
+                table,
+                column,
+                tenant_column: map.tenant_column().to_owned(),
+            });
+        }
+        if let Err(e) = client
+            .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
+            .await
+        {
+            return Err(MoveError::ReplicaRoleRefused {
+                shard: name.to_owned(),
+                cause: error_text(&e),
+            });
+        }
     }
-    control
-        .client
-        .execute(
-            "INSERT INTO shard_router_moves (tenant, from_shard, to_shard, phase, state) \
-             VALUES ($1, $2, $3, 'starting', '{}') \
-             ON CONFLICT (tenant) DO UPDATE SET from_shard = EXCLUDED.from_shard, \
-               to_shard = EXCLUDED.to_shard, phase = 'starting', state = '{}', error = NULL, \
-               started_at = now(), updated_at = now()",
-            &[&tenant.as_str(), &from, &to],
-        )
-        .await
-        .map_err(ControlError::from)?;
-    resume(control, tenant, options, progress).await
+    let lease = record::create(control, tenant, &from, to, options.lease).await?;
+    run(control, tenant, lease, options, progress).await
 }
 
-/// Continues the tenant's unfinished move from its last finished step.
+/// Continues the tenant's unfinished move from its last finished step, once no
+/// other mover holds its lease.
 ///
 /// ```no_run
 /// # use shard_router::{control::ControlPlane, moves::{self, MoveOptions}, TenantId};
@@ -348,39 +445,57 @@ pub async fn resume(
     control: &mut ControlPlane,
     tenant: &TenantId,
     options: &MoveOptions,
+    progress: impl FnMut(Progress),
+) -> Result<MoveStatus, MoveError> {
+    let recorded = recorded(control, tenant).await?;
+    if Step::after(&recorded.phase).is_none() {
+        return Err(no_move(tenant));
+    }
+    let lease = record::acquire(control, tenant, options.lease).await?;
+    run(control, tenant, lease, options, progress).await
+}
+
+/// Runs the steps after the recorded phase, up to `options.until`, holding `lease`.
+async fn run(
+    control: &mut ControlPlane,
+    tenant: &TenantId,
+    lease: Lease,
+    options: &MoveOptions,
     mut progress: impl FnMut(Progress),
 ) -> Result<MoveStatus, MoveError> {
-    let record = recorded(control, tenant).await?;
-    let Some(first) = Step::after(&record.phase) else {
-        return Err(no_move(tenant));
-    };
-    let mut mover = Mover::new(control, tenant, &record, options);
-    for step in Step::ALL
-        .into_iter()
-        .filter(|s| *s >= first && *s <= options.until)
-    {
-        progress(Progress::Step(step));
-        let started = Instant::now();
-        let result = match step {
-            Step::Start => mover.start().await,
-            Step::Backfill => mover.backfill(&mut progress).await,
-            Step::Verify => mover.verify(&mut progress).await,
-            Step::Cutover => mover.route(MapChange::Phase("reversed")).await,
-            Step::Complete => mover.complete().await,
+    let recorded = recorded(control, tenant).await?;
+    let mut mover = Mover::new(control, tenant, &recorded, options, lease);
+    let result = async {
+        let Some(first) = Step::after(&recorded.phase) else {
+            return Err(no_move(tenant));
         };
-        match result {
-            Ok(()) => {
-                mover
-                    .record(step.done_phase(), json!({ format!("{}_ms", step.as_str()): started.elapsed().as_millis() as u64 }), None)
-                    .await?;
+        for step in Step::ALL
+            .into_iter()
+            .filter(|s| *s >= first && *s <= options.until)
+        {
+            progress(Progress::Step(step));
+            let started = Instant::now();
+            match step {
+                Step::Start => mover.start().await?,
+                Step::Backfill => mover.backfill(&mut progress).await?,
+                Step::Verify => mover.verify(&mut progress).await?,
+                Step::Cutover => mover.cutover(&mut progress).await?,
+                Step::Complete => mover.complete().await?,
             }
-            Err(e) => {
-                let _ = mover.record_error(&e).await;
-                return Err(e);
-            }
+            record::phase(
+                mover.control,
+                tenant,
+                lease,
+                step.done_phase(),
+                json!({ format!("{}_ms", step.as_str()): started.elapsed().as_millis() as u64 }),
+            )
+            .await?;
         }
+        Ok(())
     }
-    recorded(mover.control, tenant).await
+    .await;
+    mover.finish(result).await?;
+    recorded_status(mover.control, tenant).await
 }
 
 fn no_move(tenant: &TenantId) -> MoveError {
@@ -391,14 +506,23 @@ fn no_move(tenant: &TenantId) -> MoveError {
 
 /// The tenant's move record, which must exist.
 async fn recorded(control: &ControlPlane, tenant: &TenantId) -> Result<MoveStatus, MoveError> {
-    status(control, tenant)
+    record::load(control, tenant)
         .await?
         .ok_or_else(|| no_move(tenant))
 }
 
-/// Aborts the tenant's unfinished move: reads go back to the source (first, if
-/// the move was past cutover), the tenant is pinned to the source, and the rows
-/// copied to the target are removed. Refused once the move is complete.
+async fn recorded_status(
+    control: &ControlPlane,
+    tenant: &TenantId,
+) -> Result<MoveStatus, MoveError> {
+    recorded(control, tenant).await
+}
+
+/// Aborts the tenant's unfinished move: after cutover, the source is checked
+/// equal to the target (and re-copied from it where not) and reads go back to
+/// it first; then the tenant is pinned to the source and the rows copied to
+/// the target are removed. Refused once the complete map may be live (the
+/// move's intent says `complete`): resume finishes such a move instead.
 ///
 /// ```no_run
 /// # use shard_router::{control::ControlPlane, moves::{self, MoveOptions}, TenantId};
@@ -411,8 +535,8 @@ pub async fn abort(
     tenant: &TenantId,
     options: &MoveOptions,
 ) -> Result<MoveStatus, MoveError> {
-    let record = recorded(control, tenant).await?;
-    match record.phase.as_str() {
+    let recorded = recorded(control, tenant).await?;
+    match recorded.phase.as_str() {
         "complete" => {
             return Err(MoveError::Finished {
                 tenant: tenant.to_string(),
@@ -421,30 +545,28 @@ pub async fn abort(
         "aborted" => return Err(no_move(tenant)),
         _ => {}
     }
-    let mut mover = Mover::new(control, tenant, &record, options);
-    let result = async {
-        if record.phase == "reversed" {
-            // Reads back to the source while writes still reach both shards.
-            mover.route(MapChange::Phase("dual_write")).await?;
-        }
-        // A move stopped while starting may not have published its map yet.
-        if record.phase != "starting" || mover.map_shows_move().await? {
-            mover.route(MapChange::PinTo(Side::Source)).await?;
-        }
-        let map = mover.control.latest().await?.load()?;
-        let target = shard_named(&map, &mover.to)?;
-        let client = migrate::connect(target).await?;
-        mover.delete_rows(&client, &map).await
+    if recorded.intent.as_deref() == Some("complete") {
+        return Err(MoveError::Finished {
+            tenant: tenant.to_string(),
+        });
     }
-    .await;
-    match result {
-        Ok(()) => mover.record("aborted", json!({}), None).await?,
-        Err(e) => {
-            let _ = mover.record_error(&e).await;
-            return Err(e);
-        }
+    let lease = record::acquire(control, tenant, options.lease).await?;
+    // Re-read under the lease: another mover may have moved on meanwhile.
+    let recorded = self::recorded(control, tenant).await?;
+    if recorded.intent.as_deref() == Some("complete") || recorded.phase == "complete" {
+        record::release(control, tenant, lease).await;
+        return Err(MoveError::Finished {
+            tenant: tenant.to_string(),
+        });
     }
-    recorded(mover.control, tenant).await
+    let mut mover = Mover::new(control, tenant, &recorded, options, lease);
+    let result = mover.abort(&recorded).await;
+    let result = match result {
+        Ok(()) => record::phase(mover.control, tenant, lease, "aborted", json!({})).await,
+        Err(e) => Err(e),
+    };
+    mover.finish(result).await?;
+    recorded_status(mover.control, tenant).await
 }
 
 /// The tenant's move as recorded, if it ever had one.
@@ -461,30 +583,16 @@ pub async fn status(
     control: &ControlPlane,
     tenant: &TenantId,
 ) -> Result<Option<MoveStatus>, MoveError> {
-    let row = control
-        .client
-        .query_opt(
-            "SELECT tenant, from_shard, to_shard, phase, state::text, error FROM shard_router_moves WHERE tenant = $1",
-            &[&tenant.as_str()],
-        )
-        .await
-        .map_err(ControlError::from)?;
-    Ok(row.map(|r| MoveStatus {
-        tenant: r.get(0),
-        from: r.get(1),
-        to: r.get(2),
-        phase: r.get(3),
-        state: serde_json::from_str(r.get::<_, &str>(4)).unwrap_or_default(),
-        error: r.get(5),
-    }))
+    record::load(control, tenant).await
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
     Source,
     Target,
 }
 
+#[derive(Clone, Copy)]
 enum MapChange {
     /// The tenant in `moves` with this phase.
     Phase(&'static str),
@@ -492,41 +600,34 @@ enum MapChange {
     PinTo(Side),
 }
 
+impl MapChange {
+    /// The intent recorded before publishing this change.
+    fn intent(self) -> &'static str {
+        match self {
+            MapChange::Phase(phase) => phase,
+            MapChange::PinTo(Side::Target) => "complete",
+            MapChange::PinTo(Side::Source) => "abort",
+        }
+    }
+}
+
+use record::Lease;
+
 struct Mover<'a> {
     control: &'a mut ControlPlane,
     tenant: TenantId,
     from: String,
     to: String,
     options: MoveOptions,
+    lease: Lease,
 }
 
 fn shard_named<'m>(map: &'m ShardMap, name: &str) -> Result<&'m Shard, MoveError> {
     map.shard_index(name)
         .map(|i| map.shard(i))
-        .ok_or_else(|| MoveError::Database {
-            cause: format!("shard {name} is no longer in the map"),
+        .ok_or_else(|| MoveError::ShardGone {
+            shard: name.to_owned(),
         })
-}
-
-/// Runs a verify query: (rows, md5 of their contents in key order).
-async fn count_and_sum(
-    client: &Client,
-    sql: &str,
-    tenant: &TenantId,
-) -> Result<(i64, String), MoveError> {
-    let row = client
-        .query_one(sql, &[&tenant.as_str()])
-        .await
-        .map_err(MoveError::db)?;
-    Ok((row.get(0), row.get(1)))
-}
-
-/// A transaction that declares `version`, so the fence lets it write.
-async fn begin(client: &Client, version: u64) -> Result<(), MoveError> {
-    client
-        .batch_execute(&format!("BEGIN; SET LOCAL {VERSION_SETTING} = '{version}'"))
-        .await
-        .map_err(MoveError::db)
 }
 
 impl<'a> Mover<'a> {
@@ -535,6 +636,7 @@ impl<'a> Mover<'a> {
         tenant: &TenantId,
         record: &MoveStatus,
         options: &MoveOptions,
+        lease: Lease,
     ) -> Self {
         Mover {
             control,
@@ -542,46 +644,27 @@ impl<'a> Mover<'a> {
             from: record.from.clone(),
             to: record.to.clone(),
             options: options.clone(),
+            lease,
         }
     }
 
-    async fn record(
-        &mut self,
-        phase: &str,
-        patch: serde_json::Value,
-        error: Option<String>,
-    ) -> Result<(), MoveError> {
-        self.control
-            .client
-            .execute(
-                "UPDATE shard_router_moves SET phase = $2, state = state || $3::text::jsonb, \
-                 error = $4, updated_at = now() WHERE tenant = $1",
-                &[&self.tenant.as_str(), &phase, &patch.to_string(), &error],
-            )
-            .await
-            .map_err(ControlError::from)?;
-        Ok(())
+    /// Records how the run ended and gives the lease up.
+    async fn finish(&mut self, result: Result<(), MoveError>) -> Result<(), MoveError> {
+        if let Err(e) = &result {
+            if !matches!(e, MoveError::LeaseLost { .. }) {
+                let _ = record::error(self.control, &self.tenant, self.lease, &e.to_string()).await;
+            }
+        }
+        record::release(self.control, &self.tenant, self.lease).await;
+        result
     }
 
-    async fn record_error(&mut self, e: &MoveError) -> Result<(), MoveError> {
-        self.control
-            .client
-            .execute(
-                "UPDATE shard_router_moves SET error = $2, updated_at = now() WHERE tenant = $1",
-                &[&self.tenant.as_str(), &e.to_string()],
-            )
-            .await
-            .map_err(ControlError::from)?;
-        Ok(())
+    async fn renew(&self) -> Result<(), MoveError> {
+        record::renew(self.control, &self.tenant, self.lease).await
     }
 
-    async fn map_shows_move(&mut self) -> Result<bool, MoveError> {
-        let map = self.control.latest().await?.load()?;
-        Ok(map.move_of(&self.tenant).is_some())
-    }
-
-    /// Both shards' clients, and the map.
-    async fn shards(&mut self) -> Result<(ShardMap, Client, Client), MoveError> {
+    /// Both shards' clients, and the newest map.
+    async fn shards(&self) -> Result<(ShardMap, Client, Client), MoveError> {
         let map = self.control.latest().await?.load()?;
         let source = migrate::connect(shard_named(&map, &self.from)?).await?;
         let target = migrate::connect(shard_named(&map, &self.to)?).await?;
@@ -590,325 +673,170 @@ impl<'a> Mover<'a> {
 
     async fn start(&mut self) -> Result<(), MoveError> {
         let (map, source, target) = self.shards().await?;
-        let tables = catalog::tenant_tables(&source, map.tenant_column()).await?;
-        fence::install(&source, map.tenant_column(), &tables).await?;
-        let target_tables = catalog::tenant_tables(&target, map.tenant_column()).await?;
-        fence::install(&target, map.tenant_column(), &target_tables).await?;
+        let column = map.tenant_column();
+        let tables = catalog::tenant_tables(&source, column).await?;
+        fence::install(&source, column, &tables).await?;
+        let target_tables = catalog::tenant_tables(&target, column).await?;
+        fence::install(&target, column, &target_tables).await?;
         // Stale rows of the tenant on the target (an earlier move, say) go first,
-        // before any dual write can reach it.
-        self.delete_rows(&target, &map).await?;
-        self.route(MapChange::Phase("dual_write")).await
+        // before any row image can reach it.
+        copy::delete_rows(
+            &target,
+            Some(&source),
+            &target_tables,
+            &self.tenant,
+            column,
+            map.version(),
+        )
+        .await?;
+        self.route(MapChange::Phase("dual_write")).await?;
+        // Writers that began on the old map wrote the source only and took no
+        // tenant lock: wait for those still open before anything is copied.
+        copy::wait_for_writers(&source, &tables, self.options.wait).await
     }
 
-    /// Publishes the change unless the newest map already has it, waits for the
-    /// routers, and raises the fence on both shards to that version.
-    async fn route(&mut self, change: MapChange) -> Result<(), MoveError> {
+    /// Records the intent, publishes the change unless the newest map already
+    /// has it, waits for the routers, and raises the fence on both shards to
+    /// that version.
+    async fn route(&mut self, change: MapChange) -> Result<u64, MoveError> {
+        record::intent(self.control, &self.tenant, self.lease, change.intent()).await?;
         let stored = self.control.latest().await?;
         let map = stored.load()?;
-        let mut doc: toml::Table = stored
-            .toml
-            .parse()
-            .map_err(|e: toml::de::Error| PublishError::Rewrite(e.to_string()))?;
-        let tenant = self.tenant.as_str().to_owned();
-        let (note, wanted_shard) = match change {
+        let mut doc =
+            crate::map::MapDocument::parse(&stored.toml).map_err(PublishError::Rewrite)?;
+        let tenant = self.tenant.as_str();
+        let note = match change {
             MapChange::Phase(phase) => {
-                if let Some(toml::Value::Table(pins)) = doc.get_mut("tenants") {
-                    pins.remove(&tenant);
-                }
-                let moves = doc
-                    .entry("moves")
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                if let toml::Value::Table(moves) = moves {
-                    let mut entry = toml::Table::new();
-                    entry.insert("from".into(), toml::Value::String(self.from.clone()));
-                    entry.insert("to".into(), toml::Value::String(self.to.clone()));
-                    entry.insert("phase".into(), toml::Value::String(phase.into()));
-                    moves.insert(tenant.clone(), toml::Value::Table(entry));
-                }
-                (format!("move {tenant}: {phase}"), None)
+                doc.set_move(tenant, &self.from, &self.to, phase)
+                    .map_err(PublishError::Rewrite)?;
+                format!("move {tenant}: {phase}")
             }
             MapChange::PinTo(side) => {
                 let shard = match side {
-                    Side::Source => self.from.clone(),
-                    Side::Target => self.to.clone(),
+                    Side::Source => &self.from,
+                    Side::Target => &self.to,
                 };
-                if let Some(toml::Value::Table(moves)) = doc.get_mut("moves") {
-                    moves.remove(&tenant);
-                }
-                let pins = doc
-                    .entry("tenants")
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                if let toml::Value::Table(pins) = pins {
-                    pins.insert(tenant.clone(), toml::Value::String(shard.clone()));
-                }
-                (format!("move {tenant}: pinned to {shard}"), Some(shard))
+                doc.clear_move(tenant);
+                doc.pin(tenant, shard).map_err(PublishError::Rewrite)?;
+                format!("move {tenant}: pinned to {shard}")
             }
         };
         // Already published (a resumed move)? Then only wait and fence.
-        let current = map.move_of(&self.tenant);
-        let already = match (&change, current) {
-            (MapChange::Phase(phase), Some(route)) => route.phase.as_str() == *phase,
-            (MapChange::PinTo(_), None) => map.pins().iter().any(|(t, s)| {
-                *t == tenant && Some(map.shard(*s).name().to_owned()) == wanted_shard
-            }),
+        let already = match (change, map.move_of(&self.tenant)) {
+            (MapChange::Phase(phase), Some(route)) => route.phase.as_str() == phase,
+            (MapChange::PinTo(side), None) => {
+                let want = match side {
+                    Side::Source => &self.from,
+                    Side::Target => &self.to,
+                };
+                map.pins()
+                    .iter()
+                    .any(|(t, s)| *t == tenant && map.shard(*s).name() == want)
+            }
             _ => false,
         };
         let version = if already {
             map.version()
         } else {
-            doc.insert(
-                "version".into(),
-                toml::Value::Integer(map.version() as i64 + 1),
-            );
-            let text = toml::to_string(&doc).map_err(|e| PublishError::Rewrite(e.to_string()))?;
-            self.control
-                .publish(&text, &PublishOptions::with_note(&note))
-                .await?
-                .version
+            doc.set_version(map.version() + 1);
+            let mut options = PublishOptions::with_note(&note);
+            options.mover = Some((tenant.to_owned(), self.lease.token));
+            self.control.publish(&doc.render(), &options).await?.version
         };
-        let rollout = self.control.wait_for(version, self.options.wait).await?;
-        if !rollout.laggards.is_empty() {
-            return Err(MoveError::RoutersBehind {
-                version,
-                waited: self.options.wait,
-                laggards: rollout
-                    .laggards
-                    .into_iter()
-                    .map(|r| r.instance_id)
-                    .collect(),
-            });
-        }
+        self.wait_for_routers(version).await?;
         let (_, source, target) = self.shards().await?;
-        fence::raise(&source, &tenant, version).await?;
-        fence::raise(&target, &tenant, version).await?;
-        self.record_version(&note, version).await
+        fence::raise(&source, tenant, version).await?;
+        fence::raise(&target, tenant, version).await?;
+        self.record_version(&note, version).await?;
+        Ok(version)
+    }
+
+    /// Waits for every live router to apply `version`, renewing the lease.
+    async fn wait_for_routers(&self, version: u64) -> Result<(), MoveError> {
+        let started = Instant::now();
+        let slice = (self.options.lease / 3).max(Duration::from_millis(100));
+        loop {
+            let left = self.options.wait.saturating_sub(started.elapsed());
+            let rollout = self.control.wait_for(version, left.min(slice)).await?;
+            if rollout.laggards.is_empty() {
+                return Ok(());
+            }
+            if left <= slice {
+                return Err(MoveError::RoutersBehind {
+                    version,
+                    waited: self.options.wait,
+                    laggards: rollout
+                        .laggards
+                        .into_iter()
+                        .map(|r| r.instance_id)
+                        .collect(),
+                });
+            }
+            self.renew().await?;
+        }
     }
 
     async fn record_version(&mut self, what: &str, version: u64) -> Result<(), MoveError> {
-        self.control
-            .client
-            .execute(
-                "UPDATE shard_router_moves SET state = jsonb_set(state, '{versions}', \
-                   coalesce(state->'versions', '{}') || jsonb_build_object($2::text, $3::bigint)), \
-                 updated_at = now() WHERE tenant = $1",
-                &[&self.tenant.as_str(), &what, &(version as i64)],
-            )
-            .await
-            .map_err(ControlError::from)?;
-        Ok(())
+        record::progress(
+            self.control,
+            &self.tenant,
+            self.lease,
+            json!({ "versions": { what: version } }),
+        )
+        .await
     }
 
     async fn backfill(&mut self, progress: &mut impl FnMut(Progress)) -> Result<(), MoveError> {
         let (map, source, target) = self.shards().await?;
-        let version = map.version();
         let column = map.tenant_column().to_owned();
         let tables = catalog::tenant_tables(&source, &column).await?;
-        self.wait_for_writes_in_flight(&source, &tables).await?;
+        let copier = copy::Copy {
+            from: &source,
+            to: &target,
+            lock_on_from: true,
+            tenant: &self.tenant,
+            column: &column,
+            version: map.version(),
+            batch_rows: self.options.batch_rows,
+        };
         let mut copied = serde_json::Map::new();
         for table in &tables {
-            let total = self
-                .copy_table(&source, &target, table, &column, version, progress)
-                .await?;
+            let mut batches = 0u32;
+            let total = copier.table(table, progress, |_| batches += 1).await?;
             copied.insert(table.name.clone(), json!(total));
-            self.record("dual_write", json!({ "rows_copied": copied }), None)
-                .await?;
+            record::progress(
+                self.control,
+                &self.tenant,
+                self.lease,
+                json!({ "rows_copied": copied }),
+            )
+            .await?;
         }
         Ok(())
     }
 
-    /// Copies one table's rows of the tenant in key order, batch by batch. Each
-    /// batch streams with binary COPY into a staging table on the target and is
-    /// upserted from there, all while the tenant lock is held on the source, so
-    /// no dual write slips between reading a batch and writing it.
-    async fn copy_table(
-        &self,
-        source: &Client,
-        target: &Client,
-        table: &TenantTable,
-        column: &str,
-        version: u64,
-        progress: &mut impl FnMut(Progress),
-    ) -> Result<u64, MoveError> {
-        let name = &table.name;
-        let columns = table.columns.join(", ");
-        let order = table.key.join(", ");
-        let non_key: Vec<&String> = table
-            .columns
-            .iter()
-            .filter(|c| !table.key.contains(c))
-            .collect();
-        let on_conflict = if non_key.is_empty() {
-            "DO NOTHING".to_owned()
-        } else {
-            format!(
-                "DO UPDATE SET ({}) = ROW({})",
-                non_key
-                    .iter()
-                    .map(|c| c.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                non_key
-                    .iter()
-                    .map(|c| format!("EXCLUDED.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
-        // COPY takes no parameters: tenant and resume key travel in
-        // transaction-local settings, so no value is ever spliced into SQL.
-        let after = format!(
-            "({order}) > (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, \
-             current_setting('shard_router.copy_after')::jsonb) r)",
-            keys = table
-                .key
-                .iter()
-                .map(|k| format!("r.{k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let select = |resume: bool| {
-            format!(
-                "COPY (SELECT {columns} FROM {name} WHERE {column} = current_setting('shard_router.copy_tenant') \
-                 {} ORDER BY {order} LIMIT {}) TO STDOUT (FORMAT binary)",
-                if resume { format!("AND {after}") } else { String::new() },
-                self.options.batch_rows
-            )
-        };
-        target
-            .batch_execute(&format!(
-                "DROP TABLE IF EXISTS pg_temp.shard_router_stage; \
-                 CREATE TEMP TABLE shard_router_stage AS SELECT {columns} FROM {name} WITH NO DATA"
-            ))
-            .await
-            .map_err(MoveError::db)?;
-        let upsert = format!(
-            "INSERT INTO {name} ({columns}) SELECT {columns} FROM pg_temp.shard_router_stage \
-             ON CONFLICT ({order}) {on_conflict}"
-        );
-        let last_key = format!(
-            "SELECT to_jsonb(s)::text FROM pg_temp.shard_router_stage s ORDER BY {} LIMIT 1",
-            table
-                .key
-                .iter()
-                .map(|k| format!("{k} DESC"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let lock = move_lock_key(&self.tenant);
-        let mut total = 0u64;
-        let mut last: Option<String> = None;
-        loop {
-            begin(source, version).await?;
-            begin(target, version).await?;
-            let batch = async {
-                source
-                    .query(
-                        "SELECT pg_advisory_xact_lock($1), set_config('shard_router.copy_tenant', $2, true), \
-                         set_config('shard_router.copy_after', $3, true)",
-                        &[&lock, &self.tenant.as_str(), &last.clone().unwrap_or_default()],
-                    )
-                    .await?;
-                let rows = source.copy_out(&select(last.is_some())).await?;
-                let sink = target
-                    .copy_in(&format!("COPY pg_temp.shard_router_stage ({columns}) FROM STDIN (FORMAT binary)"))
-                    .await?;
-                futures_util::pin_mut!(rows);
-                futures_util::pin_mut!(sink);
-                while let Some(chunk) = futures_util::StreamExt::next(&mut rows).await {
-                    futures_util::SinkExt::send(&mut sink, chunk?).await?;
-                }
-                let n = sink.finish().await?;
-                if n == 0 {
-                    return Ok((0, None));
-                }
-                target.execute(&upsert, &[]).await?;
-                let key: String = target.query_one(&last_key, &[]).await?.get(0);
-                target.execute("TRUNCATE pg_temp.shard_router_stage", &[]).await?;
-                Ok::<_, tokio_postgres::Error>((n, Some(key)))
-            }
-            .await;
-            match batch {
-                Ok((n, key)) => {
-                    // Target first: the source's lock must outlive the target's write.
-                    target
-                        .batch_execute("COMMIT")
-                        .await
-                        .map_err(MoveError::db)?;
-                    source
-                        .batch_execute("COMMIT")
-                        .await
-                        .map_err(MoveError::db)?;
-                    if n == 0 {
-                        break;
-                    }
-                    total += n;
-                    progress(Progress::Copied {
-                        table: name.clone(),
-                        rows: n,
-                    });
-                    last = key;
-                }
-                Err(e) => {
-                    let _ = target.batch_execute("ROLLBACK").await;
-                    let _ = source.batch_execute("ROLLBACK").await;
-                    return Err(MoveError::db(e));
-                }
-            }
-        }
-        target
-            .batch_execute("DROP TABLE IF EXISTS pg_temp.shard_router_stage")
-            .await
-            .map_err(MoveError::db)?;
-        Ok(total)
-    }
-
+    /// Verifies both copies; refuses on any difference.
     async fn verify(&mut self, progress: &mut impl FnMut(Progress)) -> Result<(), MoveError> {
         let (map, source, target) = self.shards().await?;
-        let column = map.tenant_column().to_owned();
-        let tables = catalog::tenant_tables(&source, &column).await?;
-        begin(&source, map.version()).await?;
-        source
-            .execute(
-                "SELECT pg_advisory_xact_lock($1)",
-                &[&move_lock_key(&self.tenant)],
-            )
-            .await
-            .map_err(MoveError::db)?;
-        let mut mismatches = Vec::new();
-        let mut sums = serde_json::Map::new();
-        for table in &tables {
-            let sql = format!(
-                "SELECT count(*), coalesce(md5(string_agg(to_jsonb(t)::text, E'\\n' ORDER BY {})), '') \
-                 FROM {} t WHERE {column} = $1",
-                table.key.join(", "),
-                table.name
-            );
-            let (source_rows, source_sum) = count_and_sum(&source, &sql, &self.tenant).await?;
-            let (target_rows, target_sum) = count_and_sum(&target, &sql, &self.tenant).await?;
-            progress(Progress::Verified {
-                table: table.name.clone(),
-                rows: source_rows,
-            });
-            sums.insert(
-                table.name.clone(),
-                json!({"source_rows": source_rows, "target_rows": target_rows,
-                       "source_md5": source_sum, "target_md5": target_sum}),
-            );
-            if source_rows != target_rows || source_sum != target_sum {
-                mismatches.push(Mismatch {
-                    table: table.name.clone(),
-                    source_rows,
-                    target_rows,
-                    checksums_differ: source_sum != target_sum,
-                });
-            }
-        }
-        source
-            .batch_execute("COMMIT")
-            .await
-            .map_err(MoveError::db)?;
-        self.record("backfilled", json!({ "verify": sums }), None)
-            .await?;
+        let column = map.tenant_column();
+        let tables = catalog::tenant_tables(&source, column).await?;
+        let (mismatches, sums) = copy::verify(
+            &source,
+            &target,
+            &tables,
+            &self.tenant,
+            column,
+            map.version(),
+            progress,
+        )
+        .await?;
+        record::progress(
+            self.control,
+            &self.tenant,
+            self.lease,
+            json!({ "verify": sums }),
+        )
+        .await?;
         if mismatches.is_empty() {
             Ok(())
         } else {
@@ -919,60 +847,160 @@ impl<'a> Mover<'a> {
         }
     }
 
+    /// Verifies again (nothing reaches cutover without a verify after the last
+    /// change), carries sequences to the target, then switches reads to it.
+    async fn cutover(&mut self, progress: &mut impl FnMut(Progress)) -> Result<(), MoveError> {
+        self.verify(progress).await?;
+        let (map, source, target) = self.shards().await?;
+        let tables = catalog::tenant_tables(&source, map.tenant_column()).await?;
+        copy::carry_sequences(&source, &target, &tables).await?;
+        self.route(MapChange::Phase("reversed")).await?;
+        Ok(())
+    }
+
     async fn complete(&mut self) -> Result<(), MoveError> {
-        self.route(MapChange::PinTo(Side::Target)).await?;
+        let version = self.route(MapChange::PinTo(Side::Target)).await?;
+        let (map, source, target) = self.shards().await?;
+        fence::settle(&target, &source, self.tenant.as_str()).await?;
         if self.options.purge_source {
-            let (map, source, _) = self.shards().await?;
+            self.wait_for_every_router(version).await?;
+            self.renew().await?;
             let tables = catalog::tenant_tables(&source, map.tenant_column()).await?;
-            self.wait_for_writes_in_flight(&source, &tables).await?;
-            self.delete_rows(&source, &map).await?;
+            copy::delete_rows(
+                &source,
+                None,
+                &tables,
+                &self.tenant,
+                map.tenant_column(),
+                map.version(),
+            )
+            .await?;
+            record::progress(
+                self.control,
+                &self.tenant,
+                self.lease,
+                json!({ "purged": true }),
+            )
+            .await?;
         }
         Ok(())
     }
 
-    /// Waits until every write transaction already open on the tenant tables
-    /// has ended. A writer that began on an older map checked the fence before
-    /// it was raised and takes no tenant lock; once it is done, every later
-    /// write of the tenant is either fenced out or a dual write under the lock.
-    /// A SHARE lock does this: it waits for the open writers (of all tenants)
-    /// and holds new ones back only while it waits, at most `options.wait`.
-    async fn wait_for_writes_in_flight(
-        &self,
-        client: &Client,
-        tables: &[TenantTable],
-    ) -> Result<(), MoveError> {
-        if tables.is_empty() {
-            return Ok(());
+    /// Waits until every router that ever reported, live or not, has applied
+    /// `version` or has been silent for longer than the purge grace: a router
+    /// cut off from the control database must not read a purged source.
+    async fn wait_for_every_router(&self, version: u64) -> Result<(), MoveError> {
+        let grace = self.options.purge_grace.as_millis() as u64;
+        let started = Instant::now();
+        loop {
+            let behind: Vec<String> = self
+                .control
+                .routers()
+                .await?
+                .into_iter()
+                .filter(|r| r.applied_version < version && r.last_seen_ms <= grace)
+                .map(|r| r.instance_id)
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if started.elapsed() >= self.options.wait {
+                return Err(MoveError::RoutersBehind {
+                    version,
+                    waited: self.options.wait,
+                    laggards: behind,
+                });
+            }
+            self.renew().await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
-        client
-            .batch_execute(&format!(
-                "BEGIN; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN SHARE MODE; COMMIT",
-                self.options.wait.as_millis(),
-                names.join(", ")
-            ))
-            .await
-            .map_err(MoveError::db)
     }
 
-    /// Deletes the tenant's rows from every tenant table, children first, in one
-    /// transaction that declares the newest version.
-    async fn delete_rows(&self, client: &Client, map: &ShardMap) -> Result<(), MoveError> {
-        let column = map.tenant_column();
-        let tables = catalog::tenant_tables(client, column).await?;
-        begin(client, map.version()).await?;
-        for table in tables.iter().rev() {
-            if let Err(e) = client
-                .execute(
-                    &format!("DELETE FROM {} WHERE {column} = $1", table.name),
-                    &[&self.tenant.as_str()],
+    async fn abort(&mut self, recorded: &MoveStatus) -> Result<(), MoveError> {
+        let map = self.control.latest().await?.load()?;
+        let reversed = map
+            .move_of(&self.tenant)
+            .is_some_and(|route| route.phase.as_str() == "reversed");
+        if reversed {
+            // Reads go back to the source: it must hold exactly what the target
+            // (the primary until now) holds.
+            let (map, source, target) = self.shards().await?;
+            let column = map.tenant_column().to_owned();
+            let tables = catalog::tenant_tables(&target, &column).await?;
+            let (mismatches, _) = copy::verify(
+                &source,
+                &target,
+                &tables,
+                &self.tenant,
+                &column,
+                map.version(),
+                &mut |_| {},
+            )
+            .await?;
+            if !mismatches.is_empty() {
+                let copier = copy::Copy {
+                    from: &target,
+                    to: &source,
+                    lock_on_from: false,
+                    tenant: &self.tenant,
+                    column: &column,
+                    version: map.version(),
+                    batch_rows: self.options.batch_rows,
+                };
+                for table in &tables {
+                    copier.table(table, &mut |_| {}, |_| {}).await?;
+                    self.renew().await?;
+                }
+                let (mismatches, _) = copy::verify(
+                    &source,
+                    &target,
+                    &tables,
+                    &self.tenant,
+                    &column,
+                    map.version(),
+                    &mut |_| {},
                 )
-                .await
-            {
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(MoveError::db(e));
+                .await?;
+                if !mismatches.is_empty() {
+                    return Err(MoveError::VerifyFailed {
+                        tenant: self.tenant.to_string(),
+                        mismatches,
+                    });
+                }
             }
+            copy::carry_sequences(&target, &source, &tables).await?;
+            self.route(MapChange::Phase("dual_write")).await?;
         }
-        client.batch_execute("COMMIT").await.map_err(MoveError::db)
+        // A move stopped while starting may not have published its map yet.
+        let shows_move = map.move_of(&self.tenant).is_some();
+        if recorded.phase != "starting" || shows_move || recorded.intent.is_some() {
+            self.route(MapChange::PinTo(Side::Source)).await?;
+        }
+        let (map, source, target) = self.shards().await?;
+        let column = map.tenant_column();
+        let tables = catalog::tenant_tables(&target, column).await?;
+        copy::delete_rows(
+            &target,
+            Some(&source),
+            &tables,
+            &self.tenant,
+            column,
+            map.version(),
+        )
+        .await?;
+        if fence::moving_tenants(&source)
+            .await
+            .map_err(MoveError::db)?
+            .iter()
+            .any(|t| t == self.tenant.as_str())
+            || fence::moving_tenants(&target)
+                .await
+                .map_err(MoveError::db)?
+                .iter()
+                .any(|t| t == self.tenant.as_str())
+        {
+            fence::settle(&source, &target, self.tenant.as_str()).await?;
+        }
+        Ok(())
     }
 }

@@ -106,6 +106,14 @@ pub(crate) enum TenantCommand {
         /// Seconds to wait for every live router at each new map version.
         #[arg(long, default_value = "30", value_name = "SECS")]
         wait: u64,
+        /// Seconds this mover's lease lasts without renewal; a mover that died
+        /// blocks others this long. Must exceed --wait.
+        #[arg(long, default_value = "60", value_name = "SECS")]
+        lease: u64,
+        /// Purge waits for every router that ever reported to apply the
+        /// complete map, or to be silent this many seconds.
+        #[arg(long, default_value = "600", value_name = "SECS")]
+        purge_grace: u64,
     },
     /// Phase, rows copied per table, checksums, versions, timings and errors of a tenant's move.
     MoveStatus {
@@ -197,6 +205,8 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
             resume,
             abort,
             wait,
+            lease,
+            purge_grace,
         } => {
             let tenant = TenantId::new(&tenant).map_err(|e| format!("error: {tenant:?}: {e}"))?;
             let mut options = MoveOptions::default();
@@ -205,6 +215,8 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
             })?;
             options.purge_source = purge_source;
             options.wait = Duration::from_secs(wait);
+            options.lease = Duration::from_secs(lease);
+            options.purge_grace = Duration::from_secs(purge_grace);
             let bar = if json {
                 indicatif::ProgressBar::hidden()
             } else {
@@ -252,7 +264,9 @@ fn print_move(status: &moves::MoveStatus, json: bool) {
         println!(
             "{}",
             json!({"tenant": status.tenant, "from": status.from, "to": status.to,
-                   "phase": status.phase, "state": status.state, "error": status.error})
+                   "phase": status.phase, "state": status.state, "error": status.error,
+                   "intent": status.intent, "lease_holder": status.lease_holder,
+                   "lease_left_ms": status.lease_left_ms})
         );
         return;
     }
@@ -260,6 +274,14 @@ fn print_move(status: &moves::MoveStatus, json: bool) {
         "tenant {}: {} -> {}, phase {}",
         status.tenant, status.from, status.to, status.phase
     );
+    if let Some(intent) = &status.intent {
+        println!("  last map change recorded: {intent}");
+    }
+    if let (Some(holder), Some(left)) = (&status.lease_holder, status.lease_left_ms) {
+        if left > 0 {
+            println!("  held by mover {holder} for {left} ms more");
+        }
+    }
     if let Some(rows) = status.state.get("rows_copied").and_then(|r| r.as_object()) {
         for (table, n) in rows {
             println!("  copied {table}: {n} rows");

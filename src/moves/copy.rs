@@ -1,0 +1,460 @@
+//! The data steps of a move, on the shards: copying a tenant's rows in key
+//! order under the tenant lock, verifying both copies, waiting for writes in
+//! flight, carrying sequences over, and deleting a tenant's rows.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use super::catalog::TenantTable;
+use super::fence::quote_ident;
+use super::{Mismatch, MoveError, Progress};
+use crate::db::{declare_version_sql, move_lock_key};
+use crate::TenantId;
+
+/// A transaction that declares `version`, so the fence lets it write; in
+/// replica mode when it writes row images (no triggers, no foreign-key checks
+/// on the copy: the rows are the primary's, already checked there).
+pub(crate) async fn begin(client: &Client, version: u64, replica: bool) -> Result<(), MoveError> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; {}{}",
+            declare_version_sql(version),
+            if replica {
+                "; SET LOCAL session_replication_role = replica"
+            } else {
+                ""
+            }
+        ))
+        .await
+        .map_err(MoveError::db)
+}
+
+/// Takes the tenant's move lock in the open transaction on `client` (the source).
+pub(crate) async fn lock(client: &Client, tenant: &TenantId) -> Result<(), MoveError> {
+    client
+        .execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&move_lock_key(tenant)],
+        )
+        .await
+        .map(|_| ())
+        .map_err(MoveError::db)
+}
+
+/// Where a copy reads, where it writes, and which of the two is the source
+/// (whose lock every writer of the tenant takes).
+pub(crate) struct Copy<'a> {
+    pub(crate) from: &'a Client,
+    pub(crate) to: &'a Client,
+    pub(crate) lock_on_from: bool,
+    pub(crate) tenant: &'a TenantId,
+    pub(crate) column: &'a str,
+    pub(crate) version: u64,
+    pub(crate) batch_rows: usize,
+}
+
+impl Copy<'_> {
+    fn lock_side(&self) -> &Client {
+        if self.lock_on_from {
+            self.from
+        } else {
+            self.to
+        }
+    }
+
+    /// Copies one table's rows of the tenant in key order, batch by batch. Each
+    /// batch streams with binary COPY into a staging table and is upserted from
+    /// there, in replica mode, while the tenant lock is held on the source, so
+    /// no writer of the tenant slips between reading a batch and writing it.
+    /// Returns the rows copied.
+    pub(crate) async fn table(
+        &self,
+        table: &TenantTable,
+        progress: &mut impl FnMut(Progress),
+        mut after_batch: impl FnMut(u64),
+    ) -> Result<u64, MoveError> {
+        let (from, to) = (self.from, self.to);
+        let name = &table.name;
+        let col = quote_ident(self.column);
+        let columns = table.columns.join(", ");
+        let order = table.key.join(", ");
+        let non_key: Vec<&String> = table
+            .columns
+            .iter()
+            .filter(|c| !table.key.contains(c))
+            .collect();
+        // Never overwrite another tenant's row that happens to share the key:
+        // the insert then does nothing and verify reports the table.
+        let on_conflict = if non_key.is_empty() {
+            "DO NOTHING".to_owned()
+        } else {
+            format!(
+                "DO UPDATE SET ({}) = ROW({}) WHERE {name}.{col} = EXCLUDED.{col}",
+                non_key
+                    .iter()
+                    .map(|c| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                non_key
+                    .iter()
+                    .map(|c| format!("EXCLUDED.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        // COPY takes no parameters: tenant and resume key travel in
+        // transaction-local settings, so no value is ever spliced into SQL.
+        let after = format!(
+            "({order}) > (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, \
+             current_setting('shard_router.copy_after')::jsonb) r)",
+            keys = table
+                .key
+                .iter()
+                .map(|k| format!("r.{k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let select = |resume: bool| {
+            format!(
+                "COPY (SELECT {columns} FROM {name} WHERE {col} = current_setting('shard_router.copy_tenant') \
+                 {} ORDER BY {order} LIMIT {}) TO STDOUT (FORMAT binary)",
+                if resume { format!("AND {after}") } else { String::new() },
+                self.batch_rows
+            )
+        };
+        to.batch_execute(&format!(
+            "DROP TABLE IF EXISTS pg_temp.shard_router_stage; \
+             CREATE TEMP TABLE shard_router_stage AS SELECT {columns} FROM {name} WITH NO DATA"
+        ))
+        .await
+        .map_err(MoveError::db)?;
+        let upsert = format!(
+            "INSERT INTO {name} ({columns}) OVERRIDING SYSTEM VALUE \
+             SELECT {columns} FROM pg_temp.shard_router_stage ON CONFLICT ({order}) {on_conflict}"
+        );
+        let last_key = format!(
+            "SELECT to_jsonb(s)::text FROM pg_temp.shard_router_stage s ORDER BY {} LIMIT 1",
+            table
+                .key
+                .iter()
+                .map(|k| format!("{k} DESC"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut total = 0u64;
+        let mut last: Option<String> = None;
+        loop {
+            begin(from, self.version, false).await?;
+            begin(to, self.version, true).await?;
+            let batch = async {
+                lock(self.lock_side(), self.tenant).await?;
+                from.query(
+                    "SELECT set_config('shard_router.copy_tenant', $1, true), \
+                     set_config('shard_router.copy_after', $2, true)",
+                    &[&self.tenant.as_str(), &last.clone().unwrap_or_default()],
+                )
+                .await
+                .map_err(MoveError::db)?;
+                async {
+                    let rows = from.copy_out(&select(last.is_some())).await?;
+                    let sink = to
+                        .copy_in(&format!(
+                            "COPY pg_temp.shard_router_stage ({columns}) FROM STDIN (FORMAT binary)"
+                        ))
+                        .await?;
+                    futures_util::pin_mut!(rows);
+                    futures_util::pin_mut!(sink);
+                    while let Some(chunk) = futures_util::StreamExt::next(&mut rows).await {
+                        futures_util::SinkExt::send(&mut sink, chunk?).await?;
+                    }
+                    let n = sink.finish().await?;
+                    if n == 0 {
+                        return Ok((0, None));
+                    }
+                    to.execute(&upsert, &[]).await?;
+                    let key: String = to.query_one(&last_key, &[]).await?.get(0);
+                    to.execute("TRUNCATE pg_temp.shard_router_stage", &[])
+                        .await?;
+                    Ok::<_, tokio_postgres::Error>((n, Some(key)))
+                }
+                .await
+                .map_err(MoveError::db)
+            }
+            .await;
+            match batch {
+                Ok((n, key)) => {
+                    // The side holding the lock commits last.
+                    let (first, second) = if self.lock_on_from {
+                        (to, from)
+                    } else {
+                        (from, to)
+                    };
+                    first.batch_execute("COMMIT").await.map_err(MoveError::db)?;
+                    second
+                        .batch_execute("COMMIT")
+                        .await
+                        .map_err(MoveError::db)?;
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                    progress(Progress::Copied {
+                        table: name.clone(),
+                        rows: n,
+                    });
+                    after_batch(total);
+                    last = key;
+                }
+                Err(e) => {
+                    let _ = to.batch_execute("ROLLBACK").await;
+                    let _ = from.batch_execute("ROLLBACK").await;
+                    return Err(e);
+                }
+            }
+        }
+        to.batch_execute("DROP TABLE IF EXISTS pg_temp.shard_router_stage")
+            .await
+            .map_err(MoveError::db)?;
+        Ok(total)
+    }
+}
+
+/// Per-table row counts and content checksums of the tenant on both shards,
+/// taken under the tenant lock on the source: what differs.
+pub(crate) async fn verify(
+    source: &Client,
+    target: &Client,
+    tables: &[TenantTable],
+    tenant: &TenantId,
+    column: &str,
+    version: u64,
+    progress: &mut impl FnMut(Progress),
+) -> Result<(Vec<Mismatch>, serde_json::Map<String, serde_json::Value>), MoveError> {
+    let col = quote_ident(column);
+    begin(source, version, false).await?;
+    let result = async {
+        lock(source, tenant).await?;
+        let mut mismatches = Vec::new();
+        let mut sums = serde_json::Map::new();
+        for table in tables {
+            let sql = format!(
+                "SELECT count(*), coalesce(md5(string_agg(to_jsonb(t)::text, E'\\n' ORDER BY {})), '') \
+                 FROM {} t WHERE {col} = $1",
+                table.key.join(", "),
+                table.name
+            );
+            let (source_rows, source_sum) = count_and_sum(source, &sql, tenant).await?;
+            let (target_rows, target_sum) = count_and_sum(target, &sql, tenant).await?;
+            progress(Progress::Verified {
+                table: table.name.clone(),
+                rows: source_rows,
+            });
+            sums.insert(
+                table.name.clone(),
+                serde_json::json!({"source_rows": source_rows, "target_rows": target_rows,
+                       "source_md5": source_sum, "target_md5": target_sum}),
+            );
+            if source_rows != target_rows || source_sum != target_sum {
+                mismatches.push(Mismatch {
+                    table: table.name.clone(),
+                    source_rows,
+                    target_rows,
+                    checksums_differ: source_sum != target_sum,
+                });
+            }
+        }
+        Ok((mismatches, sums))
+    }
+    .await;
+    let _ = source.batch_execute("COMMIT").await;
+    result
+}
+
+/// Runs a verify query: (rows, md5 of their contents in key order).
+async fn count_and_sum(
+    client: &Client,
+    sql: &str,
+    tenant: &TenantId,
+) -> Result<(i64, String), MoveError> {
+    let row = client
+        .query_one(sql, &[&tenant.as_str()])
+        .await
+        .map_err(MoveError::db)?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Waits until every transaction that holds or waits for a write lock on a
+/// tenant table now has ended, as `CREATE INDEX CONCURRENTLY` waits for
+/// lockers: a writer that checked the fence before it rose is then done, and
+/// every later write of the tenant is fenced out or a dual write under the
+/// lock. Takes no lock itself, so no other tenant's writes queue behind it.
+/// Gives up after `wait`, naming the backends still open.
+pub(crate) async fn wait_for_writers(
+    client: &Client,
+    tables: &[TenantTable],
+    wait: Duration,
+) -> Result<(), MoveError> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let holders: Vec<String> = client
+        .query(
+            "SELECT DISTINCT virtualtransaction FROM pg_locks \
+             WHERE locktype = 'relation' AND mode = 'RowExclusiveLock' \
+               AND relation = ANY (SELECT n::regclass FROM unnest($1::text[]) n) \
+               AND pid IS DISTINCT FROM pg_backend_pid()",
+            &[&names],
+        )
+        .await
+        .map_err(MoveError::db)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let started = Instant::now();
+    loop {
+        let open: Vec<i32> = client
+            .query(
+                "SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'virtualxid' \
+                 AND virtualxid = ANY ($1) AND granted",
+                &[&holders],
+            )
+            .await
+            .map_err(MoveError::db)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= wait {
+            return Err(MoveError::WritersInFlight {
+                pids: open,
+                waited: wait,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Tables whose primary key is drawn from a per-shard sequence (serial or
+/// identity) without the tenant column: the copied ids would collide with the
+/// target's own tenants. `(table, column)` pairs.
+pub(crate) async fn shared_sequence_keys(
+    client: &Client,
+    tables: &[TenantTable],
+    column: &str,
+) -> Result<Vec<(String, String)>, MoveError> {
+    let col = quote_ident(column);
+    let mut found = Vec::new();
+    let has_tenant = |t: &TenantTable| t.key.iter().any(|k| k == column || *k == col);
+    for table in tables.iter().filter(|t| !has_tenant(t)) {
+        let rows = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i \
+                 CROSS JOIN LATERAL unnest(i.indkey) AS k(attnum) \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                 WHERE i.indrelid = $1::text::regclass AND i.indisprimary \
+                   AND pg_get_serial_sequence($1, a.attname) IS NOT NULL",
+                &[&table.name],
+            )
+            .await
+            .map_err(MoveError::db)?;
+        for row in rows {
+            found.push((table.name.clone(), row.get(0)));
+        }
+    }
+    Ok(found)
+}
+
+/// Gap left between the ids a sequence handed out on the old primary and those
+/// the new primary hands out, for writers on the two map versions that overlap
+/// during a rollout.
+pub(crate) const SEQUENCE_GAP: i64 = 1_000_000;
+
+/// Moves every sequence behind a tenant table's column on `to` past its value
+/// on `from` (plus [`SEQUENCE_GAP`]), so the shard about to become primary
+/// never hands out an id that a copied row already has. Returns the sequences set.
+pub(crate) async fn carry_sequences(
+    from: &Client,
+    to: &Client,
+    tables: &[TenantTable],
+) -> Result<Vec<String>, MoveError> {
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let rows = from
+        .query(
+            "SELECT s.seq, coalesce(pg_sequence_last_value(s.seq::regclass), 0) FROM ( \
+               SELECT DISTINCT pg_get_serial_sequence(n, a.attname) AS seq \
+               FROM unnest($1::text[]) n \
+               JOIN pg_attribute a ON a.attrelid = n::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+             ) s WHERE s.seq IS NOT NULL",
+            &[&names],
+        )
+        .await
+        .map_err(MoveError::db)?;
+    let mut set = Vec::new();
+    for row in rows {
+        let (seq, last): (String, i64) = (row.get(0), row.get(1));
+        to.execute(
+            "SELECT setval($1::text::regclass, \
+             greatest(coalesce(pg_sequence_last_value($1::text::regclass), 1), $2))",
+            &[&seq, &last.saturating_add(SEQUENCE_GAP)],
+        )
+        .await
+        .map_err(MoveError::db)?;
+        set.push(seq);
+    }
+    Ok(set)
+}
+
+/// Deletes the tenant's rows from every tenant table, children first, in one
+/// transaction that declares `version`, while holding the tenant lock on
+/// `lock_on` (the source; `None` when `client` is the source), so no dual
+/// write of the tenant interleaves.
+pub(crate) async fn delete_rows(
+    client: &Client,
+    lock_on: Option<&Client>,
+    tables: &[TenantTable],
+    tenant: &TenantId,
+    column: &str,
+    version: u64,
+) -> Result<(), MoveError> {
+    let col = quote_ident(column);
+    if let Some(source) = lock_on {
+        begin(source, version, false).await?;
+        if let Err(e) = lock(source, tenant).await {
+            let _ = source.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+    }
+    let result = async {
+        // Replica mode: children go first anyway, and ON DELETE actions of the
+        // shard must not reach beyond the tenant's rows listed here.
+        begin(client, version, true).await?;
+        if lock_on.is_none() {
+            if let Err(e) = lock(client, tenant).await {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        }
+        for table in tables.iter().rev() {
+            if let Err(e) = client
+                .execute(
+                    &format!("DELETE FROM {} WHERE {col} = $1", table.name),
+                    &[&tenant.as_str()],
+                )
+                .await
+            {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(MoveError::db(e));
+            }
+        }
+        client.batch_execute("COMMIT").await.map_err(MoveError::db)
+    }
+    .await;
+    if let Some(source) = lock_on {
+        let _ = source.batch_execute("COMMIT").await;
+    }
+    result
+}

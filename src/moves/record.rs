@@ -1,0 +1,251 @@
+//! The one module that reads and writes `shard_router_moves`: the move record,
+//! its lease and fencing token, and the intent recorded before each publish.
+
+use std::time::Duration;
+
+use tokio_postgres::Row;
+
+use super::{MoveError, MoveStatus};
+use crate::control::{ControlError, ControlPlane};
+use crate::TenantId;
+
+const SELECT: &str = "SELECT tenant, from_shard, to_shard, phase, state::text, error, intent, \
+     lease_holder, greatest(0, extract(epoch FROM lease_until - clock_timestamp()) * 1000)::bigint \
+     FROM shard_router_moves";
+
+fn status_of(r: &Row) -> MoveStatus {
+    MoveStatus {
+        tenant: r.get(0),
+        from: r.get(1),
+        to: r.get(2),
+        phase: r.get(3),
+        state: serde_json::from_str(r.get::<_, &str>(4)).unwrap_or_default(),
+        error: r.get(5),
+        intent: r.get(6),
+        lease_holder: r.get(7),
+        lease_left_ms: r.get::<_, Option<i64>>(8).map(|ms| ms as u64),
+    }
+}
+
+/// The tenant's move as recorded, if it ever had one.
+pub(crate) async fn load(
+    control: &ControlPlane,
+    tenant: &TenantId,
+) -> Result<Option<MoveStatus>, MoveError> {
+    let row = control
+        .client
+        .query_opt(&format!("{SELECT} WHERE tenant = $1"), &[&tenant.as_str()])
+        .await
+        .map_err(ControlError::from)?;
+    Ok(row.as_ref().map(status_of))
+}
+
+/// Who this process is, as a lease holder.
+fn holder() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// A held lease: the fencing token every record and publish must present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub(crate) token: i64,
+    pub(crate) duration: Duration,
+}
+
+/// Records a new move of `tenant` and takes its lease, unless the tenant has
+/// an unfinished move (then [`MoveError::AlreadyMoving`]).
+pub(crate) async fn create(
+    control: &ControlPlane,
+    tenant: &TenantId,
+    from: &str,
+    to: &str,
+    duration: Duration,
+) -> Result<Lease, MoveError> {
+    let row = control
+        .client
+        .query_opt(
+            "INSERT INTO shard_router_moves (tenant, from_shard, to_shard, phase, state, lease_token, \
+               lease_holder, lease_until) \
+             VALUES ($1, $2, $3, 'starting', '{}', 1, $4, clock_timestamp() + $5 * interval '1 millisecond') \
+             ON CONFLICT (tenant) DO UPDATE SET from_shard = EXCLUDED.from_shard, \
+               to_shard = EXCLUDED.to_shard, phase = 'starting', state = '{}', error = NULL, \
+               intent = NULL, lease_token = shard_router_moves.lease_token + 1, \
+               lease_holder = EXCLUDED.lease_holder, lease_until = EXCLUDED.lease_until, \
+               started_at = now(), updated_at = now() \
+             WHERE shard_router_moves.phase IN ('complete', 'aborted') \
+             RETURNING lease_token",
+            &[
+                &tenant.as_str(),
+                &from,
+                &to,
+                &holder(),
+                &(duration.as_millis() as f64),
+            ],
+        )
+        .await
+        .map_err(ControlError::from)?;
+    match row {
+        Some(row) => Ok(Lease {
+            token: row.get(0),
+            duration,
+        }),
+        None => {
+            let phase = load(control, tenant)
+                .await?
+                .map(|m| m.phase)
+                .unwrap_or_default();
+            Err(MoveError::AlreadyMoving {
+                tenant: tenant.to_string(),
+                phase,
+            })
+        }
+    }
+}
+
+/// Takes the lease of the tenant's recorded move, with a new token, unless
+/// another mover holds it (then [`MoveError::LeaseHeld`]). A mover that died
+/// holds it until it runs out.
+pub(crate) async fn acquire(
+    control: &ControlPlane,
+    tenant: &TenantId,
+    duration: Duration,
+) -> Result<Lease, MoveError> {
+    let row = control
+        .client
+        .query_opt(
+            "UPDATE shard_router_moves SET lease_token = lease_token + 1, lease_holder = $2, \
+               lease_until = clock_timestamp() + $3 * interval '1 millisecond', updated_at = now() \
+             WHERE tenant = $1 AND (lease_until IS NULL OR lease_until < clock_timestamp()) \
+             RETURNING lease_token",
+            &[&tenant.as_str(), &holder(), &(duration.as_millis() as f64)],
+        )
+        .await
+        .map_err(ControlError::from)?;
+    if let Some(row) = row {
+        return Ok(Lease {
+            token: row.get(0),
+            duration,
+        });
+    }
+    match load(control, tenant).await? {
+        None => Err(MoveError::NoMove {
+            tenant: tenant.to_string(),
+        }),
+        Some(m) => Err(MoveError::LeaseHeld {
+            tenant: tenant.to_string(),
+            holder: m.lease_holder.unwrap_or_default(),
+            left: Duration::from_millis(m.lease_left_ms.unwrap_or(0)),
+        }),
+    }
+}
+
+/// Renews the lease and applies `set` (an SQL fragment of our own over columns
+/// `$3`.. in `params`), only while `lease` is still the tenant's newest token.
+/// Fails with [`MoveError::LeaseLost`] when another mover took over.
+async fn update(
+    control: &ControlPlane,
+    tenant: &TenantId,
+    lease: Lease,
+    set: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<(), MoveError> {
+    let sql = format!(
+        "UPDATE shard_router_moves SET lease_until = clock_timestamp() + $2 * interval '1 millisecond', \
+           updated_at = now(){set} \
+         WHERE tenant = $1 AND lease_token = $3"
+    );
+    let ms = lease.duration.as_millis() as f64;
+    let name = tenant.as_str();
+    let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        vec![&name as _, &ms as _, &lease.token as _];
+    all.extend_from_slice(params);
+    let n = control
+        .client
+        .execute(&sql, &all)
+        .await
+        .map_err(ControlError::from)?;
+    if n == 0 {
+        return Err(MoveError::LeaseLost {
+            tenant: tenant.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Renews the lease.
+pub(crate) async fn renew(
+    control: &ControlPlane,
+    tenant: &TenantId,
+    lease: Lease,
+) -> Result<(), MoveError> {
+    update(control, tenant, lease, "", &[]).await
+}
+
+/// Records a finished step: the phase, a patch merged into the state, the error.
+pub(crate) async fn phase(
+    control: &ControlPlane,
+    tenant: &TenantId,
+    lease: Lease,
+    phase: &str,
+    patch: serde_json::Value,
+) -> Result<(), MoveError> {
+    update(
+        control,
+        tenant,
+        lease,
+        ", phase = $4, state = state || $5::text::jsonb, error = NULL",
+        &[&phase, &patch.to_string()],
+    )
+    .await
+}
+
+/// Merges a patch into the state, without changing the phase.
+pub(crate) async fn progress(
+    control: &ControlPlane,
+    tenant: &TenantId,
+    lease: Lease,
+    patch: serde_json::Value,
+) -> Result<(), MoveError> {
+    update(
+        control,
+        tenant,
+        lease,
+        ", state = state || $4::text::jsonb",
+        &[&patch.to_string()],
+    )
+    .await
+}
+
+/// Records the map change about to be published (`dual_write`, `reversed`,
+/// `complete` or `abort`), before it is published.
+pub(crate) async fn intent(
+    control: &ControlPlane,
+    tenant: &TenantId,
+    lease: Lease,
+    intent: &str,
+) -> Result<(), MoveError> {
+    update(control, tenant, lease, ", intent = $4", &[&intent]).await
+}
+
+/// Records the error a step stopped on (kept until a step succeeds).
+pub(crate) async fn error(
+    control: &ControlPlane,
+    tenant: &TenantId,
+    lease: Lease,
+    error: &str,
+) -> Result<(), MoveError> {
+    update(control, tenant, lease, ", error = $4", &[&error]).await
+}
+
+/// Gives the lease up, so the next mover need not wait for it to run out.
+pub(crate) async fn release(control: &ControlPlane, tenant: &TenantId, lease: Lease) {
+    let _ = control
+        .client
+        .execute(
+            "UPDATE shard_router_moves SET lease_until = NULL, lease_holder = NULL \
+             WHERE tenant = $1 AND lease_token = $2",
+            &[&tenant.as_str(), &lease.token],
+        )
+        .await;
+}
