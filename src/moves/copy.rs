@@ -115,13 +115,46 @@ impl Copy<'_> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        // Rows with a key past the last one when the copy began were written
+        // after dual writes began, so row images brought them already: the
+        // copy stops there instead of chasing an append-only key.
+        let until = format!(
+            "({order}) <= (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, \
+             current_setting('shard_router.copy_until')::jsonb) r)",
+            keys = table
+                .key
+                .iter()
+                .map(|k| format!("r.{k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let select = |resume: bool| {
             format!(
                 "COPY (SELECT {columns} FROM {name} WHERE {col} = current_setting('shard_router.copy_tenant') \
-                 {} ORDER BY {order} LIMIT {}) TO STDOUT (FORMAT binary)",
+                 AND {until} {} ORDER BY {order} LIMIT {}) TO STDOUT (FORMAT binary)",
                 if resume { format!("AND {after}") } else { String::new() },
                 self.batch_rows
             )
+        };
+        let bound: Option<String> = from
+            .query_opt(
+                &format!(
+                    "SELECT to_jsonb(r)::text FROM (SELECT {order} FROM {name} WHERE {col} = $1 \
+                     ORDER BY {} LIMIT 1) r",
+                    table
+                        .key
+                        .iter()
+                        .map(|k| format!("{k} DESC"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                &[&self.tenant.as_str()],
+            )
+            .await
+            .map_err(MoveError::db)?
+            .map(|r| r.get(0));
+        let Some(bound) = bound else {
+            return Ok(0);
         };
         to.batch_execute(&format!(
             "DROP TABLE IF EXISTS pg_temp.shard_router_stage; \
@@ -151,8 +184,13 @@ impl Copy<'_> {
                 lock(self.lock_side(), self.tenant).await?;
                 from.query(
                     "SELECT set_config('shard_router.copy_tenant', $1, true), \
-                     set_config('shard_router.copy_after', $2, true)",
-                    &[&self.tenant.as_str(), &last.clone().unwrap_or_default()],
+                     set_config('shard_router.copy_after', $2, true), \
+                     set_config('shard_router.copy_until', $3, true)",
+                    &[
+                        &self.tenant.as_str(),
+                        &last.clone().unwrap_or_default(),
+                        &bound,
+                    ],
                 )
                 .await
                 .map_err(MoveError::db)?;
@@ -335,6 +373,41 @@ pub(crate) async fn wait_for_writers(
             });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until no backend holds or waits for the tenant's move lock on
+/// `client` (the source). Once every router applied a map that pins the
+/// tenant, only writers on older maps take that lock: this lets those in
+/// flight finish before the fence refuses their kind. Gives up after `wait`.
+pub(crate) async fn wait_for_lock_holders(
+    client: &Client,
+    tenant: &TenantId,
+    wait: Duration,
+) -> Result<(), MoveError> {
+    let key = move_lock_key(tenant) as u64;
+    let (high, low) = ((key >> 32) as u32, key as u32);
+    let started = Instant::now();
+    loop {
+        let pids: Vec<i32> = client
+            .query(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND database = \
+                 (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND classid::text::bigint = $1 AND objid::text::bigint = $2 AND objsubid = 1",
+                &[&(high as i64), &(low as i64)],
+            )
+            .await
+            .map_err(MoveError::db)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= wait {
+            return Err(MoveError::WritersInFlight { pids, waited: wait });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -689,15 +689,24 @@ impl<'a> Mover<'a> {
             map.version(),
         )
         .await?;
-        self.route(MapChange::Phase("dual_write")).await?;
+        let version = self.route(MapChange::Phase("dual_write")).await?;
+        // Let writes begun on the old map finish before the fence refuses
+        // that map, then wait again for any that slipped in meanwhile.
+        copy::wait_for_writers(&source, &tables, self.options.wait).await?;
+        fence::raise(&source, self.tenant.as_str(), version).await?;
+        fence::raise(&target, self.tenant.as_str(), version).await?;
         // Writers that began on the old map wrote the source only and took no
         // tenant lock: wait for those still open before anything is copied.
         copy::wait_for_writers(&source, &tables, self.options.wait).await
     }
 
     /// Records the intent, publishes the change unless the newest map already
-    /// has it, waits for the routers, and raises the fence on both shards to
-    /// that version.
+    /// has it, and waits for the routers. The caller raises the fence where a
+    /// router still on the map before would write wrongly: at start (it would
+    /// write the source only), before a purge and after an abort (it would
+    /// write a shard that no longer has the tenant). Between dual_write,
+    /// reversed and complete, writers of either version keep both shards
+    /// identical under the source lock, so they are not failed.
     async fn route(&mut self, change: MapChange) -> Result<u64, MoveError> {
         record::intent(self.control, &self.tenant, self.lease, change.intent()).await?;
         let stored = self.control.latest().await?;
@@ -744,9 +753,6 @@ impl<'a> Mover<'a> {
             self.control.publish(&doc.render(), &options).await?.version
         };
         self.wait_for_routers(version).await?;
-        let (_, source, target) = self.shards().await?;
-        fence::raise(&source, tenant, version).await?;
-        fence::raise(&target, tenant, version).await?;
         self.record_version(&note, version).await?;
         Ok(version)
     }
@@ -865,6 +871,11 @@ impl<'a> Mover<'a> {
         if self.options.purge_source {
             self.wait_for_every_router(version).await?;
             self.renew().await?;
+            // From here a writer on an older map is refused on the source;
+            // those in flight (the only ones taking the move lock now) finish first.
+            copy::wait_for_lock_holders(&source, &self.tenant, self.options.wait).await?;
+            fence::raise(&source, self.tenant.as_str(), version).await?;
+            fence::settle(&target, &source, self.tenant.as_str()).await?;
             let tables = catalog::tenant_tables(&source, map.tenant_column()).await?;
             copy::delete_rows(
                 &source,
@@ -973,10 +984,23 @@ impl<'a> Mover<'a> {
         }
         // A move stopped while starting may not have published its map yet.
         let shows_move = map.move_of(&self.tenant).is_some();
-        if recorded.phase != "starting" || shows_move || recorded.intent.is_some() {
-            self.route(MapChange::PinTo(Side::Source)).await?;
-        }
+        let pinned = if recorded.phase != "starting" || shows_move || recorded.intent.is_some() {
+            Some(self.route(MapChange::PinTo(Side::Source)).await?)
+        } else {
+            None
+        };
         let (map, source, target) = self.shards().await?;
+        if let Some(version) = pinned {
+            if fence::moving_tenants(&target)
+                .await
+                .map_err(MoveError::db)?
+                .iter()
+                .any(|t| t == self.tenant.as_str())
+            {
+                // Row images from writers on older maps no longer reach the target.
+                fence::raise(&target, self.tenant.as_str(), version).await?;
+            }
+        }
         let column = map.tenant_column();
         let tables = catalog::tenant_tables(&target, column).await?;
         copy::delete_rows(
