@@ -481,7 +481,7 @@ async fn a_real_schema_moves_under_writers_in_every_phase_with_nothing_failed_or
 async fn kill_9_of_the_mover_at_20_moments_loses_nothing() {
     let tenant = "initech";
     let mut w = world(&[tenant]).await;
-    let seeded = seed(&w.shards.url(0), tenant, 400).await;
+    let seeded = seed(&w.shards.url(0), tenant, 1500).await;
     let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
         .await
         .unwrap();
@@ -496,6 +496,17 @@ async fn kill_9_of_the_mover_at_20_moments_loses_nothing() {
         seed_state ^= seed_state << 17;
         seed_state % below
     };
+    // One uninterrupted move first: how long a move takes here, start to purge.
+    let started = std::time::Instant::now();
+    let mut args = vec!["tenant", "move", tenant, "--to", "b", "--purge-source"];
+    args.extend_from_slice(&common_args);
+    let out = common::shardctl(&control_url, &args).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let full = started.elapsed().as_millis() as u64;
     let mut killed_in: BTreeMap<String, usize> = BTreeMap::new();
     let mut outcomes = Vec::new();
     for round in 0..20 {
@@ -510,7 +521,8 @@ async fn kill_9_of_the_mover_at_20_moments_loses_nothing() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(30 + random(1400))).await;
+        // Uniform over the whole move, process start-up included.
+        tokio::time::sleep(Duration::from_millis(random(full))).await;
         let _ = child.start_kill(); // SIGKILL
         let _ = child.wait().await;
         let status = moves::status(&w.control, &id).await.unwrap().unwrap();
@@ -557,7 +569,7 @@ async fn kill_9_of_the_mover_at_20_moments_loses_nothing() {
     }
     writers.halt(tasks).await;
     println!(
-        "killed in: {killed_in:?}\noutcomes: {outcomes:?}\nwrites acknowledged: {}, failed: {}",
+        "a whole move took {full} ms\nkilled in: {killed_in:?}\noutcomes: {outcomes:?}\nwrites acknowledged: {}, failed: {}",
         writers.done.load(Ordering::Relaxed),
         writers.failed.load(Ordering::Relaxed)
     );

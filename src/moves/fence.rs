@@ -30,20 +30,33 @@ use crate::db::{FENCE_SQLSTATE, VERSION_SETTING};
 pub(crate) const CAPTURE_SETTING: &str = "shard_router.capture";
 
 /// Installs (or refreshes) the fence, capture and apply objects and the
-/// triggers on `tables`. Idempotent. `column` is the map's validated tenant
-/// column, quoted here as an identifier.
+/// triggers on `tables`. Idempotent, and without table DDL where the triggers
+/// are in place already. `column` is the map's validated tenant column, quoted
+/// here as an identifier.
+///
+/// Trigger DDL needs a lock that waits for every open write on the table and
+/// holds later writes back while it waits, so each table's DDL runs in its own
+/// transaction with a 50 ms `lock_timeout`, retried until `wait`: no writer of
+/// another tenant waits behind it for longer than that.
 pub(crate) async fn install(
     client: &Client,
     column: &str,
     tables: &[TenantTable],
+    wait: std::time::Duration,
 ) -> Result<(), MoveError> {
     let col = quote_ident(column);
-    let mut sql = format!(
+    let functions = String::from(
         "CREATE TABLE IF NOT EXISTS shard_router_fence (\n\
            tenant text PRIMARY KEY,\n\
-           min_version bigint NOT NULL\n\
+           min_version bigint NOT NULL,\n\
+           moving boolean NOT NULL DEFAULT true\n\
          );\n\
-         ALTER TABLE shard_router_fence ADD COLUMN IF NOT EXISTS moving boolean NOT NULL DEFAULT true;\n\
+         DO $d$ BEGIN\n\
+           IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'shard_router_fence'::regclass\n\
+                          AND attname = 'moving' AND NOT attisdropped) THEN\n\
+             ALTER TABLE shard_router_fence ADD COLUMN moving boolean NOT NULL DEFAULT true;\n\
+           END IF;\n\
+         END $d$;\n\
          CREATE UNLOGGED TABLE IF NOT EXISTS shard_router_capture (\n\
            xid xid8 NOT NULL DEFAULT pg_current_xact_id(),\n\
            seq bigserial,\n\
@@ -52,8 +65,11 @@ pub(crate) async fn install(
            old jsonb,\n\
            new jsonb\n\
          );\n\
-         CREATE INDEX IF NOT EXISTS shard_router_capture_xid ON shard_router_capture (xid, seq);\n\
-         CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE plpgsql AS $f$\n\
+         CREATE INDEX IF NOT EXISTS shard_router_capture_xid ON shard_router_capture (xid, seq);\n"
+    );
+    let definitions = format!(
+        "{functions}\
+CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE plpgsql AS $f$\n\
          DECLARE\n\
            t text;\n\
            fenced bigint;\n\
@@ -105,21 +121,92 @@ pub(crate) async fn install(
          {APPLY_FUNCTION}\n\
          {BOUND_FUNCTION}\n"
     );
+    // Definitions only: no lock on any tenant table. One installer at a time
+    // per shard (two moves of different tenants may start together).
+    let key = crate::map::placement::hash_bytes(b"shard-router:fence-install") as i64;
+    retry_with_lock_timeout(
+        client,
+        &format!("BEGIN; SELECT pg_advisory_xact_lock({key}); {definitions} COMMIT"),
+        wait,
+    )
+    .await?;
     for table in tables {
         let name = &table.name;
-        sql += &format!(
-            "CREATE OR REPLACE TRIGGER shard_router_fence BEFORE INSERT OR UPDATE OR DELETE ON {name} \
-             FOR EACH ROW EXECUTE FUNCTION shard_router_fence_check();\n\
-             ALTER TABLE {name} ENABLE ALWAYS TRIGGER shard_router_fence;\n\
-             CREATE OR REPLACE TRIGGER shard_router_truncate BEFORE TRUNCATE ON {name} \
-             FOR EACH STATEMENT EXECUTE FUNCTION shard_router_truncate_check();\n\
-             ALTER TABLE {name} ENABLE ALWAYS TRIGGER shard_router_truncate;\n\
-             CREATE OR REPLACE TRIGGER zz_shard_router_capture AFTER INSERT OR UPDATE OR DELETE ON {name} \
-             FOR EACH ROW WHEN (coalesce(current_setting('{CAPTURE_SETTING}', true), '') <> '') \
-             EXECUTE FUNCTION shard_router_capture_row();\n"
-        );
+        let present: Vec<(String, i8)> = client
+            .query(
+                "SELECT tgname::text, tgenabled::\"char\"::text::\"char\" FROM pg_trigger \
+                 WHERE tgrelid = $1::text::regclass AND NOT tgisinternal",
+                &[name],
+            )
+            .await
+            .map_err(MoveError::db)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let has = |trigger: &str, always: bool| {
+            present
+                .iter()
+                .any(|(n, e)| n == trigger && (!always || *e == b'A' as i8))
+        };
+        let mut ddl = String::new();
+        if !has("shard_router_fence", true) {
+            ddl += &format!(
+                "CREATE OR REPLACE TRIGGER shard_router_fence BEFORE INSERT OR UPDATE OR DELETE ON {name} \
+                 FOR EACH ROW EXECUTE FUNCTION shard_router_fence_check(); \
+                 ALTER TABLE {name} ENABLE ALWAYS TRIGGER shard_router_fence; "
+            );
+        }
+        if !has("shard_router_truncate", true) {
+            ddl += &format!(
+                "CREATE OR REPLACE TRIGGER shard_router_truncate BEFORE TRUNCATE ON {name} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION shard_router_truncate_check(); \
+                 ALTER TABLE {name} ENABLE ALWAYS TRIGGER shard_router_truncate; "
+            );
+        }
+        if !has("zz_shard_router_capture", false) {
+            ddl += &format!(
+                "CREATE OR REPLACE TRIGGER zz_shard_router_capture AFTER INSERT OR UPDATE OR DELETE ON {name} \
+                 FOR EACH ROW WHEN (coalesce(current_setting('{CAPTURE_SETTING}', true), '') <> '') \
+                 EXECUTE FUNCTION shard_router_capture_row(); "
+            );
+        }
+        if !ddl.is_empty() {
+            retry_with_lock_timeout(
+                client,
+                &format!("BEGIN; SET LOCAL lock_timeout = '50ms'; {ddl} COMMIT"),
+                wait,
+            )
+            .await?;
+        }
     }
-    client.batch_execute(&sql).await.map_err(MoveError::db)
+    Ok(())
+}
+
+/// Runs `sql` (a whole transaction), retrying while it fails on a lock
+/// timeout or a deadlock, for at most `wait`.
+async fn retry_with_lock_timeout(
+    client: &Client,
+    sql: &str,
+    wait: std::time::Duration,
+) -> Result<(), MoveError> {
+    use tokio_postgres::error::SqlState;
+    let started = std::time::Instant::now();
+    loop {
+        match client.batch_execute(sql).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                let retry = matches!(
+                    e.code(),
+                    Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED
+                );
+                if !retry || started.elapsed() >= wait {
+                    return Err(MoveError::db(e));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 /// Binds a declared version to its transaction: a session-wide `SET` of the

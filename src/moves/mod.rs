@@ -675,9 +675,9 @@ impl<'a> Mover<'a> {
         let (map, source, target) = self.shards().await?;
         let column = map.tenant_column();
         let tables = catalog::tenant_tables(&source, column).await?;
-        fence::install(&source, column, &tables).await?;
+        fence::install(&source, column, &tables, self.options.wait).await?;
         let target_tables = catalog::tenant_tables(&target, column).await?;
-        fence::install(&target, column, &target_tables).await?;
+        fence::install(&target, column, &target_tables, self.options.wait).await?;
         // Stale rows of the tenant on the target (an earlier move, say) go first,
         // before any row image can reach it.
         copy::delete_rows(
