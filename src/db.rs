@@ -428,9 +428,18 @@ impl Drop for Side {
                     }
                 });
             }
-            // A statement was in flight, or there is no runtime: closing the
-            // connection rolls back and frees the tenant lock.
-            _ => client.discard(),
+            // A statement was in flight: the server would run it to its end
+            // (holding the tenant lock) before noticing the closed socket, so
+            // cancel it, then close the connection, which rolls back.
+            Ok(runtime) => {
+                let cancel = client.cancel_token();
+                client.discard();
+                runtime.spawn(async move {
+                    let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                });
+            }
+            // No runtime: closing the connection rolls back.
+            Err(_) => client.discard(),
         }
     }
 }

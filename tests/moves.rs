@@ -983,3 +983,635 @@ async fn the_control_database_going_away_mid_move_loses_nothing_and_the_move_res
         refused
     );
 }
+
+/// A move parked at verify; a router following the control database.
+async fn parked(tenant: &str, projects: usize) -> (World, ShardRouter, ControlAgent, TenantId) {
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, projects).await;
+    let (router, agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    let mut options = fast();
+    options.until = Step::Verify;
+    moves::start(&mut w.control, &id, "b", &options, |_| {})
+        .await
+        .unwrap();
+    (w, router, agent, id)
+}
+
+#[tokio::test]
+async fn a_republish_or_rollback_cannot_drop_change_or_bring_back_a_move() {
+    let tenant = "umbrella";
+    let (mut w, _router, _agent, id) = parked(tenant, 10).await;
+    let newest = w.control.latest().await.unwrap().version;
+
+    // The usual file from git: higher version, no [moves].
+    let from_git = map_toml(
+        newest + 1,
+        &w.shards,
+        &format!("[tenants]\n{tenant} = \"a\"\n"),
+    );
+    let err = w
+        .control
+        .publish(&from_git, &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("umbrella"), "{err}");
+    assert!(
+        matches!(
+            err,
+            shard_router::control::PublishError::MovesChanged { .. }
+        ),
+        "{err}"
+    );
+    // A changed entry (reads flipped by hand) is refused too.
+    let flipped = map_toml(
+        newest + 1,
+        &w.shards,
+        &format!("[moves.{tenant}]\nfrom = \"a\"\nto = \"b\"\nphase = \"reversed\"\n"),
+    );
+    assert!(w
+        .control
+        .publish(&flipped, &PublishOptions::default())
+        .await
+        .is_err());
+    // Rollback to the map before the move.
+    let err = w
+        .control
+        .rollback(1, &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("umbrella"), "{err}");
+    assert_eq!(
+        w.control.latest().await.unwrap().version,
+        newest,
+        "nothing published"
+    );
+    // Republishing the entry unchanged (with another change) is fine.
+    let same = w.control.latest().await.unwrap().toml.replace(
+        &format!("version = {newest}"),
+        &format!("version = {}", newest + 1),
+    );
+    w.control
+        .publish(&same, &PublishOptions::default())
+        .await
+        .unwrap();
+
+    // Finish the move; an old file that still holds the move cannot bring it back.
+    let status = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "complete");
+    let newest = w.control.latest().await.unwrap().version;
+    let old = w
+        .control
+        .get(newest - 1)
+        .await
+        .unwrap()
+        .unwrap()
+        .toml
+        .replace(
+            &format!("version = {}", newest - 1),
+            &format!("version = {}", newest + 1),
+        );
+    let err = w
+        .control
+        .publish(&old, &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("umbrella"), "{err}");
+    assert_eq!(w.control.latest().await.unwrap().version, newest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_checked_against_a_version_that_is_no_longer_the_newest_is_refused() {
+    let tenant = "t1";
+    let w = world(tenant).await;
+    // Hold the publishers' lock, so operator 2's publish is checked against
+    // version 1 and then waits to insert.
+    let key = shard_router::map::placement::hash_bytes(b"shard-router:publish") as i64;
+    let gate = connect(&w.control_db.url(0)).await;
+    gate.execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await
+        .unwrap();
+    let second = {
+        let (url, toml) = (
+            w.control_db.url(0),
+            map_toml(
+                3,
+                &w.shards,
+                "[placement]\nvnodes = 64\n[tenants]\nt1 = \"a\"\n",
+            ),
+        );
+        tokio::spawn(async move {
+            let mut control = ControlPlane::connect(&url).await.unwrap();
+            control.publish(&toml, &PublishOptions::default()).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile operator 1's version 2 lands (it pins t1 elsewhere).
+    let v2 = map_toml(2, &w.shards, "[tenants]\nt1 = \"b\"\n");
+    gate.execute(
+        "INSERT INTO shard_router_maps (version, map, map_json, checksum) VALUES (2, $1, $2, 'x')",
+        &[&v2, &shard_router::control::toml_to_json(&v2).unwrap()],
+    )
+    .await
+    .unwrap();
+    gate.execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await
+        .unwrap();
+    let err = second.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            shard_router::control::PublishError::Concurrent { base: 1, newest: 2 }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        w.control.latest().await.unwrap().version,
+        2,
+        "version 3 not published"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_once_the_complete_map_is_published_is_refused_and_resume_finishes() {
+    let tenant = "tyrell";
+    let (mut w, router, _agent, id) = parked(tenant, 20).await;
+    let mut options = fast();
+    options.until = Step::Cutover;
+    moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap();
+    // A live router that never applies anything: complete publishes, then times out.
+    let control = connect(&w.control_db.url(0)).await;
+    control
+        .execute(
+            "INSERT INTO shard_router_routers VALUES ('stuck', 'h', 1, now(), now() + interval '1 hour', 3600000)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut options = fast();
+    options.wait = Duration::from_millis(500);
+    let err = moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::RoutersBehind { .. }), "{err}");
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.intent.as_deref(), Some("complete"));
+    // Writes acknowledged under the complete map land on the target only.
+    common::eventually(Duration::from_secs(5), || {
+        router.resolve(id.clone()).location().reason == shard_router::map::Reason::Pin
+    })
+    .await;
+    let db = router.resolve(id.clone());
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(
+            "INSERT INTO projects VALUES ($1, $2, 'after-complete')",
+            &[&tenant, &Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    // Abort would send reads back to a source without that write: refused.
+    let err = moves::abort(&mut w.control, &id, &fast())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::Finished { .. }), "{err}");
+    assert_eq!(count_named(&w.shards.url(1), "after-complete").await, 1);
+    // Once the router is gone, resume finishes the move.
+    control
+        .execute(
+            "DELETE FROM shard_router_routers WHERE instance_id = 'stuck'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let status = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "complete");
+    assert_eq!(count_named(&w.shards.url(1), "after-complete").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_mover_is_refused_and_a_mover_whose_lease_was_taken_stops() {
+    let tenant = "soylent";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 200).await;
+    let (_router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    // Mover A pauses inside backfill (blocked in its progress callback).
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let control_url = w.control_db.url(0);
+    let mover_a = {
+        let id = id.clone();
+        tokio::spawn(async move {
+            let mut control = ControlPlane::connect(&control_url).await.unwrap();
+            let mut options = fast();
+            options.batch_rows = 20;
+            let mut first = true;
+            moves::start(&mut control, &id, "b", &options, |p| {
+                if matches!(p, Progress::Copied { .. }) && first {
+                    first = false;
+                    paused_tx.send(()).unwrap();
+                    go_rx.lock().unwrap().recv().unwrap();
+                }
+            })
+            .await
+        })
+    };
+    tokio::task::spawn_blocking(move || paused_rx.recv().unwrap())
+        .await
+        .unwrap();
+    // An operator who thinks A hung: both a resume and an abort are refused.
+    let err = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::LeaseHeld { .. }), "{err}");
+    let err = moves::abort(&mut w.control, &id, &fast())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::LeaseHeld { .. }), "{err}");
+    assert!(err.to_string().contains("held by mover"), "{err}");
+    // A's lease runs out while it is stuck; B takes over and aborts.
+    tokio::time::sleep(fast().lease + Duration::from_millis(200)).await;
+    let status = moves::abort(&mut w.control, &id, &fast()).await.unwrap();
+    assert_eq!(status.phase, "aborted");
+    // A wakes up: it can neither record nor publish, and changes nothing more.
+    go_tx.send(()).unwrap();
+    let err = mover_a.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MoveError::LeaseLost { .. }
+                | MoveError::Publish(shard_router::control::PublishError::MoverFenced { .. })
+        ),
+        "{err}"
+    );
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.phase, "aborted");
+    assert_eq!(count(&w.shards.url(0), "projects", tenant).await, 200);
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bystander_write_does_not_wait_behind_a_move_beside_a_long_transaction() {
+    let tenant = "moving";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 50).await;
+    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    // Another tenant's long batch transaction on the source, open for 2 s.
+    let batch = connect(&w.shards.url(0)).await;
+    batch
+        .batch_execute(
+            "BEGIN; INSERT INTO events (tenant_id, id, what) VALUES ('batchy', gen_random_uuid(), 'batch')",
+        )
+        .await
+        .unwrap();
+    let bystander = TenantId::new("bystander").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let latencies = {
+        let (router, stop) = (router.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let started = std::time::Instant::now();
+                let db = router.resolve(bystander.clone());
+                let mut w = db.write().await.unwrap();
+                w.execute(
+                    "INSERT INTO events (tenant_id, id, what) VALUES ('bystander', $1, 'b')",
+                    &[&Uuid::new_v4()],
+                )
+                .await
+                .unwrap();
+                w.commit().await.unwrap();
+                worst = worst.max(started.elapsed());
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (worst, n)
+        })
+    };
+    let id = TenantId::new(tenant).unwrap();
+    let mover = {
+        let control_url = w.control_db.url(0);
+        let id = id.clone();
+        tokio::spawn(async move {
+            let mut control = ControlPlane::connect(&control_url).await.unwrap();
+            moves::start(&mut control, &id, "b", &fast(), |_| {}).await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    batch.batch_execute("COMMIT").await.unwrap();
+    let status = mover.await.unwrap().unwrap();
+    assert_eq!(status.phase, "complete");
+    stop.store(true, Ordering::Relaxed);
+    let (worst, n) = latencies.await.unwrap();
+    println!("bystander writes during the move beside a 2 s transaction: {n}, slowest {worst:?}");
+    // Blocked behind a table lock it would take about 2 s; it never waits on the move.
+    assert!(
+        worst < Duration::from_millis(500),
+        "slowest bystander write {worst:?}"
+    );
+    drop(w.control);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_or_failed_write_leaves_no_transaction_holding_the_tenant_lock() {
+    let tenant = "lockme";
+    let (w, router, _agent, id) = parked(tenant, 5).await;
+    let lock_key = shard_router::db::move_lock_key(&id);
+    let source = connect(&w.shards.url(0)).await;
+    // 1. Cancelled while waiting for the tenant lock (another session holds it).
+    let holder = connect(&w.shards.url(0)).await;
+    holder
+        .batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({lock_key})"))
+        .await
+        .unwrap();
+    let db = router.resolve(id.clone());
+    let cancelled = tokio::time::timeout(Duration::from_millis(200), db.write()).await;
+    assert!(cancelled.is_err(), "the write was waiting for the lock");
+    holder.batch_execute("COMMIT").await.unwrap();
+    // 2. A write that fails on its statement, dropped without rollback.
+    {
+        let mut writer = db.write().await.unwrap();
+        assert!(writer
+            .execute("SELECT no_such_column FROM projects", &[])
+            .await
+            .is_err());
+    }
+    // 3. A write dropped mid-statement.
+    {
+        let mut writer = db.write().await.unwrap();
+        let _ = tokio::time::timeout(
+            Duration::from_millis(100),
+            writer.execute("SELECT pg_sleep(5)", &[]),
+        )
+        .await;
+    }
+    // Nothing holds the lock or a transaction open for long: a new writer gets it at once.
+    let free = common::eventually(Duration::from_secs(3), || true).await;
+    assert!(free);
+    let mut got = false;
+    for _ in 0..100 {
+        got = source
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key])
+            .await
+            .unwrap()
+            .get(0);
+        if got {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(got, "the tenant lock was left held");
+    source
+        .query_one("SELECT pg_advisory_unlock($1)", &[&lock_key])
+        .await
+        .unwrap();
+    let open: i64 = source
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND state LIKE 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 0, "no connection left idle in a transaction");
+    let started = std::time::Instant::now();
+    let mut writer = router.resolve(id.clone()).write().await.unwrap();
+    writer
+        .execute(
+            "INSERT INTO projects VALUES ($1, $2, 'next')",
+            &[&tenant, &Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_based_writes_in_the_reversed_phase_leave_both_shards_identical() {
+    let tenant = "counter";
+    let (mut w, router, _agent, id) = parked(tenant, 10).await;
+    connect(&w.shards.url(0))
+        .await
+        .batch_execute("ALTER TABLE projects ADD COLUMN hits bigint NOT NULL DEFAULT 0")
+        .await
+        .unwrap();
+    connect(&w.shards.url(1))
+        .await
+        .batch_execute("ALTER TABLE projects ADD COLUMN hits bigint NOT NULL DEFAULT 0")
+        .await
+        .unwrap();
+    let mut options = fast();
+    options.until = Step::Cutover;
+    moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap();
+    common::eventually(Duration::from_secs(5), || {
+        router.resolve(id.clone()).shard() == "b"
+    })
+    .await;
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (router, id) = (router.clone(), id.clone());
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    let db = router.resolve(id.clone());
+                    let mut w = db.write().await.unwrap();
+                    w.execute(
+                        "UPDATE projects SET hits = hits + 1 WHERE tenant_id = $1",
+                        &[&id.as_str()],
+                    )
+                    .await
+                    .unwrap();
+                    w.commit().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let hits = |url: String| async move {
+        connect(&url)
+            .await
+            .query(
+                "SELECT id, hits FROM projects WHERE tenant_id = $1 ORDER BY id",
+                &[&"counter"],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, Uuid>(0), r.get::<_, i64>(1)))
+            .collect::<Vec<_>>()
+    };
+    let (on_source, on_target) = (hits(w.shards.url(0)).await, hits(w.shards.url(1)).await);
+    assert!(on_target.iter().all(|(_, h)| *h == 200), "{on_target:?}");
+    assert_eq!(on_source, on_target, "both shards identical");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_gaps_are_closed_and_fence_rows_leave_after_the_move() {
+    let tenant = "gaps";
+    let (mut w, router, _agent, id) = parked(tenant, 5).await;
+    let source = connect(&w.shards.url(0)).await;
+    // TRUNCATE of a tenant table while a tenant moves.
+    let err = source.batch_execute("TRUNCATE events").await.unwrap_err();
+    assert!(format!("{err:?}").contains("TRUNCATE"), "{err:?}");
+    // migrate refuses while a move is in flight, naming it.
+    let dir = std::env::temp_dir().join(format!("srt-mig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("V1__later.sql"),
+        "CREATE TABLE later (tenant_id text, id int PRIMARY KEY)",
+    )
+    .unwrap();
+    let migrations = shard_router::Migrations::load(&dir).unwrap();
+    let map = w.control.latest().await.unwrap().load().unwrap();
+    let reports = shard_router::migrate::migrate(&map, &migrations, |_, _| {}).await;
+    for report in &reports {
+        let err = report.outcome.as_ref().unwrap_err().to_string();
+        assert!(err.contains("tenants are moving (gaps)"), "{err}");
+    }
+    let exists: bool = source
+        .query_one("SELECT to_regclass('later') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists, "nothing ran");
+    // A session-wide version set on a read() client is not a declaration.
+    let db = router.resolve(id.clone());
+    let client = db.read().await.unwrap();
+    client
+        .batch_execute("SET shard_router.map_version = '999999'")
+        .await
+        .unwrap();
+    let err = client
+        .execute(
+            "UPDATE projects SET name = 'sneaky' WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "SRF01", "{err:?}");
+    client
+        .batch_execute("RESET shard_router.map_version")
+        .await
+        .unwrap();
+    drop(client);
+
+    // A stale router (on the map before the move) after complete and purge.
+    let stale = ShardRouter::new(
+        MapLoader::without_env()
+            .load_str(&w.control.get(1).await.unwrap().unwrap().toml)
+            .unwrap(),
+    )
+    .unwrap();
+    let mut options = fast();
+    options.purge_source = true;
+    moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap();
+    let old = stale.resolve(id.clone());
+    assert_eq!(old.shard(), "a");
+    let mut writer = old.write().await.unwrap();
+    let err = writer
+        .execute(
+            "UPDATE projects SET name = 'lost' WHERE tenant_id = $1 AND name = 'p0'",
+            &[&tenant],
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_fenced(), "a zero-row stale UPDATE is refused: {err}");
+    let mut writer = old.write().await.unwrap();
+    let err = writer
+        .execute("DELETE FROM projects WHERE tenant_id = $1", &[&tenant])
+        .await
+        .unwrap_err();
+    assert!(err.is_fenced(), "a zero-row stale DELETE is refused: {err}");
+    // After complete the owner keeps no fence row: plain writes work there again.
+    let target = connect(&w.shards.url(1)).await;
+    let rows: i64 = target
+        .query_one(
+            "SELECT count(*) FROM shard_router_fence WHERE tenant = $1",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+    target
+        .execute(
+            "UPDATE projects SET name = name WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .await
+        .unwrap();
+    // TRUNCATE is allowed again once nothing moves.
+    target.batch_execute("TRUNCATE events").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_waits_for_a_router_that_has_not_confirmed_the_complete_map() {
+    let tenant = "purgeme";
+    let (mut w, _router, _agent, id) = parked(tenant, 5).await;
+    let mut options = fast();
+    options.until = Step::Cutover;
+    moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap();
+    // A router cut off from the control database on the cutover map, past its lease
+    // but within the purge grace: it may still read the source.
+    let control = connect(&w.control_db.url(0)).await;
+    let cutover = w.control.latest().await.unwrap().version as i64;
+    control
+        .execute(
+            "INSERT INTO shard_router_routers VALUES ('partitioned', 'h', $1, now(), now() - interval '3 seconds', 1000)",
+            &[&cutover],
+        )
+        .await
+        .unwrap();
+    let mut options = fast();
+    options.purge_source = true;
+    options.wait = Duration::from_millis(700);
+    let err = moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("partitioned"), "{err}");
+    assert_eq!(
+        count(&w.shards.url(0), "projects", tenant).await,
+        5,
+        "not purged"
+    );
+    // Once it has been silent longer than the grace (5 s here), purge goes ahead.
+    control
+        .execute(
+            "UPDATE shard_router_routers SET last_seen = now() - interval '6 seconds' WHERE instance_id = 'partitioned'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut options = fast();
+    options.purge_source = true;
+    let status = moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "complete");
+    assert_eq!(count(&w.shards.url(0), "projects", tenant).await, 0);
+}

@@ -37,7 +37,7 @@ pub(crate) async fn tenant_tables(
              FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute t ON t.attrelid = c.oid AND t.attname = $1 AND NOT t.attisdropped \
-             WHERE c.relkind IN ('r', 'p') \
+             WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' \
                AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                AND n.nspname NOT LIKE 'pg_toast%' \
                AND NOT c.relispartition \

@@ -52,6 +52,9 @@ pub(crate) struct Copy<'a> {
     pub(crate) column: &'a str,
     pub(crate) version: u64,
     pub(crate) batch_rows: usize,
+    /// The move's lease, renewed before every batch: a mover that lost it
+    /// stops before it copies more.
+    pub(crate) lease: (&'a crate::control::ControlPlane, super::record::Lease),
 }
 
 impl Copy<'_> {
@@ -72,7 +75,6 @@ impl Copy<'_> {
         &self,
         table: &TenantTable,
         progress: &mut impl FnMut(Progress),
-        mut after_batch: impl FnMut(u64),
     ) -> Result<u64, MoveError> {
         let (from, to) = (self.from, self.to);
         let name = &table.name;
@@ -178,6 +180,7 @@ impl Copy<'_> {
         let mut total = 0u64;
         let mut last: Option<String> = None;
         loop {
+            super::record::renew(self.lease.0, self.tenant, self.lease.1).await?;
             begin(from, self.version, false).await?;
             begin(to, self.version, true).await?;
             let batch = async {
@@ -241,7 +244,6 @@ impl Copy<'_> {
                         table: name.clone(),
                         rows: n,
                     });
-                    after_batch(total);
                     last = key;
                 }
                 Err(e) => {

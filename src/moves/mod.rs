@@ -804,11 +804,11 @@ impl<'a> Mover<'a> {
             column: &column,
             version: map.version(),
             batch_rows: self.options.batch_rows,
+            lease: (self.control, self.lease),
         };
         let mut copied = serde_json::Map::new();
         for table in &tables {
-            let mut batches = 0u32;
-            let total = copier.table(table, progress, |_| batches += 1).await?;
+            let total = copier.table(table, progress).await?;
             copied.insert(table.name.clone(), json!(total));
             record::progress(
                 self.control,
@@ -957,10 +957,10 @@ impl<'a> Mover<'a> {
                     column: &column,
                     version: map.version(),
                     batch_rows: self.options.batch_rows,
+                    lease: (self.control, self.lease),
                 };
                 for table in &tables {
-                    copier.table(table, &mut |_| {}, |_| {}).await?;
-                    self.renew().await?;
+                    copier.table(table, &mut |_| {}).await?;
                 }
                 let (mismatches, _) = copy::verify(
                     &source,
