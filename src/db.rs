@@ -666,6 +666,14 @@ impl TenantWriter {
         self.primary.clean = true;
         let images = match images {
             Ok(images) => images,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                self.state = WriterState::Failed;
+                return Err(DbError::MoveNotPrepared {
+                    tenant: self.db.tenant.clone(),
+                    shard: self.db.shard_name(self.primary.shard).to_owned(),
+                    map_version: self.db.map_version(),
+                });
+            }
             Err(e) => return Err(self.fail(e)),
         };
         // 2. Applied on the secondary.
@@ -829,6 +837,18 @@ pub enum DbError {
         /// The lowest version the shard accepts for the tenant.
         min_version: u64,
     },
+    /// The map shows the tenant moving, but its shards were never prepared for
+    /// a move (`[moves]` edited by hand instead of `shardctl tenant move`).
+    /// Nothing was written. 500.
+    #[error("tenant {tenant} is in [moves] of map version {map_version}, but shard {shard} was never prepared for its move; moves are run with `shardctl tenant move`, never by editing [moves]")]
+    MoveNotPrepared {
+        /// The tenant.
+        tenant: TenantId,
+        /// The shard.
+        shard: String,
+        /// The map version of the request.
+        map_version: u64,
+    },
     /// A statement of this writer failed earlier, so it can only roll back. 500.
     #[error("write transaction for tenant {tenant} on shard {shard} (map version {map_version}) was aborted by an earlier error")]
     Aborted {
@@ -876,7 +896,7 @@ impl DbError {
                     || std::error::Error::source(cause)
                         .is_some_and(|source| source.is::<std::io::Error>())
             }
-            DbError::Aborted { .. } => false,
+            DbError::Aborted { .. } | DbError::MoveNotPrepared { .. } => false,
         }
     }
 }

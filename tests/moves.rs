@@ -68,23 +68,6 @@ async fn resume_when_free(
     panic!("the lease never ran out");
 }
 
-/// Aborts once a crashed mover's lease has run out.
-async fn abort_when_free(
-    control: &mut ControlPlane,
-    id: &TenantId,
-    options: &MoveOptions,
-) -> Result<moves::MoveStatus, MoveError> {
-    for _ in 0..100 {
-        match moves::abort(control, id, options).await {
-            Err(MoveError::LeaseHeld { .. }) => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            other => return other,
-        }
-    }
-    panic!("the lease never ran out");
-}
-
 /// Control database, two shards with the schema, map v1 with `tenant` pinned to a.
 async fn world(tenant: &str) -> World {
     let control_db = Shards::create(1).await;
@@ -1266,7 +1249,7 @@ async fn a_second_mover_is_refused_and_a_mover_whose_lease_was_taken_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bystander_write_does_not_wait_behind_a_move_beside_a_long_transaction() {
     let tenant = "moving";
-    let mut w = world(tenant).await;
+    let w = world(tenant).await;
     seed(&w.shards.url(0), tenant, 50).await;
     let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
         .await

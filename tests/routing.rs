@@ -401,7 +401,7 @@ async fn writers_roll_back_unless_committed() {
 }
 
 #[tokio::test]
-async fn a_moving_tenant_writes_to_both_shards_and_reads_by_phase() {
+async fn a_move_entry_written_by_hand_reads_by_phase_and_refuses_writes_clearly() {
     let shards = Shards::create(2).await;
     shards.run_everywhere(NOTES_SCHEMA).await;
     let moving = |version: u64, phase: &str| {
@@ -413,33 +413,33 @@ async fn a_moving_tenant_writes_to_both_shards_and_reads_by_phase() {
     };
     let router = ShardRouter::new(moving(1, "dual_write")).unwrap();
     let tenant = TenantId::new("globex").unwrap();
-
     let db = router.resolve(tenant.clone());
     assert_eq!(db.shard(), "a", "dual_write reads from the source");
+    // The shards were never prepared by a mover: the write fails, naming why,
+    // and nothing is written on either shard.
     let mut writer = db.write().await.unwrap();
-    let id = Uuid::new_v4();
     writer
         .execute(
             "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'both')",
-            &[&"globex", &id],
+            &[&"globex", &Uuid::new_v4()],
         )
         .await
         .unwrap();
-    writer.commit().await.unwrap();
-    assert_eq!(notes_of(&shards.url(0), "globex").await, 1);
-    assert_eq!(notes_of(&shards.url(1), "globex").await, 1);
-
-    router.apply(moving(2, "reversed")).unwrap();
-    let db = router.resolve(tenant);
-    assert_eq!(db.shard(), "b", "reversed reads from the target");
-    let mut writer = db.write().await.unwrap();
-    writer
-        .execute("DELETE FROM notes WHERE tenant_id = $1", &[&"globex"])
-        .await
-        .unwrap();
-    writer.commit().await.unwrap();
+    let err = writer.commit().await.unwrap_err();
+    assert!(
+        matches!(err, shard_router::DbError::MoveNotPrepared { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("shardctl tenant move"), "{err}");
     assert_eq!(notes_of(&shards.url(0), "globex").await, 0);
     assert_eq!(notes_of(&shards.url(1), "globex").await, 0);
+
+    router.apply(moving(2, "reversed")).unwrap();
+    assert_eq!(
+        router.resolve(tenant).shard(),
+        "b",
+        "reversed reads from the target"
+    );
 }
 
 #[tokio::test]
