@@ -2,7 +2,12 @@
 //!
 //! 1. the fence trigger's cost per written row (server-side inserts, so the
 //!    network does not hide it), against the same table without the trigger;
-//! 2. backfill throughput against raw `COPY` of the same rows, in the same run.
+//! 2. backfill throughput against raw `COPY` of the same rows, in the same run,
+//!    and a bystander tenant's write latency during that backfill against the
+//!    same writes with no move;
+//! 3. a single-statement write through `TenantDb::write` for a moving tenant
+//!    (row images applied on the other shard) against a tenant that is not
+//!    moving, p50 and p99.
 //!
 //! It creates its own databases (`srm_<pid>_...`) and drops them.
 
@@ -11,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures_util::{pin_mut, SinkExt, StreamExt};
 use shard_router::control::{ControlPlane, PublishOptions};
 use shard_router::moves::{self, MoveOptions, Step};
-use shard_router::TenantId;
+use shard_router::{ShardRouter, TenantId};
 use tokio_postgres::{Client, NoTls};
 
 const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
@@ -51,8 +56,39 @@ async fn main() {
     result.unwrap();
 }
 
+/// What `TenantDb::write` sends to declare map version 10 for its transaction.
+const DECLARE_10: &str = "BEGIN; SELECT set_config('shard_router.map_version', \
+     '10@' || extract(epoch FROM now())::text, true)";
+
+fn percentile(mut samples: Vec<Duration>, p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)]
+}
+
+/// `n` single-row inserts of `tenant` through the handle, one transaction each.
+async fn handle_writes(router: &ShardRouter, tenant: &str, n: usize) -> Vec<Duration> {
+    let tenant = TenantId::new(tenant).unwrap();
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = Instant::now();
+        let db = router.resolve(tenant.clone());
+        let mut w = db.write().await.unwrap();
+        w.execute(
+            "INSERT INTO items (tenant_id, id, n, body) VALUES ($1, gen_random_uuid(), $2, 'x')",
+            &[&tenant.as_str(), &(i as i64)],
+        )
+        .await
+        .unwrap();
+        w.commit().await.unwrap();
+        samples.push(started.elapsed());
+    }
+    samples
+}
+
 const SCHEMA: &str = "CREATE TABLE items (tenant_id text NOT NULL, id uuid PRIMARY KEY, \
                       n bigint NOT NULL, body text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
+
+static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 async fn run(names: Vec<String>) {
     let (control_db, a, b) = (&names[0], &names[1], &names[2]);
@@ -72,10 +108,7 @@ async fn run(names: Vec<String>) {
         async move {
             let mut samples = Vec::new();
             for _ in 0..5 {
-                source
-                    .batch_execute("BEGIN; SET LOCAL shard_router.map_version = '10'")
-                    .await
-                    .unwrap();
+                source.batch_execute(DECLARE_10).await.unwrap();
                 let started = Instant::now();
                 source.execute(&insert, &[&tenant]).await.unwrap();
                 samples.push(started.elapsed());
@@ -123,10 +156,7 @@ async fn run(names: Vec<String>) {
         async move {
             let mut samples = Vec::new();
             for _ in 0..5 {
-                source
-                    .batch_execute("BEGIN; SET LOCAL shard_router.map_version = '10'")
-                    .await
-                    .unwrap();
+                source.batch_execute(DECLARE_10).await.unwrap();
                 let statement = source
                     .prepare("INSERT INTO items (tenant_id, id, n, body) VALUES ($1, gen_random_uuid(), 1, 'x')")
                     .await
@@ -154,7 +184,7 @@ async fn run(names: Vec<String>) {
     // 2. Backfill against raw COPY, same rows.
     source
         .batch_execute(&format!(
-            "BEGIN; SET LOCAL shard_router.map_version = '100';
+            "BEGIN; SELECT set_config('shard_router.map_version', '100@' || extract(epoch FROM now())::text, true);
              INSERT INTO items (tenant_id, id, n, body) SELECT 'big', gen_random_uuid(), g, repeat('x', 64) FROM generate_series(1, {ROWS}) g;
              COMMIT"
         ))
@@ -192,11 +222,31 @@ async fn run(names: Vec<String>) {
     let big = TenantId::new("big").unwrap();
     let mut until_backfill = MoveOptions::default();
     until_backfill.until = Step::Backfill;
+    // A bystander on the source writes through its own router all along: first
+    // with no move, then during the move's start and backfill.
+    let router = ShardRouter::new(control.latest().await.unwrap().load().unwrap()).unwrap();
+    handle_writes(&router, "bystander", 200).await; // warm the pool and statements
+    let quiet = handle_writes(&router, "bystander", 1500).await;
+    let bystander = {
+        let router = router.clone();
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while samples.len() < 20_000 {
+                samples.extend(handle_writes(&router, "bystander", 50).await);
+                if DONE.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+            }
+            samples
+        })
+    };
     let started = Instant::now();
     moves::start(&mut control, &big, "b", &until_backfill, |_| {})
         .await
         .unwrap();
     let backfill = started.elapsed();
+    DONE.store(true, std::sync::atomic::Ordering::Relaxed);
+    let during = bystander.await.unwrap();
     let rate = |d: Duration| ROWS as f64 / d.as_secs_f64();
     println!("backfill of {ROWS} rows (5 columns, ~100 bytes each):");
     println!(
@@ -207,5 +257,33 @@ async fn run(names: Vec<String>) {
         "  move start + backfill (1000-row batches under the tenant lock): {backfill:?} ({:.0} rows/s, {:.2}x COPY's time)",
         rate(backfill),
         backfill.as_secs_f64() / copy.as_secs_f64()
+    );
+    let (q50, q99) = (percentile(quiet.clone(), 0.5), percentile(quiet, 0.99));
+    let (d50, d99) = (percentile(during.clone(), 0.5), percentile(during, 0.99));
+    println!("bystander single-row writes on the source (through the handle):");
+    println!("  no move:           p50 {q50:?}, p99 {q99:?}");
+    println!(
+        "  during backfill:   p50 {d50:?}, p99 {d99:?} ({:.2}x p99)",
+        d99.as_secs_f64() / q99.as_secs_f64()
+    );
+
+    // 3. A moving tenant's single-statement write against one not moving, on
+    //    the same shards, interleaved in rounds.
+    let router = ShardRouter::new(control.latest().await.unwrap().load().unwrap()).unwrap();
+    assert!(router.resolve(big.clone()).location().reason.as_str() == "move");
+    handle_writes(&router, "big", 200).await;
+    handle_writes(&router, "bystander", 200).await;
+    let (mut moving, mut still) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        moving.extend(handle_writes(&router, "big", 400).await);
+        still.extend(handle_writes(&router, "bystander", 400).await);
+    }
+    let (m50, m99) = (percentile(moving.clone(), 0.5), percentile(moving, 0.99));
+    let (s50, s99) = (percentile(still.clone(), 0.5), percentile(still, 0.99));
+    println!("single-statement write (BEGIN, INSERT, COMMIT through TenantDb::write), 2,000 each:");
+    println!("  tenant not moving:             p50 {s50:?}, p99 {s99:?}");
+    println!(
+        "  tenant moving (dual_write):    p50 {m50:?}, p99 {m99:?} ({:.2}x p50)",
+        m50.as_secs_f64() / s50.as_secs_f64()
     );
 }
