@@ -222,6 +222,9 @@ async fn run(names: Vec<String>) {
     let big = TenantId::new("big").unwrap();
     let mut until_backfill = MoveOptions::default();
     until_backfill.until = Step::Backfill;
+    until_backfill.max_rows_per_sec = std::env::var("MAX_ROWS_PER_SEC")
+        .ok()
+        .and_then(|v| v.parse().ok());
     // A bystander on the source writes through its own router all along: first
     // with no move, then during the move's start and backfill.
     let router = ShardRouter::new(control.latest().await.unwrap().load().unwrap()).unwrap();
@@ -260,7 +263,10 @@ async fn run(names: Vec<String>) {
     );
     let (q50, q99) = (percentile(quiet.clone(), 0.5), percentile(quiet, 0.99));
     let (d50, d99) = (percentile(during.clone(), 0.5), percentile(during, 0.99));
-    println!("bystander single-row writes on the source (through the handle):");
+    println!(
+        "bystander single-row writes on the source (through the handle), backfill throttle {:?} rows/s:",
+        until_backfill.max_rows_per_sec
+    );
     println!("  no move:           p50 {q50:?}, p99 {q99:?}");
     println!(
         "  during backfill:   p50 {d50:?}, p99 {d99:?} ({:.2}x p99)",

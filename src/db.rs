@@ -155,16 +155,16 @@ impl TenantDb {
             Reason::Move(route) => {
                 let tenant = self.tenant.as_str();
                 let reversed = route.phase == MovePhase::Reversed;
-                // Source first, and its lock before the target's connection, so
-                // every writer of the tenant, on any map version, queues in one
-                // place. The primary captures its changed rows; the secondary
-                // takes them in replica mode.
-                let source = self
-                    .begin(route.from, Begin::lock(!reversed, tenant))
-                    .await?;
-                let target = self
-                    .begin(route.to, Begin::mirror(reversed, tenant))
-                    .await?;
+                // Every writer of the tenant, on any map version, queues on the
+                // source's lock. The primary captures its changed rows; the
+                // secondary takes them in replica mode.
+                // Both sides open at once; the target's connection may then
+                // wait with the writer for the source's lock.
+                let (source, target) = tokio::join!(
+                    self.begin(route.from, Begin::lock(!reversed, tenant)),
+                    self.begin(route.to, Begin::mirror(reversed, tenant))
+                );
+                let (source, target) = (source?, target?);
                 let (primary, secondary) = if reversed {
                     (target, source)
                 } else {
@@ -676,7 +676,60 @@ impl TenantWriter {
             }
             Err(e) => return Err(self.fail(e)),
         };
-        // 2. Applied on the secondary.
+        let reversed = self.db.location.reason.is_reversed_move();
+        if !reversed {
+            // 2+3. dual_write: the secondary (the target) commits first, so its
+            //    apply and COMMIT go out together; a failed apply turns that
+            //    COMMIT into a rollback. Then the source, holding the lock.
+            secondary.clean = false;
+            let client = secondary.client();
+            // Prepared first (cached per connection): an unprepared statement
+            // would send its Execute only after its Parse came back, and the
+            // COMMIT would overtake it.
+            let statement = if images == "[]" {
+                None
+            } else {
+                match client.prepare_cached(APPLY_SQL).await {
+                    Ok(statement) => Some(statement),
+                    Err(e) => {
+                        secondary.clean = true;
+                        let err = self.db.query_error_on(secondary.shard, e);
+                        self.state = WriterState::Failed;
+                        return Err(err);
+                    }
+                }
+            };
+            let apply = async {
+                match &statement {
+                    None => Ok(0),
+                    Some(statement) => client.execute(statement, &[&images, &column]).await,
+                }
+            };
+            let (applied, committed) = tokio::join!(apply, client.batch_execute("COMMIT"));
+            secondary.clean = committed.is_ok();
+            let secondary_shard = secondary.shard;
+            if let Err(e) = applied.and(committed.map(|_| 0)) {
+                let err = self.db.query_error_on(secondary_shard, e);
+                self.db
+                    .table
+                    .report_move_failure(tenant.as_str(), err.to_string());
+                self.state = WriterState::Failed;
+                return Err(err);
+            }
+            drop(secondary.client.take()); // committed: back to the pool
+            let primary = self.primary_side();
+            let shard = primary.shard;
+            if let Err(e) = primary.end("COMMIT").await {
+                let err = self.db.query_error_on(shard, e);
+                self.db.table.report_move_failure(
+                    tenant.as_str(),
+                    format!("committed on one shard only: {err}"),
+                );
+                return Err(err);
+            }
+            return Ok(());
+        }
+        // 2. reversed: applied on the secondary (the source, holding the lock).
         if images != "[]" {
             secondary.clean = false;
             let applied = secondary
@@ -694,16 +747,11 @@ impl TenantWriter {
                 return Err(err);
             }
         }
-        // 3. The lock holder (the source) last: until it commits, no other
-        //    writer, backfill batch or verify of the tenant can run between the
-        //    two commits.
-        let reversed = self.db.location.reason.is_reversed_move();
-        let primary = self.primary_side();
-        let (first, last) = if reversed {
-            (primary, secondary)
-        } else {
-            (secondary, primary)
-        };
+        // The lock holder (the source) commits last in both phases: until it
+        // commits, no other writer, backfill batch or verify of the tenant can
+        // run between the two commits.
+        // 3. The target (primary) commits, then the source holding the lock.
+        let (first, last) = (self.primary_side(), secondary);
         let (first_shard, last_shard) = (first.shard, last.shard);
         if let Err(e) = first.end("COMMIT").await {
             // `last` rolls back when dropped: neither side has the write.

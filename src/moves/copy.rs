@@ -55,6 +55,8 @@ pub(crate) struct Copy<'a> {
     /// The move's lease, renewed before every batch: a mover that lost it
     /// stops before it copies more.
     pub(crate) lease: (&'a crate::control::ControlPlane, super::record::Lease),
+    /// At most this many rows per second (`None`: as fast as it goes).
+    pub(crate) max_rows_per_sec: Option<u64>,
 }
 
 impl Copy<'_> {
@@ -179,6 +181,7 @@ impl Copy<'_> {
         );
         let mut total = 0u64;
         let mut last: Option<String> = None;
+        let started = Instant::now();
         loop {
             super::record::renew(self.lease.0, self.tenant, self.lease.1).await?;
             begin(from, self.version, false).await?;
@@ -244,6 +247,14 @@ impl Copy<'_> {
                         table: name.clone(),
                         rows: n,
                     });
+                    if let Some(rate) = self.max_rows_per_sec.filter(|r| *r > 0) {
+                        // Sleep off what this table ran ahead of the rate,
+                        // outside any transaction and lock.
+                        let due = Duration::from_secs_f64(total as f64 / rate as f64);
+                        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                            tokio::time::sleep(ahead).await;
+                        }
+                    }
                     last = key;
                 }
                 Err(e) => {

@@ -128,6 +128,9 @@ pub struct MoveOptions {
     pub wait: Duration,
     /// Rows per backfill batch (each under the tenant lock). Default 1000.
     pub batch_rows: usize,
+    /// Backfill throttle: at most this many rows per second, so a move cannot
+    /// starve the source's other tenants. Default: none.
+    pub max_rows_per_sec: Option<u64>,
     /// Delete the tenant's rows from the source after complete. Default false.
     pub purge_source: bool,
     /// Stop after this step. Default: run to complete.
@@ -147,6 +150,7 @@ impl Default for MoveOptions {
         MoveOptions {
             wait: Duration::from_secs(30),
             batch_rows: 1000,
+            max_rows_per_sec: None,
             purge_source: false,
             until: Step::Complete,
             lease: Duration::from_secs(60),
@@ -805,6 +809,7 @@ impl<'a> Mover<'a> {
             version: map.version(),
             batch_rows: self.options.batch_rows,
             lease: (self.control, self.lease),
+            max_rows_per_sec: self.options.max_rows_per_sec,
         };
         let mut copied = serde_json::Map::new();
         for table in &tables {
@@ -958,6 +963,7 @@ impl<'a> Mover<'a> {
                     version: map.version(),
                     batch_rows: self.options.batch_rows,
                     lease: (self.control, self.lease),
+                    max_rows_per_sec: self.options.max_rows_per_sec,
                 };
                 for table in &tables {
                     copier.table(table, &mut |_| {}).await?;

@@ -114,6 +114,9 @@ pub(crate) enum TenantCommand {
         /// complete map, or to be silent this many seconds.
         #[arg(long, default_value = "600", value_name = "SECS")]
         purge_grace: u64,
+        /// Backfill at most this many rows per second (default: no limit).
+        #[arg(long, value_name = "ROWS")]
+        max_rows_per_sec: Option<u64>,
     },
     /// Phase, rows copied per table, checksums, versions, timings and errors of a tenant's move.
     MoveStatus {
@@ -207,6 +210,7 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
             wait,
             lease,
             purge_grace,
+            max_rows_per_sec,
         } => {
             let tenant = TenantId::new(&tenant).map_err(|e| format!("error: {tenant:?}: {e}"))?;
             let mut options = MoveOptions::default();
@@ -217,6 +221,7 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
             options.wait = Duration::from_secs(wait);
             options.lease = Duration::from_secs(lease);
             options.purge_grace = Duration::from_secs(purge_grace);
+            options.max_rows_per_sec = max_rows_per_sec;
             let bar = if json {
                 indicatif::ProgressBar::hidden()
             } else {
