@@ -66,7 +66,8 @@ async fn create_note(
     body: Result<Json<NewNote>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Note>), AppError> {
     let Json(new) = body.map_err(AppError::Body)?;
-    // The id is made here, not by a sequence: the same row must be writable to two shards.
+    // The id is made here so the response can name it without a RETURNING of it;
+    // database defaults work as well, moves copy the rows as written.
     let id = Uuid::new_v4();
     let mut writer = db.write().await?;
     let rows = writer

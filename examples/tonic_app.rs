@@ -51,7 +51,8 @@ impl Notes for NotesService {
     ) -> Result<Response<Note>, Status> {
         let db = TenantDb::from_grpc(&request)?;
         let body = request.into_inner().body;
-        // The id is made here, not by a sequence: the same row must be writable to two shards.
+        // The id is made here so the reply can name it; database defaults work as
+        // well, moves copy the rows as written.
         let id = Uuid::new_v4();
         let mut writer = db.write().await?;
         let rows = writer

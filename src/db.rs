@@ -141,7 +141,8 @@ impl TenantDb {
     /// ```no_run
     /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
     /// let mut writer = db.write().await?;
-    /// // The id is made here, not in SQL: during a move both shards must get the same row.
+    /// // Ids may come from the application or from the database (defaults, identity):
+    /// // during a move the other shard receives the row as it was written here.
     /// let id = uuid::Uuid::new_v4();
     /// writer
     ///     .execute("INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'hi')",
@@ -657,12 +658,14 @@ impl TenantWriter {
         let column = self.db.table.map().tenant_column().to_owned();
         // 1. The primary's captured row images, in the order they changed.
         self.primary.clean = false;
-        let images = self
-            .primary
-            .client()
-            .query_one(DRAIN_SQL, &[])
-            .await
-            .map(|row| row.get::<_, String>(0));
+        let client = self.primary.client();
+        let images = match client.prepare_cached(DRAIN_SQL).await {
+            Ok(drain) => client
+                .query_one(&drain, &[])
+                .await
+                .map(|row| row.get::<_, String>(0)),
+            Err(e) => Err(e),
+        };
         self.primary.clean = true;
         let images = match images {
             Ok(images) => images,
@@ -732,10 +735,11 @@ impl TenantWriter {
         // 2. reversed: applied on the secondary (the source, holding the lock).
         if images != "[]" {
             secondary.clean = false;
-            let applied = secondary
-                .client()
-                .execute(APPLY_SQL, &[&images, &column])
-                .await;
+            let client = secondary.client();
+            let applied = match client.prepare_cached(APPLY_SQL).await {
+                Ok(apply) => client.execute(&apply, &[&images, &column]).await,
+                Err(e) => Err(e),
+            };
             secondary.clean = true;
             if let Err(e) = applied {
                 let err = self.db.query_error_on(secondary.shard, e);

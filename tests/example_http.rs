@@ -118,3 +118,140 @@ async fn notes_api_over_http_routes_each_tenant_to_its_shard() {
     let (status, _) = http(addr, "POST", Some("acme"), "{not json").await;
     assert_eq!(status, 400);
 }
+
+/// The example app, following a control database, moves a tenant while
+/// clients POST and GET as fast as they can: the move completes and the target
+/// holds exactly the acknowledged notes, once each (`created_at DEFAULT now()`
+/// included: verify compares whole rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_of_the_example_moves_while_clients_post_and_get_at_full_speed() {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let shards = Shards::create(2).await;
+    let control_db = Shards::create(1).await;
+    let toml = common::map_toml(1, &shards, "[tenants]\nacme = \"a\"\n");
+    let map = MapLoader::without_env().load_str(&toml).unwrap();
+    let migrations =
+        Migrations::load(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/notes")).unwrap();
+    for report in shard_router::migrate::migrate(&map, &migrations, |_, _| {}).await {
+        report.outcome.unwrap();
+    }
+    let control_url = control_db.url(0);
+    let mut control = shard_router::control::ControlPlane::connect(&control_url)
+        .await
+        .unwrap();
+    control.init().await.unwrap();
+    control
+        .publish(&toml, &shard_router::control::PublishOptions::default())
+        .await
+        .unwrap();
+
+    let addr: SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let _server = common::Server(
+        Command::new(common::example_binary("axum_app"))
+            .args(["--control", &control_url, "--listen", &addr.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut ready = false;
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the example never listened on {addr}");
+
+    let acked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures: Arc<Mutex<Vec<(u16, String)>>> = Arc::default();
+    let clients: Vec<_> = (0..4)
+        .map(|k| {
+            let (acked, stop, failures) = (acked.clone(), stop.clone(), failures.clone());
+            tokio::spawn(async move {
+                let (mut posts, mut gets) = (0u32, 0u32);
+                while !stop.load(Ordering::Relaxed) {
+                    if k % 2 == 0 || posts % 4 != 0 {
+                        let (status, body) =
+                            http(addr, "POST", Some("acme"), "{\"body\":\"during the move\"}")
+                                .await;
+                        if status == 201 {
+                            let note: serde_json::Value = serde_json::from_str(&body).unwrap();
+                            acked
+                                .lock()
+                                .unwrap()
+                                .insert(note["id"].as_str().unwrap().to_owned());
+                        } else {
+                            failures.lock().unwrap().push((status, body));
+                        }
+                        posts += 1;
+                    } else {
+                        let (status, body) = http(addr, "GET", Some("acme"), "").await;
+                        if status != 200 {
+                            failures.lock().unwrap().push((status, body));
+                        }
+                        gets += 1;
+                        posts += 1;
+                    }
+                }
+                (posts, gets)
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let out = common::shardctl(
+        &control_url,
+        &[
+            "tenant",
+            "move",
+            "acme",
+            "--to",
+            "b",
+            "--purge-source",
+            "--wait",
+            "20",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut requests = 0;
+    for client in clients {
+        let (posts, _) = client.await.unwrap();
+        requests += posts;
+    }
+    let acked = acked.lock().unwrap().clone();
+    let failures = failures.lock().unwrap().clone();
+    println!(
+        "{requests} requests during the move, {} notes acknowledged, {} failed: {:?}",
+        acked.len(),
+        failures.len(),
+        failures.iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(failures.is_empty(), "no request failed because of the move");
+    let target = common::connect(&shards.url(1)).await;
+    let on_target: Vec<String> = target
+        .query("SELECT id::text FROM notes WHERE tenant_id = 'acme'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let unique: BTreeSet<String> = on_target.iter().cloned().collect();
+    assert_eq!(unique.len(), on_target.len(), "once each");
+    assert_eq!(unique, acked, "exactly the acknowledged notes");
+    assert_eq!(notes_of(&shards.url(0), "acme").await, 0, "source purged");
+}
