@@ -1598,3 +1598,68 @@ async fn purge_waits_for_a_router_that_has_not_confirmed_the_complete_map() {
     assert_eq!(status.phase, "complete");
     assert_eq!(count(&w.shards.url(0), "projects", tenant).await, 0);
 }
+
+#[tokio::test]
+async fn a_tenant_column_named_like_a_keyword_is_quoted_and_purge_touches_only_the_tenant() {
+    // Spliced unquoted, `WHERE user = 'x'` would compare CURRENT_USER: copy
+    // nothing, verify 0 = 0, and purge every tenant's rows.
+    let control_db = Shards::create(1).await;
+    let shards = Shards::create(2).await;
+    shards
+        .run_everywhere(
+            "CREATE TABLE docs (\"user\" text NOT NULL, id uuid PRIMARY KEY, body text NOT NULL)",
+        )
+        .await;
+    let source = connect(&shards.url(0)).await;
+    for (tenant, n) in [("alice", 30), ("postgres", 5)] {
+        for i in 0..n {
+            source
+                .execute(
+                    "INSERT INTO docs VALUES ($1, $2, $3)",
+                    &[&tenant, &Uuid::new_v4(), &format!("d{i}")],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let mut control = ControlPlane::connect(&control_db.url(0)).await.unwrap();
+    control.init().await.unwrap();
+    let toml = map_toml(1, &shards, "[tenants]\nalice = \"a\"\npostgres = \"a\"\n").replacen(
+        "version = 1\n",
+        "version = 1\ntenant_column = \"user\"\n",
+        1,
+    );
+    control
+        .publish(&toml, &PublishOptions::default())
+        .await
+        .unwrap();
+    let mut options = fast();
+    options.purge_source = true;
+    let status = moves::start(
+        &mut control,
+        &TenantId::new("alice").unwrap(),
+        "b",
+        &options,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.phase, "complete");
+    assert_eq!(status.state["rows_copied"]["public.docs"], 30);
+    let count_of = |url: String, tenant: &'static str| async move {
+        connect(&url)
+            .await
+            .query_one("SELECT count(*) FROM docs WHERE \"user\" = $1", &[&tenant])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(count_of(shards.url(1), "alice").await, 30);
+    assert_eq!(count_of(shards.url(0), "alice").await, 0);
+    assert_eq!(
+        count_of(shards.url(0), "postgres").await,
+        5,
+        "the other tenant untouched"
+    );
+    drop(control_db);
+}

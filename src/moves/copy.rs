@@ -280,7 +280,7 @@ pub(crate) async fn verify(
     tenant: &TenantId,
     column: &str,
     version: u64,
-    progress: &mut impl FnMut(Progress),
+    mut progress: impl FnMut(Progress),
 ) -> Result<(Vec<Mismatch>, serde_json::Map<String, serde_json::Value>), MoveError> {
     let col = quote_ident(column);
     begin(source, version, false).await?;
@@ -363,29 +363,40 @@ pub(crate) async fn wait_for_writers(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    poll_until_none(
+        client,
+        "SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'virtualxid' \
+         AND virtualxid = ANY ($1) AND granted",
+        &[&holders],
+        wait,
+    )
+    .await
+}
+
+/// Runs `sql` (it lists backend pids) until it lists none, for at most `wait`;
+/// then [`MoveError::WritersInFlight`] names those left.
+async fn poll_until_none(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    wait: Duration,
+) -> Result<(), MoveError> {
     let started = Instant::now();
     loop {
-        let open: Vec<i32> = client
-            .query(
-                "SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'virtualxid' \
-                 AND virtualxid = ANY ($1) AND granted",
-                &[&holders],
-            )
+        let pids: Vec<i32> = client
+            .query(sql, params)
             .await
             .map_err(MoveError::db)?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        if open.is_empty() {
+        if pids.is_empty() {
             return Ok(());
         }
         if started.elapsed() >= wait {
-            return Err(MoveError::WritersInFlight {
-                pids: open,
-                waited: wait,
-            });
+            return Err(MoveError::WritersInFlight { pids, waited: wait });
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -400,28 +411,15 @@ pub(crate) async fn wait_for_lock_holders(
 ) -> Result<(), MoveError> {
     let key = move_lock_key(tenant) as u64;
     let (high, low) = ((key >> 32) as u32, key as u32);
-    let started = Instant::now();
-    loop {
-        let pids: Vec<i32> = client
-            .query(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND database = \
-                 (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                 AND classid::text::bigint = $1 AND objid::text::bigint = $2 AND objsubid = 1",
-                &[&(high as i64), &(low as i64)],
-            )
-            .await
-            .map_err(MoveError::db)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if pids.is_empty() {
-            return Ok(());
-        }
-        if started.elapsed() >= wait {
-            return Err(MoveError::WritersInFlight { pids, waited: wait });
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    poll_until_none(
+        client,
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND database = \
+         (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND classid::text::bigint = $1 AND objid::text::bigint = $2 AND objsubid = 1",
+        &[&(high as i64), &(low as i64)],
+        wait,
+    )
+    .await
 }
 
 /// Tables whose primary key is drawn from a per-shard sequence (serial or

@@ -943,16 +943,18 @@ impl<'a> Mover<'a> {
             let (map, source, target) = self.shards().await?;
             let column = map.tenant_column().to_owned();
             let tables = catalog::tenant_tables(&target, &column).await?;
-            let (mismatches, _) = copy::verify(
-                &source,
-                &target,
-                &tables,
-                &self.tenant,
-                &column,
-                map.version(),
-                &mut |_| {},
-            )
-            .await?;
+            let verify = || {
+                copy::verify(
+                    &source,
+                    &target,
+                    &tables,
+                    &self.tenant,
+                    &column,
+                    map.version(),
+                    |_| {},
+                )
+            };
+            let (mismatches, _) = verify().await?;
             if !mismatches.is_empty() {
                 let copier = copy::Copy {
                     from: &target,
@@ -968,16 +970,7 @@ impl<'a> Mover<'a> {
                 for table in &tables {
                     copier.table(table, &mut |_| {}).await?;
                 }
-                let (mismatches, _) = copy::verify(
-                    &source,
-                    &target,
-                    &tables,
-                    &self.tenant,
-                    &column,
-                    map.version(),
-                    &mut |_| {},
-                )
-                .await?;
+                let (mismatches, _) = verify().await?;
                 if !mismatches.is_empty() {
                     return Err(MoveError::VerifyFailed {
                         tenant: self.tenant.to_string(),
