@@ -74,6 +74,9 @@ pub struct RoutingTable {
     limiters: Vec<Option<Arc<TenantLimiter>>>,
     /// Where dual-write failures go to be recorded on their move (shared by all tables).
     move_failures: MoveFailures,
+    /// How to apply row images to each (shard, table), built from the catalog
+    /// on first use during a move.
+    pub(crate) appliers: crate::db::apply::Appliers,
 }
 
 /// A dual write that failed on one side: (tenant, what happened).
@@ -239,6 +242,7 @@ impl ShardRouter {
             pools,
             limiters,
             move_failures: MoveFailures::default(),
+            appliers: Default::default(),
         };
         Ok(ShardRouter {
             inner: Arc::new(Inner {
@@ -321,6 +325,7 @@ impl ShardRouter {
             pools,
             limiters,
             move_failures: Arc::clone(&current.move_failures),
+            appliers: Default::default(),
         }));
         retired.retire(Arc::clone(&previous.map));
         tracing::info!(

@@ -15,10 +15,10 @@
 //!   row's final image (after defaults, identity, and every `BEFORE` trigger) in
 //!   the unlogged table `shard_router_capture`. A row of any other tenant
 //!   touched by such a transaction is refused.
-//! * **Apply.** `shard_router_apply(changes jsonb, tenant_column text)` replays
-//!   captured images on the other shard in order, by primary key, in replica
-//!   mode (the writer sets it), so foreign keys whose parents are not copied yet,
-//!   triggers and defaults on that shard cannot change or refuse the rows.
+//! * **Apply** (in the writer, `crate::db::apply`): the images are replayed on
+//!   the other shard in order, by primary key, in replica mode, so foreign keys
+//!   whose parents are not copied yet, triggers and defaults on that shard
+//!   cannot change or refuse the rows.
 
 use tokio_postgres::Client;
 
@@ -118,7 +118,6 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
                    CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);\n\
            RETURN NULL;\n\
          END $f$;\n\
-         {APPLY_FUNCTION}\n\
          {BOUND_FUNCTION}\n"
     );
     // Definitions only: no lock on any tenant table. One installer at a time
@@ -213,81 +212,6 @@ async fn retry_with_lock_timeout(
 /// version setting, left over from an earlier transaction, no longer matches.
 const BOUND_FUNCTION: &str = "CREATE OR REPLACE FUNCTION shard_router_tx_bound() RETURNS text \
     LANGUAGE sql STABLE AS $f$ SELECT extract(epoch FROM now())::text $f$;";
-
-/// Replays captured row images (a JSON array of `{t, op, old, new}`) in order.
-/// Inserts and updates upsert the new image with every stored column, identity
-/// values included (an update that changed the key first deletes the old key);
-/// deletes remove the old key. Every statement touches only rows of the image's
-/// tenant. Generated columns are recomputed by the shard. Each table's
-/// statements are built once per session and kept in a session setting keyed by
-/// the table's oid and column count.
-const APPLY_FUNCTION: &str = r#"CREATE OR REPLACE FUNCTION shard_router_apply(changes jsonb, tenant_column text)
-RETURNS integer LANGUAGE plpgsql AS $f$
-DECLARE
-  c jsonb;
-  rel regclass;
-  slot text;
-  spec text;
-  keys text;
-  cols text;
-  rest text;
-  upsert text;
-  del text;
-  keynames text;
-  n integer := 0;
-BEGIN
-  FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
-    rel := (c->>'t')::regclass;
-    SELECT 'shard_router.apply_' || oid || '_' || relnatts INTO slot FROM pg_class WHERE oid = rel;
-    spec := current_setting(slot, true);
-    IF spec IS NULL OR spec = '' THEN
-      SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord) INTO keys
-        FROM pg_index i
-        CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-       WHERE i.indrelid = rel AND i.indisprimary;
-      IF keys IS NULL THEN
-        RAISE EXCEPTION 'shard-router: % has no primary key; moves need one', rel;
-      END IF;
-      SELECT string_agg(a.attname, chr(2)) INTO keynames
-        FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-       WHERE i.indrelid = rel AND i.indisprimary;
-      SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum),
-             string_agg(CASE WHEN NOT (attname = ANY (
-                 SELECT a2.attname FROM pg_index i2
-                 JOIN pg_attribute a2 ON a2.attrelid = i2.indrelid AND a2.attnum = ANY (i2.indkey)
-                 WHERE i2.indrelid = rel AND i2.indisprimary))
-               THEN format('%I = EXCLUDED.%I', attname, attname) END, ', ' ORDER BY attnum)
-        INTO cols, rest
-        FROM pg_attribute
-       WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = '';
-      upsert := format('INSERT INTO %s AS t (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1) '
-                       'ON CONFLICT (%s) DO %s', rel, cols, cols, rel, keys,
-                       CASE WHEN rest IS NULL THEN 'NOTHING'
-                            ELSE format('UPDATE SET %s WHERE t.%I = EXCLUDED.%I', rest, tenant_column, tenant_column) END);
-      del := format('DELETE FROM %s t WHERE (%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1) r) '
-                    'AND t.%I = ($1->>%L)', rel, keys, keys, rel, tenant_column, tenant_column);
-      spec := upsert || chr(1) || del || chr(1) || keynames;
-      PERFORM set_config(slot, spec, false);
-    END IF;
-    upsert := split_part(spec, chr(1), 1);
-    del := split_part(spec, chr(1), 2);
-    keynames := split_part(spec, chr(1), 3);
-    IF c->>'op' = 'D' THEN
-      EXECUTE del USING c->'old';
-    ELSE
-      -- An update that changed the key: the old row goes first.
-      IF c->>'op' = 'U' AND EXISTS (
-           SELECT 1 FROM unnest(string_to_array(keynames, chr(2))) k
-            WHERE (c->'old'->k) IS DISTINCT FROM (c->'new'->k)) THEN
-        EXECUTE del USING c->'old';
-      END IF;
-      EXECUTE upsert USING c->'new';
-    END IF;
-    n := n + 1;
-  END LOOP;
-  RETURN n;
-END $f$;"#;
 
 /// Raises the tenant's fence to `version` (never lowers it) and marks it moving.
 pub(crate) async fn raise(client: &Client, tenant: &str, version: u64) -> Result<(), MoveError> {

@@ -15,6 +15,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+pub(crate) mod apply;
+
 use deadpool_postgres::{Object, PoolError};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
@@ -679,46 +681,26 @@ impl TenantWriter {
             }
             Err(e) => return Err(self.fail(e)),
         };
+        let images: Vec<apply::Image> = if images == "[]" {
+            Vec::new()
+        } else {
+            serde_json::from_str(&images).expect("the drain returns a JSON array of images")
+        };
         let reversed = self.db.location.reason.is_reversed_move();
+        // 2. Applied on the secondary, pipelined. In dual_write the secondary
+        //    (the target) commits first, so its COMMIT goes out with them; a
+        //    failed image turns that COMMIT into a rollback.
+        let applied = apply_images(&self.db, &mut secondary, &column, &images, !reversed).await;
+        if let Err(e) = applied {
+            let err = self.db.query_error_on(secondary.shard, e);
+            // The write fails and nothing commits; the move hears of it.
+            self.db
+                .table
+                .report_move_failure(tenant.as_str(), err.to_string());
+            self.state = WriterState::Failed;
+            return Err(err);
+        }
         if !reversed {
-            // 2+3. dual_write: the secondary (the target) commits first, so its
-            //    apply and COMMIT go out together; a failed apply turns that
-            //    COMMIT into a rollback. Then the source, holding the lock.
-            secondary.clean = false;
-            let client = secondary.client();
-            // Prepared first (cached per connection): an unprepared statement
-            // would send its Execute only after its Parse came back, and the
-            // COMMIT would overtake it.
-            let statement = if images == "[]" {
-                None
-            } else {
-                match client.prepare_cached(APPLY_SQL).await {
-                    Ok(statement) => Some(statement),
-                    Err(e) => {
-                        secondary.clean = true;
-                        let err = self.db.query_error_on(secondary.shard, e);
-                        self.state = WriterState::Failed;
-                        return Err(err);
-                    }
-                }
-            };
-            let apply = async {
-                match &statement {
-                    None => Ok(0),
-                    Some(statement) => client.execute(statement, &[&images, &column]).await,
-                }
-            };
-            let (applied, committed) = tokio::join!(apply, client.batch_execute("COMMIT"));
-            secondary.clean = committed.is_ok();
-            let secondary_shard = secondary.shard;
-            if let Err(e) = applied.and(committed.map(|_| 0)) {
-                let err = self.db.query_error_on(secondary_shard, e);
-                self.db
-                    .table
-                    .report_move_failure(tenant.as_str(), err.to_string());
-                self.state = WriterState::Failed;
-                return Err(err);
-            }
             drop(secondary.client.take()); // committed: back to the pool
             let primary = self.primary_side();
             let shard = primary.shard;
@@ -731,25 +713,6 @@ impl TenantWriter {
                 return Err(err);
             }
             return Ok(());
-        }
-        // 2. reversed: applied on the secondary (the source, holding the lock).
-        if images != "[]" {
-            secondary.clean = false;
-            let client = secondary.client();
-            let applied = match client.prepare_cached(APPLY_SQL).await {
-                Ok(apply) => client.execute(&apply, &[&images, &column]).await,
-                Err(e) => Err(e),
-            };
-            secondary.clean = true;
-            if let Err(e) = applied {
-                let err = self.db.query_error_on(secondary.shard, e);
-                // The write fails and nothing commits; the move hears of it.
-                self.db
-                    .table
-                    .report_move_failure(tenant.as_str(), err.to_string());
-                self.state = WriterState::Failed;
-                return Err(err);
-            }
         }
         // The lock holder (the source) commits last in both phases: until it
         // commits, no other writer, backfill batch or verify of the tenant can
@@ -820,8 +783,51 @@ const DRAIN_SQL: &str = "WITH d AS (DELETE FROM shard_router_capture WHERE xid =
      SELECT coalesce(jsonb_agg(jsonb_build_object('t', tbl::text, 'op', op, 'old', old, 'new', new) \
      ORDER BY seq)::text, '[]') FROM d";
 
-/// Applies row images on the secondary (see [`crate::moves::fence`]).
-const APPLY_SQL: &str = "SELECT shard_router_apply($1::text::jsonb, $2::text)";
+/// Applies `images` on `side` (the secondary) in one round trip, followed by
+/// its `COMMIT` when `commit`. Statements are prepared first (cached per
+/// connection): an unprepared one would send its Execute only after its Parse
+/// came back, and the COMMIT would overtake it.
+async fn apply_images(
+    db: &TenantDb,
+    side: &mut Side,
+    column: &str,
+    images: &[apply::Image],
+    commit: bool,
+) -> Result<(), tokio_postgres::Error> {
+    side.clean = false;
+    let client = side.client();
+    let statements =
+        apply::statements(&db.table.appliers, side.shard, client, column, images).await?;
+    let mut prepared = Vec::with_capacity(statements.len());
+    for (sql, param) in &statements {
+        prepared.push((client.prepare_cached(sql).await?, param));
+    }
+    let params: Vec<[&(dyn ToSql + Sync); 1]> = prepared
+        .iter()
+        .map(|(_, param)| [*param as &(dyn ToSql + Sync)])
+        .collect();
+    let applies = futures_util::future::join_all(
+        prepared
+            .iter()
+            .zip(&params)
+            .map(|((statement, _), param)| client.execute(statement, param)),
+    );
+    let result = if commit {
+        let (applied, committed) = tokio::join!(applies, client.batch_execute("COMMIT"));
+        applied
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .and(committed)
+    } else {
+        applies
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map(|_| ())
+    };
+    side.clean = true;
+    result
+}
 
 impl fmt::Debug for TenantWriter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
