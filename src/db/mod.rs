@@ -285,6 +285,9 @@ impl TenantDb {
             // Row images from the primary: the shard's own triggers, defaults
             // and foreign-key checks must not change or refuse them.
             head.push_str("; SET LOCAL session_replication_role = replica");
+            // The images' statements are the same every time: plan them once
+            // per connection instead of at every bind.
+            head.push_str("; SET LOCAL plan_cache_mode = force_generic_plan");
         }
         let result = match (how.capture, how.lock) {
             (None, false) => client.batch_execute(&head).await,
