@@ -138,3 +138,46 @@ fn show_redacts_passwords_and_env_overrides_apply() {
     assert_eq!(json["shards"][0]["url"], "postgres://ops:***@db-a2/app");
     assert_eq!(json["tenants"]["acme"], "b");
 }
+
+#[test]
+fn no_output_surface_shows_a_password_in_any_url_form_or_parse_error() {
+    let map = "version = 3\n\
+        [shards.a]\nurl = \"host=db-a user=app password=k3yvalue dbname=app\"\n\
+        [shards.b]\nurl = \"postgres://app@db-b/app?password=qu3ry&sslmode=prefer\"\n";
+    let path = write_map("secrets.toml", map);
+    for args in [
+        vec!["map", "show", path.to_str().unwrap()],
+        vec!["--json", "map", "show", path.to_str().unwrap()],
+        vec!["map", "validate", path.to_str().unwrap()],
+        vec![
+            "--json",
+            "tenant",
+            "locate",
+            "acme",
+            "--map",
+            path.to_str().unwrap(),
+        ],
+    ] {
+        let out = shardctl(&args);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{args:?}: {all}");
+        assert!(
+            !all.contains("k3yvalue") && !all.contains("qu3ry"),
+            "{args:?}: {all}"
+        );
+    }
+    // A map that fails to parse: the error names the line, never echoes it.
+    let broken = write_map(
+        "broken.toml",
+        "version = 3\n[shards.a]\nurl = \"postgres://app:l1nesecret@db/a\" trailing\n",
+    );
+    let out = shardctl(&["map", "validate", broken.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!err.contains("l1nesecret"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+}

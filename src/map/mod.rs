@@ -553,13 +553,128 @@ impl Eq for ShardMap {}
 /// Replaces the password of a `postgres://user:password@host/db` URL with `***`.
 pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return redact_key_values(url);
     };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
+    let (authority_and_path, query) = match rest.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (rest, None),
     };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    let head = match authority_and_path.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => authority_and_path.to_owned(),
+        },
+        None => authority_and_path.to_owned(),
+    };
+    match query {
+        None => format!("{scheme}://{head}"),
+        Some(query) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{scheme}://{head}?{}", params.join("&"))
+        }
+    }
+}
+
+/// Keys whose values are secrets, in URLs and key=value connection strings.
+fn is_secret_key(key: &str) -> bool {
+    key.trim().to_ascii_lowercase().ends_with("password")
+}
+
+/// `host=h password=secret dbname=d` with secret values replaced (quoted
+/// values, with `\'` escapes, included).
+fn redact_key_values(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            out.push(c);
+            chars.next();
+            continue;
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek() != Some(&'=') {
+            out.push_str(&key);
+            continue;
+        }
+        chars.next();
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            value.push(chars.next().expect("peeked"));
+            while let Some(c) = chars.next() {
+                value.push(c);
+                if c == '\\' {
+                    if let Some(escaped) = chars.next() {
+                        value.push(escaped);
+                    }
+                } else if c == '\'' {
+                    break;
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        out.push_str(&key);
+        out.push('=');
+        out.push_str(if is_secret_key(&key) { "***" } else { &value });
+    }
+    out
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::redact_url;
+
+    #[test]
+    fn every_form_of_a_password_is_redacted() {
+        for (url, want) in [
+            ("postgres://app:s3cret@db/a", "postgres://app:***@db/a"),
+            (
+                "postgres://app@db/a?password=s3cret&sslmode=require",
+                "postgres://app@db/a?password=***&sslmode=require",
+            ),
+            (
+                "postgresql://db/a?user=app&PASSWORD=s3cret",
+                "postgresql://db/a?user=app&PASSWORD=***",
+            ),
+            (
+                "host=db user=app password=s3cret dbname=a",
+                "host=db user=app password=*** dbname=a",
+            ),
+            (
+                "host=db password = 's3 \\'cret' dbname=a",
+                "host=db password=*** dbname=a",
+            ),
+            ("host=db sslpassword=s3cret", "host=db sslpassword=***"),
+            ("postgres://db/a", "postgres://db/a"),
+        ] {
+            let got = redact_url(url);
+            assert_eq!(got, want, "{url}");
+            assert!(!got.contains("s3"), "{got}");
+        }
     }
 }
