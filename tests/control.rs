@@ -554,3 +554,33 @@ async fn cli_commands_read_the_newest_map_from_the_control_database() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["newest_version"], 1);
 }
+
+#[tokio::test]
+async fn agent_options_that_cannot_work_are_refused_and_a_router_ahead_is_named() {
+    let (control_db, shards, mut control) = setup(1).await;
+    control
+        .publish(&map_toml(2, &shards, ""), &PublishOptions::default())
+        .await
+        .unwrap();
+    let url = control_db.url(0);
+    for (heartbeat, lease) in [(0, 800), (900, 800), (800, 800)] {
+        let mut o = options("bad");
+        o.heartbeat = Duration::from_millis(heartbeat);
+        o.lease = Duration::from_millis(lease);
+        let err = ControlAgent::start(&url, o).await.unwrap_err();
+        assert!(
+            err.to_string().contains("invalid control agent options"),
+            "{err}"
+        );
+    }
+    // A router on version 9 while the newest is 2 (a restored control database).
+    control_db_exec(
+        &url,
+        "INSERT INTO shard_router_routers VALUES ('restored', 'h', 9, now(), now(), 60000)",
+    )
+    .await;
+    let out = common::shardctl(&url, &["routers"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("AHEAD of the newest version"), "{text}");
+    assert!(!text.contains("behind"), "{text}");
+}

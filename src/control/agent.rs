@@ -90,6 +90,17 @@ impl ControlAgent {
         url: &str,
         options: ControlOptions,
     ) -> Result<(ShardRouter, ControlAgent), ControlError> {
+        if options.heartbeat.is_zero() || options.poll.is_zero() {
+            return Err(ControlError::InvalidOptions(
+                "heartbeat and poll must be longer than zero".into(),
+            ));
+        }
+        if options.heartbeat >= options.lease {
+            return Err(ControlError::InvalidOptions(format!(
+                "heartbeat ({:?}) must be shorter than the lease ({:?}), or the router looks stopped between heartbeats",
+                options.heartbeat, options.lease
+            )));
+        }
         let session = Session::open(url).await?;
         let control = ControlPlane {
             client: session.client,

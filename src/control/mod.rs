@@ -76,6 +76,10 @@ pub enum ControlError {
     /// The control schema is missing: run `shardctl control init`.
     #[error("the control database has no shard-router schema; run `shardctl control init --control URL`")]
     NotInitialized,
+    /// The agent's options cannot work (a zero heartbeat, or a heartbeat not
+    /// shorter than the lease, which would make a live router look stopped).
+    #[error("invalid control agent options: {0}")]
+    InvalidOptions(String),
     /// No map has been published yet.
     #[error("no shard map has been published to the control database yet")]
     NoMap,

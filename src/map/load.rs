@@ -241,15 +241,20 @@ mod tests {
     }
 
     #[test]
-    fn environment_cannot_invent_a_shard() {
-        let err = MapLoader::with_env_vars("SR", vars(&[("SR__SHARDS__B__URL", "postgres://x/b")]))
+    fn environment_cannot_invent_a_shard_and_a_leftover_one_is_ignored() {
+        // A variable left over for shard b (removed from the map): the map
+        // loads as the file says, without b, and routers keep working.
+        let map = MapLoader::with_env_vars("SR", vars(&[("SR__SHARDS__B__URL", "postgres://x/b")]))
             .load_str(FILE)
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("shards.b: only set by an environment override"),
-            "{err}"
-        );
+            .unwrap();
+        assert!(map.shard_index("b").is_none());
+        assert_eq!(map.shards().len(), 1);
+        // A typo in a key of a declared shard is still refused.
+        let err =
+            MapLoader::with_env_vars("SR", vars(&[("SR__SHARDS__A__URLL", "postgres://x/a")]))
+                .load_str(FILE)
+                .unwrap_err();
+        assert!(err.to_string().contains("urll"), "{err}");
     }
 
     #[test]

@@ -184,7 +184,8 @@ fn valid_identifier(name: &str) -> bool {
 }
 
 impl RawMap {
-    /// Lays environment overrides over the file. Refuses shards the file lacks.
+    /// Lays environment overrides over the file. Overrides of shards the file
+    /// lacks are ignored with a warning: they never add a shard.
     pub(super) fn apply(&mut self, overrides: RawOverrides) -> Result<(), MapError> {
         fn set<T>(target: &mut Option<T>, value: Option<T>) {
             if value.is_some() {
@@ -200,14 +201,16 @@ impl RawMap {
                 placement.vnodes,
             );
         }
-        let mut invented = Vec::new();
         for (name, o) in overrides.shards {
             let Some(shard) = self.shards.get_mut(&name) else {
-                invented.push(Problem {
-                    field: format!("shards.{name}"),
-                    reason: "only set by an environment override; declare the shard in the file"
-                        .to_owned(),
-                });
+                // A leftover variable for a shard the map no longer declares
+                // (removed, or a map from before it was added): it never adds
+                // a shard, and refusing it would stop every router on the next
+                // map. Typos in keys of known shards are still refused.
+                tracing::warn!(
+                    shard = %name,
+                    "environment override for a shard this map does not declare; ignored"
+                );
                 continue;
             };
             set(&mut shard.url, o.url);
@@ -223,11 +226,7 @@ impl RawMap {
                 );
             }
         }
-        if invented.is_empty() {
-            Ok(())
-        } else {
-            Err(MapError::Invalid { problems: invented })
-        }
+        Ok(())
     }
 
     pub(super) fn validate(self) -> Result<ShardMap, MapError> {

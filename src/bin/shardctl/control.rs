@@ -52,12 +52,13 @@ pub(crate) fn routers(arg: &ControlArg, json: bool) -> Result<(), String> {
             "instance", "host", "version", "last seen"
         );
         for r in &routers {
-            let state = if r.is_stale() {
-                "STALE"
-            } else if Some(r.applied_version) == newest {
-                "current"
-            } else {
-                "behind"
+            let state = match newest {
+                _ if r.is_stale() => "STALE",
+                Some(newest) if r.applied_version > newest => {
+                    "AHEAD of the newest version (was the control database restored?)"
+                }
+                Some(newest) if r.applied_version == newest => "current",
+                _ => "behind",
             };
             println!(
                 "{:<40} {:<20} {:>8} {:>10}ms  {state}",
