@@ -278,7 +278,8 @@ impl TenantExtractor for HeaderExtractor {
 /// Reads the tenant from the first label of the host under a base domain:
 /// `acme.example.com` with base `example.com` is tenant `acme`.
 ///
-/// The host comes from the `Host` header, or from the URI's authority for HTTP/2.
+/// The host comes from the URI's authority (HTTP/2's `:authority`, which takes
+/// precedence over a `Host` header), or else from the `Host` header.
 /// Host names are case-insensitive, so the label is lowercased. A port is ignored.
 ///
 /// ```
@@ -313,12 +314,17 @@ impl SubdomainExtractor {
 impl TenantExtractor for SubdomainExtractor {
     fn extract(&self, parts: &Parts) -> Result<TenantId, ExtractError> {
         const WHAT: &str = "a subdomain of the base domain in the host";
-        let host = match parts.headers.get(http::header::HOST) {
-            Some(value) => value.to_str().map_err(|_| TenantIdError::NotUtf8)?,
+        // The URI's authority first: HTTP/2 carries the host there (`:authority`,
+        // which takes precedence over any `Host` header), as does an
+        // absolute-form HTTP/1.1 request; otherwise the `Host` header.
+        let host = match parts.uri.host() {
+            Some(host) => host,
             None => parts
-                .uri
-                .host()
-                .ok_or(ExtractError::Missing { what: WHAT })?,
+                .headers
+                .get(http::header::HOST)
+                .ok_or(ExtractError::Missing { what: WHAT })?
+                .to_str()
+                .map_err(|_| TenantIdError::NotUtf8)?,
         };
         let host = host.rsplit_once(':').map_or(host, |(name, port)| {
             if port.bytes().all(|b| b.is_ascii_digit()) {
@@ -434,6 +440,26 @@ mod tests {
             ex.extract(&parts(twice)),
             Err(ExtractError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn subdomain_extractor_prefers_the_authority_of_http2_over_host() {
+        let extractor = SubdomainExtractor::new("example.com");
+        let (parts, _) = http::Request::builder()
+            .version(http::Version::HTTP_2)
+            .uri("https://globex.example.com/notes")
+            .header("host", "acme.example.com")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert_eq!(extractor.extract(&parts).unwrap().as_str(), "globex");
+        let (parts, _) = http::Request::builder()
+            .uri("/notes")
+            .header("host", "acme.example.com")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert_eq!(extractor.extract(&parts).unwrap().as_str(), "acme");
     }
 
     #[test]
