@@ -140,6 +140,118 @@ pub enum FolderError {
         /// The folder.
         path: PathBuf,
     },
+    /// A file controls its own transaction. Each file runs in one transaction
+    /// that `migrate` commits or rolls back; a `COMMIT` inside it would apply
+    /// part of the file and leave the shard between versions.
+    #[error("{path}: statement {statement} is `{keyword}`; migration files run in one transaction each and may not begin, commit or roll back their own (split the file instead)")]
+    TransactionControl {
+        /// The file.
+        path: PathBuf,
+        /// The statement's position in the file, from 1.
+        statement: usize,
+        /// The keyword found.
+        keyword: String,
+    },
+}
+
+/// The first transaction-control statement of `sql` (`BEGIN`, `START`,
+/// `COMMIT`, `END`, `ROLLBACK`, `ABORT`, `SAVEPOINT`, `RELEASE`, `PREPARE
+/// TRANSACTION`), as (statement number from 1, keyword). Strings, quoted
+/// identifiers, comments and dollar-quoted bodies (where a function's `BEGIN`
+/// and `END` live) are skipped.
+fn transaction_control(sql: &str) -> Option<(usize, String)> {
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    let mut statement = 1;
+    let mut at_start = true;
+    while i < bytes.len() {
+        let c = bytes[i];
+        match c {
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < bytes.len() && !(bytes[i] == b'*' && bytes[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 2;
+                continue;
+            }
+            b'\'' | b'"' => {
+                at_start = false;
+                i += 1;
+                while i < bytes.len() && bytes[i] != c {
+                    i += 1;
+                }
+                i += 1;
+                continue;
+            }
+            b'$' => {
+                // $tag$ ... $tag$ (tag: letters, digits, _; may be empty).
+                let tag_end = bytes[i + 1..]
+                    .iter()
+                    .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+                    .map(|n| i + 1 + n);
+                if let Some(end) = tag_end.filter(|e| bytes.get(*e) == Some(&b'$')) {
+                    let tag = &sql[i..=end];
+                    at_start = false;
+                    match sql[end + 1..].find(tag) {
+                        Some(close) => i = end + 1 + close + tag.len(),
+                        None => i = bytes.len(),
+                    }
+                    continue;
+                }
+                i += 1;
+                continue;
+            }
+            b';' => {
+                statement += 1;
+                at_start = true;
+                i += 1;
+                continue;
+            }
+            c if c.is_ascii_whitespace() => {
+                i += 1;
+                continue;
+            }
+            c if at_start && c.is_ascii_alphabetic() => {
+                let start = i;
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                    i += 1;
+                }
+                let word = sql[start..i].to_ascii_uppercase();
+                at_start = false;
+                let control = matches!(
+                    word.as_str(),
+                    "BEGIN"
+                        | "START"
+                        | "COMMIT"
+                        | "END"
+                        | "ROLLBACK"
+                        | "ABORT"
+                        | "SAVEPOINT"
+                        | "RELEASE"
+                ) || (word == "PREPARE"
+                    && sql[i..]
+                        .trim_start()
+                        .to_ascii_uppercase()
+                        .starts_with("TRANSACTION"));
+                if control {
+                    return Some((statement, word));
+                }
+                continue;
+            }
+            _ => {
+                at_start = false;
+                i += 1;
+            }
+        }
+    }
+    None
 }
 
 impl Migrations {
@@ -184,6 +296,13 @@ impl Migrations {
                 .ok_or_else(bad_name)?;
             let version: u32 = version.parse().map_err(|_| bad_name())?;
             let sql = std::fs::read_to_string(&path).map_err(|e| read(&path, e))?;
+            if let Some((statement, keyword)) = transaction_control(&sql) {
+                return Err(FolderError::TransactionControl {
+                    path,
+                    statement,
+                    keyword,
+                });
+            }
             let migration = Migration::unapplied(&stem, &sql).map_err(|_| bad_name())?;
             files.push(MigrationFile {
                 version,
@@ -612,6 +731,33 @@ mod tests {
         let labels: Vec<_> = m.files().iter().map(|f| f.label()).collect();
         assert_eq!(labels, ["V1__a", "V2__b"]);
         assert_eq!(m.latest(), 2);
+    }
+
+    #[test]
+    fn transaction_control_is_found_outside_strings_comments_and_bodies() {
+        use super::transaction_control;
+        assert_eq!(
+            transaction_control("CREATE TABLE t (a int);\nCOMMIT;\nINSERT INTO t VALUES (1);"),
+            Some((2, "COMMIT".into()))
+        );
+        assert_eq!(
+            transaction_control("begin; create table t (a int);"),
+            Some((1, "BEGIN".into()))
+        );
+        assert_eq!(
+            transaction_control("PREPARE TRANSACTION 'x';"),
+            Some((1, "PREPARE".into()))
+        );
+        for fine in [
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$\nBEGIN\n  PERFORM 1;\nEND $$;",
+            "CREATE FUNCTION g() RETURNS void LANGUAGE plpgsql AS $body$ BEGIN COMMIT; END $body$;",
+            "INSERT INTO t VALUES ('COMMIT; BEGIN');",
+            "-- COMMIT;\nCREATE TABLE \"commit\" (a int); /* ROLLBACK; */",
+            "DO $$ BEGIN END $$; CREATE INDEX i ON t (a);",
+            "PREPARE q AS SELECT 1;",
+        ] {
+            assert_eq!(transaction_control(fine), None, "{fine}");
+        }
     }
 
     #[test]

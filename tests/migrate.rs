@@ -292,3 +292,47 @@ async fn a_down_shard_is_named_the_others_migrate_and_a_rerun_finishes_it() {
     assert_eq!(reports[1].applied, [1, 2]);
     assert_eq!(state(&shards.url(1)).await, (vec![1, 2], vec![1, 2]));
 }
+
+#[tokio::test]
+async fn a_file_with_its_own_commit_is_refused_before_any_shard_is_touched() {
+    let shards = Shards::create(1).await;
+    // Run in one transaction, this file would commit its first half, fail, and
+    // leave the shard between versions with no history row.
+    let own_commit = (
+        "V2__own_commit.sql",
+        "CREATE TABLE half (id int);\nCOMMIT;\nINSERT INTO nowhere VALUES (1);",
+    );
+    // A function body's BEGIN ... END is not transaction control.
+    let function = (
+        "V3__function.sql",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$ BEGIN RETURN 1; END $$;",
+    );
+    let err = Migrations::load(folder(&[V1, own_commit, function])).unwrap_err();
+    assert!(
+        matches!(&err, FolderError::TransactionControl { statement: 2, keyword, .. } if keyword == "COMMIT"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("V2__own_commit.sql"), "{err}");
+    assert!(Migrations::load(folder(&[V1, ("V2__function.sql", function.1)])).is_ok());
+
+    let dir = folder(&[V1, own_commit]);
+    let map_file = dir.join("map.toml");
+    std::fs::write(&map_file, common::map_toml(1, &shards, "")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args([
+            "migrate",
+            "--map",
+            map_file.to_str().unwrap(),
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`COMMIT`"));
+    assert_eq!(
+        state(&shards.url(0)).await,
+        (vec![], vec![]),
+        "nothing ran, not even V1"
+    );
+}
