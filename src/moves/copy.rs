@@ -109,29 +109,30 @@ impl Copy<'_> {
         };
         // COPY takes no parameters: tenant and resume key travel in
         // transaction-local settings, so no value is ever spliced into SQL.
-        let after = format!(
-            "({order}) > (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, \
-             current_setting('shard_router.copy_after')::jsonb) r)",
-            keys = table
-                .key
-                .iter()
-                .map(|k| format!("r.{k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        // The table's key compared with a key held in a setting, as a JSON row.
+        let key_vs = |op: &str, setting: &str| {
+            format!(
+                "({order}) {op} (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, \
+                 current_setting('{setting}')::jsonb) r)",
+                keys = table
+                    .key
+                    .iter()
+                    .map(|k| format!("r.{k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let descending = table
+            .key
+            .iter()
+            .map(|k| format!("{k} DESC"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let after = key_vs(">", "shard_router.copy_after");
         // Rows with a key past the last one when the copy began were written
         // after dual writes began, so row images brought them already: the
         // copy stops there instead of chasing an append-only key.
-        let until = format!(
-            "({order}) <= (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, \
-             current_setting('shard_router.copy_until')::jsonb) r)",
-            keys = table
-                .key
-                .iter()
-                .map(|k| format!("r.{k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        let until = key_vs("<=", "shard_router.copy_until");
         let select = |resume: bool| {
             format!(
                 "COPY (SELECT {columns} FROM {name} WHERE {col} = current_setting('shard_router.copy_tenant') \
@@ -144,13 +145,7 @@ impl Copy<'_> {
             .query_opt(
                 &format!(
                     "SELECT to_jsonb(r)::text FROM (SELECT {order} FROM {name} WHERE {col} = $1 \
-                     ORDER BY {} LIMIT 1) r",
-                    table
-                        .key
-                        .iter()
-                        .map(|k| format!("{k} DESC"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                     ORDER BY {descending} LIMIT 1) r"
                 ),
                 &[&self.tenant.as_str()],
             )
@@ -171,13 +166,7 @@ impl Copy<'_> {
              SELECT {columns} FROM pg_temp.shard_router_stage ON CONFLICT ({order}) {on_conflict}"
         );
         let last_key = format!(
-            "SELECT to_jsonb(s)::text FROM pg_temp.shard_router_stage s ORDER BY {} LIMIT 1",
-            table
-                .key
-                .iter()
-                .map(|k| format!("{k} DESC"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "SELECT to_jsonb(s)::text FROM pg_temp.shard_router_stage s ORDER BY {descending} LIMIT 1"
         );
         let mut total = 0u64;
         let mut last: Option<String> = None;

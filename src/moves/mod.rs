@@ -499,7 +499,7 @@ async fn run(
     }
     .await;
     mover.finish(result).await?;
-    recorded_status(mover.control, tenant).await
+    self::recorded(mover.control, tenant).await
 }
 
 fn no_move(tenant: &TenantId) -> MoveError {
@@ -513,13 +513,6 @@ async fn recorded(control: &ControlPlane, tenant: &TenantId) -> Result<MoveStatu
     record::load(control, tenant)
         .await?
         .ok_or_else(|| no_move(tenant))
-}
-
-async fn recorded_status(
-    control: &ControlPlane,
-    tenant: &TenantId,
-) -> Result<MoveStatus, MoveError> {
-    recorded(control, tenant).await
 }
 
 /// Aborts the tenant's unfinished move: after cutover, the source is checked
@@ -570,7 +563,7 @@ pub async fn abort(
         Err(e) => Err(e),
     };
     mover.finish(result).await?;
-    recorded_status(mover.control, tenant).await
+    self::recorded(mover.control, tenant).await
 }
 
 /// The tenant's move as recorded, if it ever had one.
@@ -661,6 +654,11 @@ impl<'a> Mover<'a> {
         }
         record::release(self.control, &self.tenant, self.lease).await;
         result
+    }
+
+    /// Merges `patch` into the move's recorded state (rows copied, checksums, versions).
+    async fn note(&self, patch: serde_json::Value) -> Result<(), MoveError> {
+        record::progress(self.control, &self.tenant, self.lease, patch).await
     }
 
     async fn renew(&self) -> Result<(), MoveError> {
@@ -787,13 +785,7 @@ impl<'a> Mover<'a> {
     }
 
     async fn record_version(&mut self, what: &str, version: u64) -> Result<(), MoveError> {
-        record::progress(
-            self.control,
-            &self.tenant,
-            self.lease,
-            json!({ "versions": { what: version } }),
-        )
-        .await
+        self.note(json!({ "versions": { what: version } })).await
     }
 
     async fn backfill(&mut self, progress: &mut impl FnMut(Progress)) -> Result<(), MoveError> {
@@ -815,13 +807,7 @@ impl<'a> Mover<'a> {
         for table in &tables {
             let total = copier.table(table, progress).await?;
             copied.insert(table.name.clone(), json!(total));
-            record::progress(
-                self.control,
-                &self.tenant,
-                self.lease,
-                json!({ "rows_copied": copied }),
-            )
-            .await?;
+            self.note(json!({ "rows_copied": copied })).await?;
         }
         Ok(())
     }
@@ -841,13 +827,7 @@ impl<'a> Mover<'a> {
             progress,
         )
         .await?;
-        record::progress(
-            self.control,
-            &self.tenant,
-            self.lease,
-            json!({ "verify": sums }),
-        )
-        .await?;
+        self.note(json!({ "verify": sums })).await?;
         if mismatches.is_empty() {
             Ok(())
         } else {
@@ -891,13 +871,7 @@ impl<'a> Mover<'a> {
                 map.version(),
             )
             .await?;
-            record::progress(
-                self.control,
-                &self.tenant,
-                self.lease,
-                json!({ "purged": true }),
-            )
-            .await?;
+            self.note(json!({ "purged": true })).await?;
         }
         Ok(())
     }
