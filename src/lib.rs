@@ -9,6 +9,7 @@ mod limit;
 pub mod map;
 pub mod migrate;
 pub mod moves;
+pub mod pg;
 pub mod rejection;
 pub mod router;
 pub mod status;

@@ -32,9 +32,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use refinery::{Migration, Runner, Target};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-use crate::map::{placement, Shard, ShardMap};
+use crate::map::{Shard, ShardMap};
+use crate::pg::{error_text, lock_keys};
 
 /// The table on each shard that records applied migrations.
 pub const HISTORY_TABLE: &str = "shard_router_migrations";
@@ -469,41 +470,18 @@ pub struct ShardReport {
     pub outcome: Result<u32, ShardError>,
 }
 
-/// The advisory-lock key migrations hold on each shard while they run.
-fn lock_key() -> i64 {
-    placement::hash_bytes(b"shard-router:migrate") as i64
-}
-
 /// Connects with the shard's own connect timeout.
 pub(crate) async fn connect(shard: &Shard) -> Result<Client, ShardError> {
-    let mut config = shard.pg_config().clone();
-    config.connect_timeout(shard.pool().connect_timeout);
-    let (client, connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|e| ShardError::Unreachable {
-                shard: shard.name().to_owned(),
-                cause: error_text(&e),
-            })?;
+    let (client, connection) = shard
+        .endpoint
+        .connect(shard.pool().connect_timeout)
+        .await
+        .map_err(|cause| ShardError::Unreachable {
+            shard: shard.name().to_owned(),
+            cause,
+        })?;
     tokio::spawn(connection);
     Ok(client)
-}
-
-/// The most precise message in an error chain: the database's own when there is one.
-pub(crate) fn error_text(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    let mut text = err.to_string();
-    while let Some(e) = current {
-        if let Some(db) = e.downcast_ref::<tokio_postgres::error::DbError>() {
-            return db.to_string();
-        }
-        if e.source().is_none() {
-            text = e.to_string();
-        }
-        current = e.source();
-    }
-    text
 }
 
 /// Reads the shard's history and checks it against the folder.
@@ -660,7 +638,7 @@ pub(crate) async fn apply_pending(
     };
     // Held for the whole shard: a concurrent run waits here, then finds nothing pending.
     client
-        .execute("SELECT pg_advisory_lock($1)", &[&lock_key()])
+        .execute("SELECT pg_advisory_lock($1)", &[&lock_keys::migrate()])
         .await
         .map_err(|e| database(&e))?;
     let result = async {
@@ -696,7 +674,7 @@ pub(crate) async fn apply_pending(
     .await;
     // Closing the session would release the lock too; unlock to be tidy.
     let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&lock_key()])
+        .execute("SELECT pg_advisory_unlock($1)", &[&lock_keys::migrate()])
         .await;
     result
 }

@@ -70,8 +70,8 @@ pub struct RoutingTable {
     map: Arc<ShardMap>,
     /// One pool per shard, in [`ShardIndex`] order.
     pools: Vec<Pool>,
-    /// Per-tenant connection caps, per shard (kept with their pools).
-    limiters: Vec<Option<Arc<TenantLimiter>>>,
+    /// What else lives as long as each shard's pool, in the same order.
+    shard_state: Vec<ShardState>,
     /// Where dual-write failures go to be recorded on their move (shared by all tables).
     move_failures: MoveFailures,
     /// How to apply row images to each (shard, table), built from the catalog
@@ -124,7 +124,12 @@ impl RoutingTable {
     }
 
     pub(crate) fn limiter(&self, index: ShardIndex) -> Option<&TenantLimiter> {
-        self.limiters[index.get()].as_deref()
+        self.shard_state[index.get()].limiter.as_deref()
+    }
+
+    /// The TLS connector of shard `index`'s pool, for cancel requests.
+    pub(crate) fn connector(&self, index: ShardIndex) -> &crate::pg::Connector {
+        &self.shard_state[index.get()].connector
     }
 
     /// Every shard with its pool, in shard order.
@@ -231,16 +236,17 @@ impl ShardRouter {
     /// # }
     /// ```
     pub fn new(map: ShardMap) -> Result<Self, ApplyError> {
-        let pools = map
+        let (pools, shard_state) = map
             .shards()
             .iter()
             .map(|shard| build_pool(shard, map.version()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let limiters = map.shards().iter().map(build_limiter).collect();
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
         let table = RoutingTable {
             map: Arc::new(map),
             pools,
-            limiters,
+            shard_state,
             move_failures: MoveFailures::default(),
             appliers: Default::default(),
         };
@@ -300,7 +306,7 @@ impl ShardRouter {
         }
         let (mut kept, mut built) = (0, 0);
         let mut pools = Vec::with_capacity(map.shards().len());
-        let mut limiters = Vec::with_capacity(map.shards().len());
+        let mut shard_state = Vec::with_capacity(map.shards().len());
         for shard in map.shards() {
             let reusable = current
                 .map
@@ -310,12 +316,13 @@ impl ShardRouter {
                 Some(old) => {
                     kept += 1;
                     pools.push(current.pool(old).clone());
-                    limiters.push(current.limiters[old.get()].clone());
+                    shard_state.push(current.shard_state[old.get()].clone());
                 }
                 None => {
                     built += 1;
-                    pools.push(build_pool(shard, offered)?);
-                    limiters.push(build_limiter(shard));
+                    let (pool, state) = build_pool(shard, offered)?;
+                    pools.push(pool);
+                    shard_state.push(state);
                 }
             }
         }
@@ -323,7 +330,7 @@ impl ShardRouter {
         let previous = self.inner.table.swap(Arc::new(RoutingTable {
             map: Arc::new(map),
             pools,
-            limiters,
+            shard_state,
             move_failures: Arc::clone(&current.move_failures),
             appliers: Default::default(),
         }));
@@ -468,14 +475,31 @@ impl fmt::Debug for ShardRouter {
     }
 }
 
-fn build_limiter(shard: &Shard) -> Option<Arc<TenantLimiter>> {
-    shard
-        .pool()
-        .tenant_max_connections
-        .map(|max| Arc::new(TenantLimiter::new(max)))
+/// What lives as long as a shard's pool, beside it.
+#[derive(Clone)]
+struct ShardState {
+    /// Per-tenant connection cap.
+    limiter: Option<Arc<TenantLimiter>>,
+    /// The pool's TLS connector.
+    connector: crate::pg::Connector,
 }
 
-fn build_pool(shard: &Shard, version: u64) -> Result<Pool, ApplyError> {
+fn build_pool(shard: &Shard, version: u64) -> Result<(Pool, ShardState), ApplyError> {
+    let refused = |reason: String| ApplyError::Pool {
+        shard: shard.name().to_owned(),
+        version,
+        reason,
+    };
+    let connector = shard.endpoint.tls.connector().map_err(refused)?;
+    if shard.ssl_mode() != crate::pg::SslMode::VerifyFull
+        && shard.pg_config().get_ssl_mode() != tokio_postgres::config::SslMode::Disable
+    {
+        tracing::warn!(
+            shard = shard.name(),
+            sslmode = %shard.ssl_mode(),
+            "the shard's certificate is not checked: set sslmode=verify-full for a remote shard"
+        );
+    }
     let mut pg = shard.pg_config().clone();
     pg.connect_timeout(shard.pool().connect_timeout);
     if pg.get_application_name().is_none() {
@@ -483,7 +507,7 @@ fn build_pool(shard: &Shard, version: u64) -> Result<Pool, ApplyError> {
     }
     let manager = Manager::from_config(
         pg,
-        tokio_postgres::NoTls,
+        connector.clone(),
         ManagerConfig {
             // A cheap `is_closed` check; session state the router sets is
             // transaction-local, so nothing needs resetting on return.
@@ -491,16 +515,16 @@ fn build_pool(shard: &Shard, version: u64) -> Result<Pool, ApplyError> {
         },
     );
     let settings = shard.pool();
-    Pool::builder(manager)
+    let pool = Pool::builder(manager)
         .max_size(settings.max_size)
         .wait_timeout(Some(settings.wait_timeout))
         .create_timeout(Some(settings.connect_timeout))
         .recycle_timeout(Some(settings.connect_timeout))
         .runtime(Runtime::Tokio1)
         .build()
-        .map_err(|e| ApplyError::Pool {
-            shard: shard.name().to_owned(),
-            version,
-            reason: e.to_string(),
-        })
+        .map_err(|e| refused(e.to_string()))?;
+    let limiter = settings
+        .tenant_max_connections
+        .map(|max| Arc::new(TenantLimiter::new(max)));
+    Ok((pool, ShardState { limiter, connector }))
 }

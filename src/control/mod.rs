@@ -19,7 +19,7 @@ mod rehoming;
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 pub use agent::{ControlAgent, ControlOptions};
 pub use publish::{PublishError, PublishOptions, Published};
@@ -104,7 +104,7 @@ impl From<tokio_postgres::Error> for ControlError {
             return ControlError::NotInitialized;
         }
         ControlError::Database {
-            cause: migrate::error_text(&e),
+            cause: crate::pg::error_text(&e),
         }
     }
 }
@@ -379,7 +379,7 @@ impl ControlPlane {
         // One publisher at a time, so "higher than the newest" holds at commit.
         tx.execute(
             "SELECT pg_advisory_xact_lock($1)",
-            &[&(placement::hash_bytes(b"shard-router:publish") as i64)],
+            &[&crate::pg::lock_keys::publish()],
         )
         .await
         .map_err(ControlError::from)?;
@@ -473,21 +473,15 @@ pub(crate) async fn open(url: &str) -> Result<(Client, ControlConnection), Contr
         url: redact_url(url),
         cause,
     };
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| unreachable(e.to_string()))?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(5));
-    }
-    config
-        .connect(NoTls)
+    crate::pg::Endpoint::parse(url)
+        .map_err(unreachable)?
+        .connect(Duration::from_secs(5))
         .await
-        .map_err(|e| unreachable(migrate::error_text(&e)))
+        .map_err(unreachable)
 }
 
 /// The connection half of [`open`].
-pub(crate) type ControlConnection =
-    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>;
+pub(crate) type ControlConnection = crate::pg::Connection;
 
 async fn connect_client(url: &str) -> Result<Client, ControlError> {
     let (client, connection) = open(url).await?;

@@ -108,7 +108,7 @@ async fn tenant_tables(
 fn database(shard: &str, e: &tokio_postgres::Error) -> ShardError {
     ShardError::Database {
         shard: shard.to_owned(),
-        cause: migrate::error_text(e),
+        cause: crate::pg::error_text(e),
     }
 }
 

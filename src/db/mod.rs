@@ -21,7 +21,7 @@ use deadpool_postgres::{Object, PoolError};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use crate::map::{placement, Location, MovePhase, Reason, ShardIndex};
+use crate::map::{Location, MovePhase, Reason, ShardIndex};
 use crate::router::RoutingTable;
 use crate::TenantId;
 
@@ -271,6 +271,7 @@ impl TenantDb {
     async fn begin(&self, shard: ShardIndex, how: Begin<'_>) -> Result<Side, DbError> {
         let mut side = Side {
             shard,
+            connector: self.table.connector(shard).clone(),
             client: Some(self.checkout(shard).await?),
             clean: false,
         };
@@ -375,9 +376,7 @@ pub const FENCE_SQLSTATE: &str = "SRF01";
 /// The advisory-lock key that serializes a moving tenant's writes:
 /// SipHash-1-3 (keys 0) of `"shard-router:move:" + tenant`, as an `i64`.
 pub fn move_lock_key(tenant: &TenantId) -> i64 {
-    let mut key = b"shard-router:move:".to_vec();
-    key.extend_from_slice(tenant.as_str().as_bytes());
-    placement::hash_bytes(&key) as i64
+    crate::pg::lock_keys::tenant_move(tenant)
 }
 
 impl fmt::Debug for TenantDb {
@@ -396,6 +395,8 @@ impl fmt::Debug for TenantDb {
 /// and releases any lock it held.
 struct Side {
     shard: ShardIndex,
+    /// For a cancel request over the same TLS as the connection.
+    connector: crate::pg::Connector,
     client: Option<TenantClient>,
     /// No statement in flight, and the transaction state known.
     clean: bool,
@@ -440,8 +441,9 @@ impl Drop for Side {
             Ok(runtime) => {
                 let cancel = client.cancel_token();
                 client.discard();
+                let connector = self.connector.clone();
                 runtime.spawn(async move {
-                    let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                    let _ = cancel.cancel_query(connector).await;
                 });
             }
             // No runtime: closing the connection rolls back.
@@ -766,6 +768,7 @@ impl TenantWriter {
     fn primary_side(&mut self) -> Side {
         Side {
             shard: self.primary.shard,
+            connector: self.primary.connector.clone(),
             client: self.primary.client.take(),
             clean: self.primary.clean,
         }
@@ -873,7 +876,7 @@ pub enum DbError {
     /// A statement failed. 503 if the connection broke, 500 otherwise.
     #[error(
         "query failed on shard {shard} for tenant {tenant} (map version {map_version}): {}",
-        crate::migrate::error_text(cause)
+        crate::pg::error_text(cause)
     )]
     Query {
         /// The tenant.

@@ -91,7 +91,7 @@ impl ShardIndex {
 pub struct Shard {
     name: String,
     url: String,
-    pg: tokio_postgres::Config,
+    pub(crate) endpoint: crate::pg::Endpoint,
     weight: u32,
     pool: PoolSettings,
 }
@@ -138,7 +138,19 @@ impl Shard {
     /// assert_eq!(map.shards()[0].pg_config().get_dbname(), Some("db"));
     /// ```
     pub fn pg_config(&self) -> &tokio_postgres::Config {
-        &self.pg
+        &self.endpoint.config
+    }
+
+    /// How connections to the shard use TLS, from `sslmode` in its URL.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// use shard_router::pg::SslMode;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db?sslmode=verify-full\"").unwrap();
+    /// assert_eq!(map.shards()[0].ssl_mode(), SslMode::VerifyFull);
+    /// ```
+    pub fn ssl_mode(&self) -> crate::pg::SslMode {
+        self.endpoint.tls.mode
     }
 
     /// Ring weight; 0 means the shard takes no new tenants but still serves its pins.

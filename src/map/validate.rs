@@ -294,16 +294,20 @@ impl RawMap {
                     "shard names are 1-63 lowercase letters, digits and _, starting with a letter",
                 );
             }
-            let (url, pg) = match &raw.url {
+            let unparsed = || crate::pg::Endpoint {
+                config: tokio_postgres::Config::new(),
+                tls: Default::default(),
+            };
+            let (url, endpoint) = match &raw.url {
                 None => {
                     problems.add(format!("{field}.url"), "is missing");
-                    (String::new(), tokio_postgres::Config::new())
+                    (String::new(), unparsed())
                 }
-                Some(url) => match parse_url(url) {
-                    Ok(pg) => (url.clone(), pg),
+                Some(url) => match crate::pg::Endpoint::parse(url) {
+                    Ok(endpoint) => (url.clone(), endpoint),
                     Err(reason) => {
                         problems.add(format!("{field}.url"), reason);
-                        (url.clone(), tokio_postgres::Config::new())
+                        (url.clone(), unparsed())
                     }
                 },
             };
@@ -344,7 +348,7 @@ impl RawMap {
             shards.push(Shard {
                 name: name.clone(),
                 url,
-                pg,
+                endpoint,
                 weight,
                 pool: PoolSettings {
                     max_size,
@@ -470,20 +474,6 @@ impl RawMap {
             ring,
         })
     }
-}
-
-/// Parses a `postgres://` URL (or key=value string) into connection settings.
-fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
-    if url.trim().is_empty() {
-        return Err("is empty".to_owned());
-    }
-    let config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| format!("not a valid Postgres URL: {e}"))?;
-    if config.get_hosts().is_empty() {
-        return Err("names no host".to_owned());
-    }
-    Ok(config)
 }
 
 #[cfg(test)]

@@ -122,7 +122,7 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
     );
     // Definitions only: no lock on any tenant table. One installer at a time
     // per shard (two moves of different tenants may start together).
-    let key = crate::map::placement::hash_bytes(b"shard-router:fence-install") as i64;
+    let key = crate::pg::lock_keys::fence_install();
     retry_with_lock_timeout(
         client,
         &format!("BEGIN; SELECT pg_advisory_xact_lock({key}); {definitions} COMMIT"),

@@ -44,7 +44,8 @@ pub use catalog::TenantTable;
 
 use crate::control::{ControlError, ControlPlane, PublishError, PublishOptions};
 use crate::map::Shard;
-use crate::migrate::{self, error_text, ShardError};
+use crate::migrate::{self, ShardError};
+use crate::pg::error_text;
 use crate::{ShardMap, TenantId};
 
 /// The steps of a move, in order.
