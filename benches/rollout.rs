@@ -4,7 +4,9 @@
 //!    database until two routers (each with its own connections) serve it,
 //!    over repeated publishes;
 //! 2. request latency with and without a 100,000-pin map published every
-//!    second, in the same run.
+//!    second, in the same run;
+//! 3. the re-homing check of a publish that changes 100,000 pins of tenants
+//!    that all have data (a dry run, refused as it should be).
 //!
 //! It creates its own databases (`srb_<pid>_...`) and drops them.
 
@@ -170,6 +172,61 @@ async fn measure(control_url: String, shards: Vec<String>) {
             q.max(q2).as_secs_f64() / q.min(q2).as_secs_f64()
         );
     }
+
+    // 3. The re-homing check of a pin-only publish.
+    pin_only_publish(&mut control, &shards, next_version + 1_000).await;
+}
+
+/// 3. A publish whose only change is 100,000 pins, every pinned tenant with data.
+async fn pin_only_publish(control: &mut ControlPlane, shards: &[String], version: u64) {
+    for (i, db) in shards.iter().enumerate() {
+        let (client, connection) = tokio_postgres::connect(&format!("{SERVER}/{db}"), NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE notes (tenant_id text NOT NULL, id bigint, PRIMARY KEY (tenant_id, id));
+                 INSERT INTO notes SELECT format('p%s', lpad(g::text, 6, '0')), 1
+                   FROM generate_series(0, 99999) g WHERE g % {} = {i};",
+                shards.len()
+            ))
+            .await
+            .unwrap();
+    }
+    let flipped = |version: u64, shift: usize| {
+        let mut toml = map_toml(version, shards, 0);
+        toml += "[tenants]\n";
+        for p in 0..100_000 {
+            toml += &format!("p{p:06} = \"s{}\"\n", (p + shift) % shards.len());
+        }
+        toml
+    };
+    // Where the data is, published directly (the base of the check).
+    let base = flipped(version, 0);
+    let json = shard_router::control::toml_to_json(&base).unwrap();
+    let (raw, connection) = tokio_postgres::connect(control.url(), NoTls).await.unwrap();
+    tokio::spawn(connection);
+    raw.execute(
+        "INSERT INTO shard_router_maps (version, map, map_json, checksum) VALUES ($1, $2, $3, 'bench')",
+        &[&(version as i64), &base, &json],
+    )
+    .await
+    .unwrap();
+    let next = flipped(version + 1, 1);
+    let mut options = PublishOptions::default();
+    options.dry_run = true;
+    let started = Instant::now();
+    let result = control.publish(&next, &options).await;
+    let took = started.elapsed();
+    let refused = match &result {
+        Err(shard_router::control::PublishError::Rehoming { tenants, .. }) => tenants.len(),
+        other => panic!("expected the check to refuse, got {other:?}"),
+    };
+    println!(
+        "pin-only publish, 100,000 changed pins of tenants with data: checked in {:.2} s ({refused} re-homings found)",
+        took.as_secs_f64()
+    );
 }
 
 /// A map ready to insert: version, TOML, JSON.

@@ -429,6 +429,18 @@ pub enum ShardError {
         /// The database's error.
         cause: String,
     },
+    /// Row-level security hides rows of these tenant tables from the role
+    /// that administrative work connects as: checks, copies and deletes would
+    /// see none of them. Nothing ran there.
+    #[error("shard {shard}: row-level security hides rows of {} from role {role}; set the shard's admin_url to a role that sees every tenant (superuser, BYPASSRLS, or the tables' owner without FORCE ROW LEVEL SECURITY)", tables.join(", "))]
+    RowSecurity {
+        /// The shard.
+        shard: String,
+        /// The role connected.
+        role: String,
+        /// The tenant tables whose rows it cannot all see.
+        tables: Vec<String>,
+    },
     /// Tenants of the shard are moving: a table created or altered now would
     /// miss the move's fence and row capture. Nothing ran there.
     #[error("shard {shard}: tenants are moving ({}); finish or abort their moves, then migrate", tenants.join(", "))]
@@ -470,10 +482,11 @@ pub struct ShardReport {
     pub outcome: Result<u32, ShardError>,
 }
 
-/// Connects with the shard's own connect timeout.
+/// Connects for administrative work (the shard's `admin_url` if set, else its
+/// `url`) with the shard's own connect timeout.
 pub(crate) async fn connect(shard: &Shard) -> Result<Client, ShardError> {
     let (client, connection) = shard
-        .endpoint
+        .admin_endpoint()
         .connect(shard.pool().connect_timeout)
         .await
         .map_err(|cause| ShardError::Unreachable {

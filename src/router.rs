@@ -307,11 +307,14 @@ impl ShardRouter {
         let (mut kept, mut built) = (0, 0);
         let mut pools = Vec::with_capacity(map.shards().len());
         let mut shard_state = Vec::with_capacity(map.shards().len());
+        // Connections carry the tenant setting for the session: when its name
+        // changes or it goes away, no old connection may be handed out again.
+        let same_setting = current.map.tenant_setting() == map.tenant_setting();
         for shard in map.shards() {
             let reusable = current
                 .map
                 .shard_index(shard.name())
-                .filter(|old| current.map.shard(*old).same_connection(shard));
+                .filter(|old| same_setting && current.map.shard(*old).same_connection(shard));
             match reusable {
                 Some(old) => {
                     kept += 1;

@@ -1,8 +1,8 @@
 //! No silent re-homing: which tenants with data a new map would move without a move.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::map::MapDiff;
+use crate::map::{MapDiff, Shard, ShardIndex};
 use crate::migrate::{self, ShardError};
 use crate::{ShardMap, TenantId};
 
@@ -20,7 +20,7 @@ pub struct Rehomed {
 /// The check could not be made: a shard could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot check which tenants have data: {0}")]
-pub struct RehomeError(#[from] ShardError);
+pub struct RehomeError(#[from] pub ShardError);
 
 /// The tenants that have data on their shard under `old` and that `new` would
 /// place elsewhere without a move. Tenants moving in either map are left to the
@@ -42,26 +42,42 @@ pub struct RehomeError(#[from] ShardError);
 pub async fn tenants_rehomed(old: &ShardMap, new: &ShardMap) -> Result<Vec<Rehomed>, RehomeError> {
     let moving = |t: &TenantId| old.move_of(t).is_some() || new.move_of(t).is_some();
     let name = |map: &ShardMap, t: &TenantId| map.shard(map.locate(t).shard).name().to_owned();
+    let column = old.tenant_column();
     let mut rehomed = Vec::new();
     if old.same_ring(new) {
-        for (tenant, from, to) in MapDiff::between(old, new).named_tenants_moved {
+        // Only named tenants can change shard: look them up per old shard, one
+        // connection and one query per tenant table for all of them.
+        let mut by_shard: BTreeMap<ShardIndex, BTreeMap<String, String>> = BTreeMap::new();
+        for (tenant, _from, to) in MapDiff::between(old, new).named_tenants_moved {
             let Ok(id) = TenantId::new(&tenant) else {
                 continue;
             };
-            if moving(&id) {
-                continue;
-            }
-            let shard = old.shard(old.locate(&id).shard);
-            let mut client = migrate::connect(shard).await?;
-            if has_data(&mut client, shard.name(), old.tenant_column(), &tenant).await? {
-                rehomed.push(Rehomed { tenant, from, to });
+            if !moving(&id) {
+                by_shard
+                    .entry(old.locate(&id).shard)
+                    .or_default()
+                    .insert(tenant, to);
             }
         }
+        for (index, tenants) in by_shard {
+            let shard = old.shard(index);
+            let scan = Scan::open(shard, column).await?;
+            let names: Vec<&str> = tenants.keys().map(String::as_str).collect();
+            for tenant in scan.tenants_among(&names).await? {
+                let to = tenants[&tenant].clone();
+                rehomed.push(Rehomed {
+                    tenant,
+                    from: shard.name().to_owned(),
+                    to,
+                });
+            }
+        }
+        rehomed.sort_by(|a, b| a.tenant.cmp(&b.tenant));
         return Ok(rehomed);
     }
     for shard in old.shards() {
-        let mut client = migrate::connect(shard).await?;
-        for tenant in tenants_with_data(&mut client, shard.name(), old.tenant_column()).await? {
+        let scan = Scan::open(shard, column).await?;
+        for tenant in scan.all_tenants().await? {
             let Ok(id) = TenantId::new(&tenant) else {
                 tracing::warn!(shard = shard.name(), tenant = %tenant.escape_debug(), "row with an invalid tenant id; it cannot be routed");
                 continue;
@@ -83,26 +99,104 @@ pub async fn tenants_rehomed(old: &ShardMap, new: &ShardMap) -> Result<Vec<Rehom
     Ok(rehomed)
 }
 
-/// `schema.table` and column, both quoted by Postgres, of every tenant table.
-async fn tenant_tables(
-    client: &mut tokio_postgres::Client,
-    shard: &str,
-    column: &str,
-) -> Result<Vec<(String, String)>, ShardError> {
-    let rows = client
-        .query(
-            "SELECT format('%I.%I', c.table_schema, c.table_name), quote_ident(c.column_name) \
-             FROM information_schema.columns c \
-             JOIN information_schema.tables t \
-               ON t.table_schema = c.table_schema AND t.table_name = c.table_name \
-             WHERE c.column_name = $1 AND t.table_type = 'BASE TABLE' \
-               AND c.table_schema NOT IN ('pg_catalog', 'information_schema') \
-             ORDER BY 1",
-            &[&column],
-        )
-        .await
-        .map_err(|e| database(shard, &e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+/// One shard's tenant tables, read through a connection that sees every row.
+struct Scan<'a> {
+    shard: &'a str,
+    client: tokio_postgres::Client,
+    tables: Vec<TenantTable>,
+}
+
+/// A table with the tenant column, both quoted by Postgres (safe to splice).
+struct TenantTable {
+    name: String,
+    column: String,
+    /// A text-like column: compared as it is, so its index serves the lookup.
+    text: bool,
+}
+
+impl<'a> Scan<'a> {
+    /// Connects for administrative work, refuses a role that row-level security
+    /// blinds, and reads the tenant tables.
+    async fn open(shard: &'a Shard, column: &str) -> Result<Scan<'a>, ShardError> {
+        let client = migrate::connect(shard).await?;
+        crate::pg::refuse_hidden_rows(&client, shard.name(), column).await?;
+        let rows = client
+            .query(
+                "SELECT format('%I.%I', n.nspname, c.relname), quote_ident(a.attname), \
+                   ty.typcategory = 'S' \
+                 FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped \
+                 JOIN pg_type ty ON ty.oid = a.atttypid \
+                 WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' AND NOT c.relispartition \
+                   AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                   AND n.nspname NOT LIKE 'pg_toast%' \
+                 ORDER BY 1",
+                &[&column],
+            )
+            .await
+            .map_err(|e| database(shard.name(), &e))?;
+        let tables = rows
+            .iter()
+            .map(|r| TenantTable {
+                name: r.get(0),
+                column: r.get(1),
+                text: r.get(2),
+            })
+            .collect();
+        Ok(Scan {
+            shard: shard.name(),
+            client,
+            tables,
+        })
+    }
+
+    /// Which of `tenants` have a row in some tenant table.
+    async fn tenants_among(&self, tenants: &[&str]) -> Result<BTreeSet<String>, ShardError> {
+        let mut found = BTreeSet::new();
+        let mut left: Vec<&str> = tenants.to_vec();
+        for table in &self.tables {
+            if left.is_empty() {
+                break;
+            }
+            let TenantTable { name, column, text } = table;
+            let sql = if *text {
+                format!(
+                    "SELECT DISTINCT {column}::text FROM {name} WHERE {column} = ANY($1::text[])"
+                )
+            } else {
+                format!("SELECT DISTINCT {column}::text FROM {name} WHERE {column}::text = ANY($1::text[])")
+            };
+            let rows = self
+                .client
+                .query(&sql, &[&left])
+                .await
+                .map_err(|e| database(self.shard, &e))?;
+            let here: BTreeSet<String> = rows.iter().map(|r| r.get(0)).collect();
+            left.retain(|t| !here.contains(*t));
+            found.extend(here);
+        }
+        Ok(found)
+    }
+
+    /// Distinct tenant ids in every tenant table.
+    async fn all_tenants(&self) -> Result<BTreeSet<String>, ShardError> {
+        let mut tenants = BTreeSet::new();
+        for TenantTable { name, column, .. } in &self.tables {
+            let rows = self
+                .client
+                .query(
+                    &format!(
+                        "SELECT DISTINCT {column}::text FROM {name} WHERE {column} IS NOT NULL"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(|e| database(self.shard, &e))?;
+            tenants.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        }
+        Ok(tenants)
+    }
 }
 
 fn database(shard: &str, e: &tokio_postgres::Error) -> ShardError {
@@ -110,47 +204,4 @@ fn database(shard: &str, e: &tokio_postgres::Error) -> ShardError {
         shard: shard.to_owned(),
         cause: crate::pg::error_text(e),
     }
-}
-
-/// Distinct tenant ids in every tenant table of the shard.
-pub(crate) async fn tenants_with_data(
-    client: &mut tokio_postgres::Client,
-    shard: &str,
-    column: &str,
-) -> Result<BTreeSet<String>, ShardError> {
-    let mut tenants = BTreeSet::new();
-    for (table, col) in tenant_tables(client, shard, column).await? {
-        // Both names come quoted from quote_ident/format('%I'); nothing else is spliced.
-        let rows = client
-            .query(
-                &format!("SELECT DISTINCT {col}::text FROM {table} WHERE {col} IS NOT NULL"),
-                &[],
-            )
-            .await
-            .map_err(|e| database(shard, &e))?;
-        tenants.extend(rows.iter().map(|r| r.get::<_, String>(0)));
-    }
-    Ok(tenants)
-}
-
-async fn has_data(
-    client: &mut tokio_postgres::Client,
-    shard: &str,
-    column: &str,
-    tenant: &str,
-) -> Result<bool, ShardError> {
-    for (table, col) in tenant_tables(client, shard, column).await? {
-        let found: bool = client
-            .query_one(
-                &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE {col}::text = $1)"),
-                &[&tenant],
-            )
-            .await
-            .map_err(|e| database(shard, &e))?
-            .get(0);
-        if found {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }

@@ -78,6 +78,9 @@ impl MapDiff {
                     if before.url() != shard.url() {
                         what.push("url");
                     }
+                    if before.admin_url() != shard.admin_url() {
+                        what.push("admin_url");
+                    }
                     if before.weight() != shard.weight() {
                         what.push("weight");
                     }

@@ -92,6 +92,8 @@ pub struct Shard {
     name: String,
     url: String,
     pub(crate) endpoint: crate::pg::Endpoint,
+    /// `admin_url` and its parsed form, when set.
+    admin: Option<(String, crate::pg::Endpoint)>,
     weight: u32,
     pool: PoolSettings,
 }
@@ -128,6 +130,26 @@ impl Shard {
     /// ```
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
+    }
+
+    /// The URL that `shardctl` and moves use for data checks, copies and DDL
+    /// (`admin_url`), if the map sets one; otherwise they use [`Shard::url`].
+    /// Set it when the application's role is subject to row-level security:
+    /// the role behind it must see every tenant's rows (superuser, `BYPASSRLS`,
+    /// or the owner of tables without `FORCE ROW LEVEL SECURITY`).
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://app@h/db\"\nadmin_url = \"postgres://admin:pw@h/db\"").unwrap();
+    /// assert_eq!(map.shards()[0].admin_url(), Some("postgres://admin:pw@h/db"));
+    /// ```
+    pub fn admin_url(&self) -> Option<&str> {
+        self.admin.as_ref().map(|(url, _)| url.as_str())
+    }
+
+    /// What administrative work connects with: `admin_url` if set, else `url`.
+    pub(crate) fn admin_endpoint(&self) -> &crate::pg::Endpoint {
+        self.admin.as_ref().map_or(&self.endpoint, |(_, e)| e)
     }
 
     /// The parsed connection settings.
@@ -185,6 +207,7 @@ impl PartialEq for Shard {
     fn eq(&self, other: &Self) -> bool {
         self.name == other.name
             && self.url == other.url
+            && self.admin_url() == other.admin_url()
             && self.weight == other.weight
             && self.pool == other.pool
     }
@@ -196,6 +219,7 @@ impl fmt::Debug for Shard {
         f.debug_struct("Shard")
             .field("name", &self.name)
             .field("url", &self.redacted_url())
+            .field("admin_url", &self.admin_url().map(redact_url))
             .field("weight", &self.weight)
             .field("pool", &self.pool)
             .finish()
@@ -562,8 +586,17 @@ impl PartialEq for ShardMap {
 }
 impl Eq for ShardMap {}
 
-/// Replaces the password of a `postgres://user:password@host/db` URL with `***`.
-pub(crate) fn redact_url(url: &str) -> String {
+/// A connection string with every password replaced by `***`: the
+/// `user:password@` of a URL, `password=` query parameters, and `password=`
+/// in key=value strings (quoted values included). For logs and output.
+///
+/// ```
+/// use shard_router::map::redact_url;
+///
+/// assert_eq!(redact_url("postgres://app:s3cret@h/db"), "postgres://app:***@h/db");
+/// assert_eq!(redact_url("host=h password='s 3' dbname=db"), "host=h password=*** dbname=db");
+/// ```
+pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return redact_key_values(url);
     };

@@ -120,6 +120,7 @@ struct RawPlacement {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawShard {
     url: Option<String>,
+    admin_url: Option<String>,
     weight: Option<i64>,
     pool: Option<RawPool>,
 }
@@ -311,6 +312,16 @@ impl RawMap {
                     }
                 },
             };
+            let admin =
+                raw.admin_url
+                    .as_ref()
+                    .and_then(|url| match crate::pg::Endpoint::parse(url) {
+                        Ok(endpoint) => Some((url.clone(), endpoint)),
+                        Err(reason) => {
+                            problems.add(format!("{field}.admin_url"), reason);
+                            None
+                        }
+                    });
             let weight =
                 problems.ranged(&format!("{field}.weight"), raw.weight, 1, 0, 10_000) as u32;
             let pool = raw.pool.as_ref();
@@ -349,6 +360,7 @@ impl RawMap {
                 name: name.clone(),
                 url,
                 endpoint,
+                admin,
                 weight,
                 pool: PoolSettings {
                     max_size,

@@ -410,6 +410,7 @@ pub async fn start(
     for name in [from.as_str(), to] {
         let shard = shard_named(&map, name)?;
         let client = migrate::connect(shard).await?;
+        crate::pg::refuse_hidden_rows(&client, name, map.tenant_column()).await?;
         let tables = catalog::tenant_tables(&client, map.tenant_column()).await?;
         if let Some((table, column)) =
             copy::shared_sequence_keys(&client, &tables, map.tenant_column())
@@ -671,6 +672,9 @@ impl<'a> Mover<'a> {
         let map = self.control.latest().await?.load()?;
         let source = migrate::connect(shard_named(&map, &self.from)?).await?;
         let target = migrate::connect(shard_named(&map, &self.to)?).await?;
+        // Every step checks: a role's rights can change while a move is parked.
+        crate::pg::refuse_hidden_rows(&source, &self.from, map.tenant_column()).await?;
+        crate::pg::refuse_hidden_rows(&target, &self.to, map.tenant_column()).await?;
         Ok((map, source, target))
     }
 

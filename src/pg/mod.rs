@@ -244,6 +244,44 @@ pub(crate) fn error_text(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Refuses a shard on which row-level security hides rows of tenant tables
+/// from the connected role: a data check, copy, verify or purge through it
+/// would see none of those rows and conclude there are none.
+pub(crate) async fn refuse_hidden_rows(
+    client: &Client,
+    shard: &str,
+    column: &str,
+) -> Result<(), crate::migrate::ShardError> {
+    // Superusers and BYPASSRLS roles see everything; a table's owner does too
+    // unless the table forces row security on its owner.
+    let row = client
+        .query_one(
+            "SELECT current_user::text, \
+               coalesce(array_agg(format('%I.%I', n.nspname, c.relname) ORDER BY n.nspname, c.relname), '{}') \
+             FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute t ON t.attrelid = c.oid AND t.attname = $1 AND NOT t.attisdropped \
+             WHERE c.relkind IN ('r', 'p') AND c.relrowsecurity \
+               AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE')) \
+               AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user)",
+            &[&column],
+        )
+        .await
+        .map_err(|e| crate::migrate::ShardError::Database {
+            shard: shard.to_owned(),
+            cause: error_text(&e),
+        })?;
+    let tables: Vec<String> = row.get(1);
+    if tables.is_empty() {
+        return Ok(());
+    }
+    Err(crate::migrate::ShardError::RowSecurity {
+        shard: shard.to_owned(),
+        role: row.get(0),
+        tables,
+    })
+}
+
 /// Every advisory-lock key the crate takes, in one place, so that no two can
 /// collide unseen (a unit test checks they differ).
 pub(crate) mod lock_keys {

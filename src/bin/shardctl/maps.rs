@@ -554,11 +554,14 @@ fn show(map: &ShardMap, json: bool) {
                 json!({
                     "name": s.name(),
                     "url": s.redacted_url(),
+                    "admin_url": s.admin_url().map(shard_router::map::redact_url),
+                    "sslmode": s.ssl_mode().as_str(),
                     "weight": s.weight(),
                     "pool": {
                         "max_size": s.pool().max_size,
                         "wait_timeout_ms": s.pool().wait_timeout.as_millis() as u64,
                         "connect_timeout_ms": s.pool().connect_timeout.as_millis() as u64,
+                        "tenant_max_connections": s.pool().tenant_max_connections,
                     },
                 })
             })
@@ -582,6 +585,7 @@ fn show(map: &ShardMap, json: bool) {
             "version": map.version(),
             "vnodes": map.vnodes(),
             "tenant_column": map.tenant_column(),
+            "tenant_setting": map.tenant_setting(),
             "ring_points": map.ring_points(),
             "shards": shards,
             "tenants": pins,

@@ -1,0 +1,254 @@
+//! Row-level security must not blind the data checks, and connections must
+//! never carry one tenant's setting into another's request.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{map_toml, Shards, NOTES_SCHEMA};
+use shard_router::control::{ControlPlane, PublishError, PublishOptions};
+use shard_router::map::MapLoader;
+use shard_router::migrate::ShardError;
+use shard_router::moves::{self, MoveError, MoveOptions};
+use shard_router::{ShardRouter, TenantId};
+
+/// A login role subject to RLS on `notes` (policy on `app.tenant_id`), on every shard.
+async fn app_role(shards: &Shards) -> String {
+    let role = format!("srt_rls_{}", shards.names[0]);
+    let admin = common::connect(&shards.url(0)).await;
+    let _ = admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
+        .await;
+    shards
+        .run_everywhere(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO {role};
+             ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY tenant_isolation ON notes
+               USING (tenant_id = current_setting('app.tenant_id', true))
+               WITH CHECK (tenant_id = current_setting('app.tenant_id', true));"
+        ))
+        .await;
+    role
+}
+
+async fn drop_role(shards: &Shards, role: &str) {
+    shards
+        .run_everywhere(&format!("DROP OWNED BY {role}"))
+        .await;
+    let admin = common::connect(&shards.url(0)).await;
+    for _ in 0..50 {
+        if admin
+            .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The TOML of a map whose shards connect as `role`, optionally with admin URLs.
+fn rls_map(version: u64, shards: &Shards, role: &str, admin: bool, extra: &str) -> String {
+    let mut toml = format!("version = {version}\ntenant_setting = \"app.tenant_id\"\n");
+    for (i, _) in shards.names.iter().enumerate() {
+        toml += &format!(
+            "[shards.{}]\nurl = \"{}\"\n",
+            common::shard_name(i),
+            shards.url(i).replace("postgres@", &format!("{role}@"))
+        );
+        if admin {
+            toml += &format!("admin_url = \"{}\"\n", shards.url(i));
+        }
+    }
+    toml + extra
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_security_cannot_blind_the_rehoming_check_or_a_move() {
+    let control_db = Shards::create(1).await;
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let role = app_role(&shards).await;
+    // Ten tenants with data, all on a (pinned there in v1).
+    let tenants: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+    let seed = common::connect(&shards.url(0)).await;
+    let mut pins = String::from("[tenants]\n");
+    for t in &tenants {
+        seed.execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ($1, gen_random_uuid(), 'x')",
+            &[t],
+        )
+        .await
+        .unwrap();
+        pins += &format!("{t} = \"a\"\n");
+    }
+    let mut control = ControlPlane::connect(&control_db.url(0)).await.unwrap();
+    control.init().await.unwrap();
+    control
+        .publish(
+            &rls_map(1, &shards, &role, false, &pins),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+
+    // Unpinning them all would send some to b. As the app role the check would
+    // see no rows and pass; it must refuse, naming the table and the role.
+    let unpinned = rls_map(2, &shards, &role, false, "");
+    let err = control
+        .publish(&unpinned, &PublishOptions::default())
+        .await
+        .expect_err("a blinded check is refused");
+    match &err {
+        PublishError::Check(e) => match &e.0 {
+            ShardError::RowSecurity {
+                shard,
+                role: r,
+                tables,
+            } => {
+                assert_eq!(shard, "a");
+                assert_eq!(r, &role);
+                assert_eq!(tables, &["public.notes"]);
+            }
+            other => panic!("expected RowSecurity, got {other:?}"),
+        },
+        other => panic!("expected a check error, got {other:?}"),
+    }
+    assert_eq!(
+        control.latest().await.unwrap().version,
+        1,
+        "nothing published"
+    );
+
+    // A move through the app role is refused before anything is recorded.
+    let id = TenantId::new("t0").unwrap();
+    let err = moves::start(&mut control, &id, "b", &MoveOptions::default(), |_| {})
+        .await
+        .expect_err("a blinded move is refused");
+    assert!(
+        matches!(err, MoveError::Shard(ShardError::RowSecurity { .. })),
+        "{err:?}"
+    );
+    assert!(moves::status(&control, &id).await.unwrap().is_none());
+    assert_eq!(control.latest().await.unwrap().version, 1);
+
+    // With admin_url set the check sees every tenant and refuses the unpin
+    // for what it is: re-homing tenants with data.
+    control
+        .publish(
+            &rls_map(2, &shards, &role, true, &pins),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    let err = control
+        .publish(
+            &rls_map(3, &shards, &role, true, ""),
+            &PublishOptions::default(),
+        )
+        .await
+        .expect_err("re-homing refused");
+    let PublishError::Rehoming {
+        tenants: rehomed, ..
+    } = &err
+    else {
+        panic!("expected Rehoming, got {err:?}");
+    };
+    assert!(!rehomed.is_empty());
+    assert!(rehomed.iter().all(|r| r.from == "a" && r.to == "b"));
+
+    // And a move copies every row through the admin role.
+    let mut options = MoveOptions::default();
+    options.wait = Duration::from_secs(5);
+    options.purge_source = true;
+    options.purge_grace = Duration::from_millis(10);
+    let status = moves::start(&mut control, &id, "b", &options, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "complete");
+    assert_eq!(common::notes_of(&shards.url(1), "t0").await, 1);
+    assert_eq!(common::notes_of(&shards.url(0), "t0").await, 0);
+    drop(control);
+    drop_role(&shards, &role).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_or_renaming_tenant_setting_never_hands_out_the_previous_tenant() {
+    let shards = Shards::create(1).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let role = app_role(&shards).await;
+    common::connect(&shards.url(0))
+        .await
+        .batch_execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ('alice', gen_random_uuid(), 'secret')",
+        )
+        .await
+        .unwrap();
+    let load = |toml: String| MapLoader::without_env().load_str(&toml).unwrap();
+    // One connection: whatever bob gets is the one alice used.
+    let one = "[shards.a.pool]\nmax_size = 1\n";
+    let with_setting = |v| rls_map(v, &shards, &role, false, "") + one;
+    let router = ShardRouter::new(load(with_setting(1))).unwrap();
+    let alice = router.resolve(TenantId::new("alice").unwrap());
+    let seen: i64 = alice
+        .read()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, 1, "alice sees her row");
+
+    for (version, setting) in [(2, "tenant_setting = \"app.other\"\n"), (3, "")] {
+        let toml = with_setting(version).replace("tenant_setting = \"app.tenant_id\"\n", setting);
+        router.apply(load(toml)).unwrap();
+        let bob = router.resolve(TenantId::new("bob").unwrap());
+        let client = bob.read().await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT current_setting('app.tenant_id', true), (SELECT count(*) FROM notes)",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (left, visible): (Option<String>, i64) = (row.get(0), row.get(1));
+        assert_ne!(
+            left.as_deref(),
+            Some("alice"),
+            "v{version}: alice's setting survived"
+        );
+        assert_eq!(visible, 0, "v{version}: bob saw alice's rows");
+    }
+    drop(router);
+    drop(alice);
+    drop_role(&shards, &role).await;
+}
+
+#[tokio::test]
+async fn admin_url_is_validated_redacted_and_overridable() {
+    let shards = Shards::create(1).await;
+    let toml = map_toml(1, &shards, "") + "";
+    let with_admin = toml.replacen(
+        "pool = ",
+        "admin_url = \"postgres://admin:hunter2@h/db\"\npool = ",
+        1,
+    );
+    let map = MapLoader::without_env().load_str(&with_admin).unwrap();
+    assert_eq!(
+        map.shards()[0].admin_url(),
+        Some("postgres://admin:hunter2@h/db")
+    );
+    assert!(!format!("{map:?}").contains("hunter2"));
+    let bad = toml.replacen(
+        "pool = ",
+        "admin_url = \"postgres://h/db?sslmode=bogus\"\npool = ",
+        1,
+    );
+    let err = MapLoader::without_env()
+        .load_str(&bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("shards.a.admin_url"), "{err}");
+}
