@@ -195,8 +195,7 @@ async fn pin_only_publish(control: &mut ControlPlane, shards: &[String], version
             .unwrap();
     }
     let flipped = |version: u64, shift: usize| {
-        let mut toml = map_toml(version, shards, 0);
-        toml += "[tenants]\n";
+        let mut toml = map_toml(version, shards, 0); // ends with [tenants]
         for p in 0..100_000 {
             toml += &format!("p{p:06} = \"s{}\"\n", (p + shift) % shards.len());
         }

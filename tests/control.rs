@@ -584,3 +584,94 @@ async fn agent_options_that_cannot_work_are_refused_and_a_router_ahead_is_named(
     assert!(text.contains("AHEAD of the newest version"), "{text}");
     assert!(!text.contains("behind"), "{text}");
 }
+
+#[tokio::test]
+async fn a_control_database_restored_from_an_older_backup_is_noticed_and_never_counted_as_applied()
+{
+    let (control_db, shards, mut control) = setup(1).await;
+    for version in 1..=3 {
+        control
+            .publish(&map_toml(version, &shards, ""), &PublishOptions::default())
+            .await
+            .unwrap();
+    }
+    let url = control_db.url(0);
+    let mut o = options("r1");
+    o.poll = Duration::from_millis(200);
+    let (router, _agent) = ControlAgent::start(&url, o).await.unwrap();
+    assert_eq!(router.version(), 3);
+
+    // A restore from a backup taken at version 2.
+    control_db_exec(&url, "DELETE FROM shard_router_maps WHERE version = 3").await;
+    // The router says so, keeps serving its map, and is not counted as having
+    // applied anything here.
+    assert!(
+        eventually(Duration::from_secs(5), || router
+            .status()
+            .last_refused
+            .is_some_and(
+                |r| r.contains("newest map is version 2, below version 3")
+            ))
+        .await,
+        "{:?}",
+        router.status()
+    );
+    assert_eq!(router.version(), 3);
+    let rollout = control
+        .wait_for(2, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(rollout.applied.is_empty(), "{rollout:?}");
+    assert_eq!(rollout.laggards.len(), 1);
+
+    // Publishing a version the router already has a different map for is refused
+    // by name; nothing is stored.
+    let err = control
+        .publish(
+            &map_toml(3, &shards, "[tenants]\nacme = \"a\"\n"),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::RoutersAhead { offered: 3, routers } if routers == &[("r1".to_owned(), 3)]),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("publish a version above 3"),
+        "{err}"
+    );
+    assert_eq!(control.latest().await.unwrap().version, 2);
+
+    // Another map stored under version 3 behind publish's back (an old shardctl):
+    // the router is not counted as having applied it.
+    let other = map_toml(3, &shards, "[tenants]\nacme = \"a\"\n");
+    control_db_exec(
+        &url,
+        &format!(
+            "INSERT INTO shard_router_maps (version, map, checksum) VALUES (3, '{}', 'other')",
+            other.replace('\'', "''")
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows = control.routers().await.unwrap();
+    assert!(!rows[0].known, "{rows:?}");
+    let rollout = control
+        .wait_for(3, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(rollout.applied.is_empty(), "{rollout:?}");
+    let out = common::shardctl(&url, &["routers"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("DIVERGED"), "{text}");
+
+    // A version above the router's brings everything back in line.
+    control
+        .publish(&map_toml(4, &shards, ""), &PublishOptions::default())
+        .await
+        .unwrap();
+    let rollout = control.wait_for(4, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(rollout.applied.len(), 1, "{rollout:?}");
+    assert!(control.routers().await.unwrap()[0].known);
+}

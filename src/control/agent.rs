@@ -106,7 +106,8 @@ impl ControlAgent {
             client: session.client,
             url: redact_url(url),
         };
-        let map = control.latest().await?.load()?;
+        let latest = control.latest().await?;
+        let map = latest.load()?;
         let session = Session {
             client: control.client,
             notifications: session.notifications,
@@ -122,6 +123,8 @@ impl ControlAgent {
             options,
             started_at: SystemTime::now(),
             refused: None,
+            checksum: Some(latest.checksum.clone()),
+            diverged: false,
         };
         // Register before returning, so `map publish --wait` knows this router from now on.
         follower.heartbeat(&session.client).await?;
@@ -194,6 +197,10 @@ struct Follower {
     started_at: SystemTime,
     /// The newest version refused, so a poll does not log it again.
     refused: Option<u64>,
+    /// The checksum of the live map as stored in the control database.
+    checksum: Option<String>,
+    /// The control database does not hold the live map (said once).
+    diverged: bool,
 }
 
 async fn follow(
@@ -264,23 +271,65 @@ impl Follower {
         let live = self.router.version();
         let row = self
             .bounded(client.query_opt(
-                "SELECT version, coalesce(map_json, map), map_json IS NOT NULL \
+                "SELECT version, coalesce(map_json, map), map_json IS NOT NULL, checksum \
                  FROM shard_router_maps WHERE version > $1 ORDER BY version DESC LIMIT 1",
                 &[&(live as i64)],
             ))
             .await?;
-        if let Some(row) = row {
-            let version = row.get::<_, i64>(0) as u64;
-            let text: String = row.get(1);
-            let json: bool = row.get(2);
-            if self.refused != Some(version) {
-                self.apply(version, text, json).await;
+        match row {
+            Some(row) => {
+                let version = row.get::<_, i64>(0) as u64;
+                let text: String = row.get(1);
+                let json: bool = row.get(2);
+                if self.refused != Some(version) {
+                    self.apply(version, text, json, row.get(3)).await;
+                }
             }
+            None => self.check_live_map_is_held(client, live).await?,
         }
         self.heartbeat(client).await
     }
 
-    async fn apply(&mut self, version: u64, text: String, json: bool) {
+    /// Says so, once, when the control database no longer holds the live map:
+    /// restored from an older backup, its newest version is below ours, or it
+    /// holds another map under our version. The router keeps its map (going
+    /// back would re-home tenants silently) until a newer version comes.
+    async fn check_live_map_is_held(
+        &mut self,
+        client: &Client,
+        live: u64,
+    ) -> Result<(), ControlError> {
+        let row = self
+            .bounded(client.query_one(
+                "SELECT (SELECT max(version) FROM shard_router_maps), \
+                   (SELECT checksum FROM shard_router_maps WHERE version = $1)",
+                &[&(live as i64)],
+            ))
+            .await?;
+        let newest: Option<i64> = row.get(0);
+        let stored: Option<String> = row.get(1);
+        let held = match (&stored, &self.checksum) {
+            (Some(stored), Some(ours)) => stored == ours,
+            (Some(_), None) => true, // a map from elsewhere (a file) with this number
+            (None, _) => false,
+        };
+        if held || self.diverged {
+            self.diverged = !held;
+            return Ok(());
+        }
+        self.diverged = true;
+        let newest = newest.unwrap_or(0);
+        let reason = if stored.is_some() {
+            format!("the control database holds a different map under version {live}, which this router serves (restored from a backup?); keeping the live map until a version above {live} is published")
+        } else {
+            format!("the control database's newest map is version {newest}, below version {live}, which this router serves (restored from a backup?); keeping the live map until a version above {live} is published")
+        };
+        tracing::error!(live, newest, "{reason}");
+        self.router.update_source(|s| s.last_refused = Some(reason));
+        Ok(())
+    }
+
+    async fn apply(&mut self, version: u64, text: String, json: bool, checksum: String) {
         // Parsing a big map takes milliseconds to seconds: keep it off the
         // runtime threads that serve requests.
         let router = self.router.clone();
@@ -299,6 +348,8 @@ impl Follower {
         match outcome {
             Ok(Applied::Swapped { from, to, .. }) => {
                 tracing::info!(from, to, "applied map from the control database");
+                self.checksum = Some(checksum);
+                self.diverged = false;
             }
             Ok(_) => {}
             Err(reason) => {
@@ -315,17 +366,18 @@ impl Follower {
     async fn heartbeat(&self, client: &Client) -> Result<(), ControlError> {
         self.bounded(client.execute(
             "INSERT INTO shard_router_routers \
-               (instance_id, host, applied_version, started_at, last_seen, lease_ms) \
-             VALUES ($1, $2, $3, $4, clock_timestamp(), $5) \
+               (instance_id, host, applied_version, started_at, last_seen, lease_ms, applied_checksum) \
+             VALUES ($1, $2, $3, $4, clock_timestamp(), $5, $6) \
              ON CONFLICT (instance_id) DO UPDATE SET host = EXCLUDED.host, \
                applied_version = EXCLUDED.applied_version, last_seen = EXCLUDED.last_seen, \
-               lease_ms = EXCLUDED.lease_ms",
+               lease_ms = EXCLUDED.lease_ms, applied_checksum = EXCLUDED.applied_checksum",
             &[
                 &self.options.instance_id,
                 &self.options.host,
                 &(self.router.version() as i64),
                 &self.started_at,
                 &(self.options.lease.as_millis() as i64),
+                &self.checksum,
             ],
         ))
         .await?;

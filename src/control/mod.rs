@@ -51,6 +51,10 @@ fn control_migrations() -> Migrations {
                 "V3__move_lease",
                 include_str!("../../migrations/control/V3__move_lease.sql"),
             ),
+            (
+                "V4__router_checksum",
+                include_str!("../../migrations/control/V4__router_checksum.sql"),
+            ),
         ],
     )
 }
@@ -155,6 +159,10 @@ pub struct RouterRow {
     pub last_seen_ms: u64,
     /// Its lease: past this since its last heartbeat it counts as stopped.
     pub lease_ms: u64,
+    /// Whether this control database holds the map the router serves (same
+    /// version, same checksum). False after a restore from a backup older
+    /// than the router's map: such a router has not applied anything here.
+    pub known: bool,
 }
 
 impl RouterRow {
@@ -163,7 +171,7 @@ impl RouterRow {
     /// ```
     /// # use shard_router::control::RouterRow;
     /// let row = RouterRow { instance_id: "r1".into(), host: "h".into(), applied_version: 3,
-    ///                       last_seen_ms: 5_000, lease_ms: 3_000 };
+    ///                       last_seen_ms: 5_000, lease_ms: 3_000, known: true };
     /// assert!(row.is_stale());
     /// ```
     pub fn is_stale(&self) -> bool {
@@ -314,8 +322,10 @@ impl ControlPlane {
             .client
             .query(
                 "SELECT instance_id, host, applied_version, \
-                 greatest(0, (extract(epoch FROM clock_timestamp() - last_seen) * 1000))::bigint, lease_ms \
-                 FROM shard_router_routers ORDER BY instance_id",
+                 greatest(0, (extract(epoch FROM clock_timestamp() - last_seen) * 1000))::bigint, lease_ms, \
+                 EXISTS (SELECT 1 FROM shard_router_maps m WHERE m.version = r.applied_version \
+                   AND (r.applied_checksum IS NULL OR m.checksum = r.applied_checksum)) \
+                 FROM shard_router_routers r ORDER BY instance_id",
                 &[],
             )
             .await?;
@@ -327,6 +337,7 @@ impl ControlPlane {
                 applied_version: r.get::<_, i64>(2) as u64,
                 last_seen_ms: r.get::<_, i64>(3) as u64,
                 lease_ms: r.get::<_, i64>(4) as u64,
+                known: r.get(5),
             })
             .collect())
     }
@@ -346,8 +357,11 @@ impl ControlPlane {
         loop {
             let routers = self.routers().await?;
             let (stale, live): (Vec<_>, Vec<_>) = routers.into_iter().partition(|r| r.is_stale());
-            let (applied, behind): (Vec<_>, Vec<_>) =
-                live.into_iter().partition(|r| r.applied_version >= version);
+            // A router serving a map this database does not hold (a restore)
+            // has applied nothing from here, whatever its number.
+            let (applied, behind): (Vec<_>, Vec<_>) = live
+                .into_iter()
+                .partition(|r| r.known && r.applied_version >= version);
             if behind.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(Rollout {
                     applied,
@@ -395,6 +409,28 @@ impl ControlPlane {
                     offered: version,
                 });
             }
+        }
+        // After a restore from an older backup, routers may serve versions this
+        // database never held: a new version must pass them, or it would be
+        // refused by them as a conflict, or fence them by number alone.
+        let ahead = tx
+            .query(
+                "SELECT instance_id, applied_version FROM shard_router_routers \
+                 WHERE applied_version >= $1 \
+                   AND clock_timestamp() - last_seen < lease_ms * interval '1 millisecond' \
+                 ORDER BY instance_id",
+                &[&(version as i64)],
+            )
+            .await
+            .map_err(ControlError::from)?;
+        if !ahead.is_empty() {
+            return Err(PublishError::RoutersAhead {
+                offered: version,
+                routers: ahead
+                    .iter()
+                    .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+                    .collect(),
+            });
         }
         if newest.map(|v| v as u64) != base {
             return Err(PublishError::Concurrent {

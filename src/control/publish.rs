@@ -89,6 +89,16 @@ pub enum PublishError {
         /// The tenants whose entries differ.
         tenants: Vec<String>,
     },
+    /// Live routers serve this version or a later one that the control
+    /// database does not hold: it was restored from an older backup, or a
+    /// router follows another control database.
+    #[error("refused: router(s) {} serve version {} or later, which this control database does not hold (was it restored from a backup?); publish a version above {}", routers.iter().map(|(id, v)| format!("{id} (v{v})")).collect::<Vec<_>>().join(", "), offered, routers.iter().map(|(_, v)| *v).max().unwrap_or(*offered))]
+    RoutersAhead {
+        /// The version offered.
+        offered: u64,
+        /// Each live router at or past it: instance id and version.
+        routers: Vec<(String, u64)>,
+    },
     /// Another version was published while this one was being checked; its
     /// checks ran against a map that is no longer the newest.
     #[error("refused: version {newest} was published while this map was checked against version {base}; check it again against the newest")]

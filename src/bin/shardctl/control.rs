@@ -41,7 +41,8 @@ pub(crate) fn routers(arg: &ControlArg, json: bool) -> Result<(), String> {
                 .iter()
                 .map(|r| {
                     json!({"instance_id": r.instance_id, "host": r.host, "applied_version": r.applied_version,
-                           "last_seen_ms": r.last_seen_ms, "lease_ms": r.lease_ms, "stale": r.is_stale()})
+                           "last_seen_ms": r.last_seen_ms, "lease_ms": r.lease_ms, "stale": r.is_stale(),
+                           "known": r.known})
                 })
                 .collect();
             println!("{}", json!({"newest_version": newest, "routers": rows}));
@@ -56,6 +57,9 @@ pub(crate) fn routers(arg: &ControlArg, json: bool) -> Result<(), String> {
                 _ if r.is_stale() => "STALE",
                 Some(newest) if r.applied_version > newest => {
                     "AHEAD of the newest version (was the control database restored?)"
+                }
+                _ if !r.known => {
+                    "DIVERGED: serves another map under this version (was the control database restored?)"
                 }
                 Some(newest) if r.applied_version == newest => "current",
                 _ => "behind",
