@@ -1,10 +1,17 @@
 //! File mode: follow `shard-map.toml` on disk, for single instances.
 //!
 //! [`FileWatcher::spawn`] checks the file every `interval` and reloads it when
-//! its content changes, and at once on SIGHUP. Each reload follows the same rules
-//! as any map change: an invalid file, a lower version, or the same version with
-//! other content is refused and logged, and the router keeps serving the map it
-//! has (see [`RouterStatus::last_refused`](crate::status::RouterStatus::last_refused)).
+//! its content changes, and at once on SIGHUP. A changed file is applied only
+//! once it has settled: read again after [`WatchOptions::settle`] with the same
+//! bytes, so a file caught half-written (an editor or `cp` writing in two
+//! steps) is never applied. Still, write the file elsewhere and `mv` it into
+//! place: a rename is atomic. Each reload follows the same rules as any map
+//! change: an invalid file, a lower version, or the same version with other
+//! content is refused and logged, and so is a map under which a tenant with
+//! data would change shard without a move (the check the control plane makes on
+//! publish), unless [`WatchOptions::allow_rehoming`] says the operator has
+//! dealt with it. The router keeps serving the map it has (see
+//! [`RouterStatus::last_refused`](crate::status::RouterStatus::last_refused)).
 //!
 //! # Example
 //!
@@ -24,6 +31,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::task::JoinHandle;
 
+use crate::control::tenants_rehomed;
 use crate::map::MapLoader;
 use crate::router::MapSource;
 use crate::{Applied, ShardRouter};
@@ -34,8 +42,44 @@ pub struct FileWatcher {
     task: JoinHandle<()>,
 }
 
+/// How a [`FileWatcher`] follows its file.
+///
+/// ```
+/// use std::time::Duration;
+/// use shard_router::watch::WatchOptions;
+///
+/// let mut options = WatchOptions::default();
+/// options.interval = Duration::from_millis(500);
+/// assert_eq!(options.settle, Duration::from_millis(200));
+/// assert!(!options.allow_rehoming);
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WatchOptions {
+    /// How often the file is checked for changes (default 1 s).
+    pub interval: Duration,
+    /// How long a changed file must stay the same before it is applied
+    /// (default 200 ms).
+    pub settle: Duration,
+    /// Apply maps that would move tenants with data to another shard without
+    /// a move (default false: refused, like `shardctl map publish`). Set it only
+    /// when their rows have been copied by other means.
+    pub allow_rehoming: bool,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            interval: Duration::from_secs(1),
+            settle: Duration::from_millis(200),
+            allow_rehoming: false,
+        }
+    }
+}
+
 impl FileWatcher {
-    /// Starts following `path` for `router`, checking every `interval` and on SIGHUP.
+    /// Starts following `path` for `router`, checking every `interval` and on
+    /// SIGHUP, with the other [`WatchOptions`] at their defaults.
     ///
     /// Needs a Tokio runtime. The file's current content is taken as already
     /// applied; only later changes are loaded.
@@ -49,11 +93,30 @@ impl FileWatcher {
     /// # }
     /// ```
     pub fn spawn(router: ShardRouter, path: impl AsRef<Path>, interval: Duration) -> Self {
+        let mut options = WatchOptions::default();
+        options.interval = interval;
+        Self::with_options(router, path, options)
+    }
+
+    /// Starts following `path` for `router` with `options`.
+    ///
+    /// ```no_run
+    /// # use shard_router::{watch::{FileWatcher, WatchOptions}, ShardMap, ShardRouter};
+    /// # #[tokio::main] async fn main() {
+    /// # let router = ShardRouter::new(ShardMap::from_file("shard-map.toml").unwrap()).unwrap();
+    /// let watcher = FileWatcher::with_options(router, "shard-map.toml", WatchOptions::default());
+    /// # }
+    /// ```
+    pub fn with_options(
+        router: ShardRouter,
+        path: impl AsRef<Path>,
+        options: WatchOptions,
+    ) -> Self {
         let path = path.as_ref().to_owned();
         router.update_source(|s| s.source = MapSource::File(path.display().to_string()));
         // Read now, not in the task: an edit made before the task first runs must count as a change.
         let seen = std::fs::read(&path).ok();
-        let task = tokio::spawn(follow(router, path, seen, interval));
+        let task = tokio::spawn(follow(router, path, seen, options));
         FileWatcher { task }
     }
 }
@@ -64,7 +127,12 @@ impl Drop for FileWatcher {
     }
 }
 
-async fn follow(router: ShardRouter, path: PathBuf, mut seen: Option<Vec<u8>>, interval: Duration) {
+async fn follow(
+    router: ShardRouter,
+    path: PathBuf,
+    mut seen: Option<Vec<u8>>,
+    options: WatchOptions,
+) {
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
@@ -72,7 +140,7 @@ async fn follow(router: ShardRouter, path: PathBuf, mut seen: Option<Vec<u8>>, i
             None
         }
     };
-    let mut ticker = tokio::time::interval(interval);
+    let mut ticker = tokio::time::interval(options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let forced = tokio::select! {
@@ -84,38 +152,92 @@ async fn follow(router: ShardRouter, path: PathBuf, mut seen: Option<Vec<u8>>, i
                 }
             } => true,
         };
-        let content = match std::fs::read(&path) {
-            Ok(content) => content,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read the shard map; keeping the live map");
-                continue;
-            }
+        let Some(content) = read(&path) else {
+            continue;
         };
         if !forced && seen.as_deref() == Some(&content[..]) {
             continue;
         }
-        seen = Some(content);
-        // Parsing a big map is slow: keep it off the threads that serve requests.
-        let (router, path) = (router.clone(), path.clone());
-        let _ = tokio::task::spawn_blocking(move || reload(&router, &path)).await;
+        let Some(content) = settled(&path, content, options.settle).await else {
+            continue; // still changing: try again at the next tick
+        };
+        if !forced && seen.as_deref() == Some(&content[..]) {
+            continue;
+        }
+        seen = Some(content.clone());
+        reload(&router, &path, content, options.allow_rehoming).await;
     }
 }
 
-fn reload(router: &ShardRouter, path: &Path) {
+fn read(path: &Path) -> Option<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(content) => Some(content),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the shard map; keeping the live map");
+            None
+        }
+    }
+}
+
+/// The file's content once two reads `settle` apart agree; `None` if it is
+/// still changing after a few tries or cannot be read.
+async fn settled(path: &Path, mut content: Vec<u8>, settle: Duration) -> Option<Vec<u8>> {
+    for _ in 0..10 {
+        tokio::time::sleep(settle).await;
+        let again = read(path)?;
+        if again == content {
+            return Some(content);
+        }
+        content = again;
+    }
+    tracing::warn!(path = %path.display(), "the shard map keeps changing; waiting for it to settle");
+    None
+}
+
+async fn reload(router: &ShardRouter, path: &Path, content: Vec<u8>, allow_rehoming: bool) {
     let refuse = |reason: String| {
         tracing::warn!(path = %path.display(), %reason, live_version = router.version(), "shard map refused; keeping the live map");
         router.update_source(|s| s.last_refused = Some(reason));
     };
-    match MapLoader::new().load_file(path) {
-        Err(e) => refuse(e.to_string()),
-        Ok(map) => match router.apply(map) {
-            Err(e) => refuse(e.to_string()),
-            Ok(applied) => {
-                if let Applied::Swapped { from, to, .. } = applied {
-                    tracing::info!(path = %path.display(), from, to, "shard map reloaded");
-                }
-                router.update_source(|s| s.last_confirmed = Some(SystemTime::now()));
+    // Parsing a big map is slow: keep it off the threads that serve requests.
+    let loaded = tokio::task::spawn_blocking(move || match String::from_utf8(content) {
+        Ok(text) => MapLoader::new().load_str(&text).map_err(|e| e.to_string()),
+        Err(_) => Err("the shard map is not UTF-8".to_owned()),
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("map loading panicked: {e}")));
+    let map = match loaded {
+        Ok(map) => map,
+        Err(reason) => return refuse(reason),
+    };
+    let live = router.table();
+    if !allow_rehoming && map.version() > live.map().version() {
+        match tenants_rehomed(live.map(), &map).await {
+            Ok(rehomed) if rehomed.is_empty() => {}
+            Ok(rehomed) => {
+                let names: Vec<String> = rehomed
+                    .iter()
+                    .take(10)
+                    .map(|r| format!("{} ({} -> {})", r.tenant, r.from, r.to))
+                    .collect();
+                return refuse(format!(
+                    "version {}: would re-home {} tenant(s) that have data, without a move: {}{}; pin them where they are, or move them first",
+                    map.version(),
+                    rehomed.len(),
+                    names.join(", "),
+                    if rehomed.len() > 10 { ", ..." } else { "" }
+                ));
             }
-        },
+            Err(e) => return refuse(format!("version {}: {e}", map.version())),
+        }
+    }
+    match router.apply(map) {
+        Err(e) => refuse(e.to_string()),
+        Ok(applied) => {
+            if let Applied::Swapped { from, to, .. } = applied {
+                tracing::info!(path = %path.display(), from, to, "shard map reloaded");
+            }
+            router.update_source(|s| s.last_confirmed = Some(SystemTime::now()));
+        }
     }
 }

@@ -675,3 +675,90 @@ async fn a_control_database_restored_from_an_older_backup_is_noticed_and_never_c
     assert_eq!(rollout.applied.len(), 1, "{rollout:?}");
     assert!(control.routers().await.unwrap()[0].known);
 }
+
+#[tokio::test]
+async fn file_mode_never_applies_a_half_written_file_and_refuses_rehoming_tenants_with_data() {
+    use shard_router::watch::WatchOptions;
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    // A tenant the ring puts on b, pinned to a, with data on a.
+    let ring = map_toml(1, &shards, "");
+    let ring_map = MapLoader::without_env().load_str(&ring).unwrap();
+    let tenant = (0..100)
+        .map(|i| format!("t{i}"))
+        .find(|t| {
+            ring_map
+                .shard(ring_map.locate(&TenantId::new(t).unwrap()).shard)
+                .name()
+                == "b"
+        })
+        .unwrap();
+    let pinned = |v: u64| map_toml(v, &shards, &format!("[tenants]\n{tenant} = \"a\"\n"));
+    common::connect(&shards.url(0))
+        .await
+        .execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ($1, gen_random_uuid(), 'x')",
+            &[&tenant],
+        )
+        .await
+        .unwrap();
+    let path = std::env::temp_dir().join(format!("file-settle-{}.toml", std::process::id()));
+    std::fs::write(&path, pinned(1)).unwrap();
+    let router = ShardRouter::new(MapLoader::new().load_file(&path).unwrap()).unwrap();
+    let mut options = WatchOptions::default();
+    options.interval = Duration::from_millis(10);
+    options.settle = Duration::from_millis(150);
+    let watcher = FileWatcher::with_options(router.clone(), &path, options.clone());
+    let id = TenantId::new(&tenant).unwrap();
+
+    // `cp` writing in two steps: first a prefix that is itself a valid map
+    // (version 2, pins cut off), then the rest.
+    let full = pinned(2);
+    let cut = full.find("[tenants]").unwrap();
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(full[..cut].as_bytes()).unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        file.write_all(full[cut..].as_bytes()).unwrap();
+    }
+    assert!(eventually(Duration::from_secs(3), || router.version() == 2).await);
+    assert_eq!(
+        router.resolve(id.clone()).shard(),
+        "a",
+        "the complete file, pin included"
+    );
+    assert!(
+        router.status().last_refused.is_none(),
+        "{:?}",
+        router.status()
+    );
+
+    // A complete map that drops the pin would send the tenant's reads to b,
+    // where it has no rows: refused, the live map kept.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, map_toml(3, &shards, "")).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || router
+            .status()
+            .last_refused
+            .is_some_and(|r| r.contains("would re-home 1 tenant(s)")))
+        .await,
+        "{:?}",
+        router.status()
+    );
+    assert_eq!(router.version(), 2);
+    assert_eq!(router.resolve(id.clone()).shard(), "a");
+
+    // An operator who copied the rows by other means says so.
+    drop(watcher);
+    options.allow_rehoming = true;
+    let _watcher = FileWatcher::with_options(router.clone(), &path, options);
+    std::fs::write(&tmp, map_toml(4, &shards, "")).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    assert!(eventually(Duration::from_secs(3), || router.version() == 4).await);
+    assert_eq!(router.resolve(id).shard(), "b");
+    let _ = std::fs::remove_file(&path);
+}
