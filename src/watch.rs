@@ -93,8 +93,10 @@ impl FileWatcher {
     /// # }
     /// ```
     pub fn spawn(router: ShardRouter, path: impl AsRef<Path>, interval: Duration) -> Self {
-        let mut options = WatchOptions::default();
-        options.interval = interval;
+        let options = WatchOptions {
+            interval,
+            ..WatchOptions::default()
+        };
         Self::with_options(router, path, options)
     }
 

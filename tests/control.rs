@@ -718,10 +718,10 @@ async fn file_mode_never_applies_a_half_written_file_and_refuses_rehoming_tenant
     {
         use std::io::Write;
         let mut file = std::fs::File::create(&path).unwrap();
-        file.write_all(full[..cut].as_bytes()).unwrap();
+        file.write_all(&full.as_bytes()[..cut]).unwrap();
         file.flush().unwrap();
         tokio::time::sleep(Duration::from_millis(40)).await;
-        file.write_all(full[cut..].as_bytes()).unwrap();
+        file.write_all(&full.as_bytes()[cut..]).unwrap();
     }
     assert!(eventually(Duration::from_secs(3), || router.version() == 2).await);
     assert_eq!(
