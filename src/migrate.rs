@@ -30,6 +30,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use refinery::{Migration, Runner, Target};
 use tokio_postgres::Client;
@@ -46,7 +47,15 @@ pub struct Migrations {
     files: Vec<MigrationFile>,
     /// Where applied versions are recorded.
     table: &'static str,
+    /// How long a statement may wait for a table lock before the file is
+    /// rolled back and tried again, and how many times it is tried.
+    lock_timeout: Duration,
+    lock_attempts: u32,
 }
+
+/// Default [`Migrations::lock_timeout`]: 2 s, 5 attempts.
+const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_LOCK_ATTEMPTS: u32 = 5;
 
 /// One migration file.
 #[derive(Clone)]
@@ -335,6 +344,8 @@ impl Migrations {
         Ok(Migrations {
             files,
             table: HISTORY_TABLE,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            lock_attempts: DEFAULT_LOCK_ATTEMPTS,
         })
     }
 
@@ -350,7 +361,31 @@ impl Migrations {
                 migration: Migration::unapplied(stem, sql).expect("embedded names are valid"),
             })
             .collect();
-        Migrations { files, table }
+        Migrations {
+            files,
+            table,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            lock_attempts: DEFAULT_LOCK_ATTEMPTS,
+        }
+    }
+
+    /// How long each statement may wait for a lock (default 2 s) and how many
+    /// times a file is tried (default 5). An `ALTER TABLE` queued behind a long
+    /// transaction would otherwise stall every query on that table, and so
+    /// every tenant of the shard, until the transaction ends; with a timeout the
+    /// file is rolled back after `timeout`, the queue drains, and it is tried
+    /// again after the same pause.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// let m = shard_router::migrate::Migrations::load("migrations/notes")
+    ///     .unwrap()
+    ///     .lock_timeout(Duration::from_millis(500), 10);
+    /// ```
+    pub fn lock_timeout(mut self, timeout: Duration, attempts: u32) -> Self {
+        self.lock_timeout = timeout.max(Duration::from_millis(1));
+        self.lock_attempts = attempts.max(1);
+        self
     }
 
     /// The files, by version.
@@ -440,6 +475,23 @@ pub enum ShardError {
         role: String,
         /// The tenant tables whose rows it cannot all see.
         tables: Vec<String>,
+    },
+    /// A file waited for a table lock longer than the lock timeout on every
+    /// attempt (a long transaction holds the table); each attempt rolled back.
+    #[error("shard {shard}: {file} waited more than {timeout_ms} ms for a table lock on each of {attempts} attempts and was rolled back; the shard stays at version {version}: end the long transaction holding the table ({cause}), or raise --lock-timeout-ms")]
+    LockTimeout {
+        /// The shard.
+        shard: String,
+        /// The file.
+        file: String,
+        /// The shard's version now.
+        version: u32,
+        /// Attempts made.
+        attempts: u32,
+        /// The lock timeout of each attempt.
+        timeout_ms: u64,
+        /// The database's error.
+        cause: String,
     },
     /// Tenants of the shard are moving: a table created or altered now would
     /// miss the move's fence and row capture. Nothing ran there.
@@ -668,15 +720,36 @@ pub(crate) async fn apply_pending(
             }
         }
         let mut version = status.version;
+        let timeout_ms = migrations.lock_timeout.as_millis() as u64;
+        client
+            .batch_execute(&format!("SET lock_timeout = {timeout_ms}"))
+            .await
+            .map_err(|e| database(&e))?;
         for target in status.pending {
             let file = &migrations.files[target as usize - 1];
-            if let Err(e) = migrations.runner(target).run_async(client).await {
-                return Err(ShardError::Failed {
-                    shard: shard.to_owned(),
-                    file: file.label(),
-                    version,
-                    cause: error_text(&e),
-                });
+            let mut attempt = 1;
+            while let Err(e) = migrations.runner(target).run_async(client).await {
+                if !is_lock_timeout(&e) {
+                    return Err(ShardError::Failed {
+                        shard: shard.to_owned(),
+                        file: file.label(),
+                        version,
+                        cause: error_text(&e),
+                    });
+                }
+                if attempt == migrations.lock_attempts {
+                    return Err(ShardError::LockTimeout {
+                        shard: shard.to_owned(),
+                        file: file.label(),
+                        version,
+                        attempts: attempt,
+                        timeout_ms,
+                        cause: error_text(&e),
+                    });
+                }
+                tracing::warn!(shard, file = %file.label(), attempt, "lock timeout; rolled back, trying again");
+                tokio::time::sleep(migrations.lock_timeout).await;
+                attempt += 1;
             }
             version = target;
             applied.push(target);
@@ -689,7 +762,20 @@ pub(crate) async fn apply_pending(
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&lock_keys::migrate()])
         .await;
+    let _ = client.batch_execute("RESET lock_timeout").await;
     result
+}
+
+/// Whether a statement of the error's chain gave up waiting for a lock.
+fn is_lock_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(db) = e.downcast_ref::<tokio_postgres::error::DbError>() {
+            return db.code() == &tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE;
+        }
+        current = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

@@ -762,3 +762,46 @@ async fn file_mode_never_applies_a_half_written_file_and_refuses_rehoming_tenant
     assert_eq!(router.resolve(id).shard(), "b");
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test]
+async fn a_shard_added_without_the_schema_is_refused_until_migrated() {
+    let (_control_db, shards, mut control) = setup(1).await;
+    let empty = Shards::create(1).await;
+    let one = format!("version = 1\n[shards.a]\nurl = \"{}\"\n", shards.url(0));
+    control
+        .publish(&one, &PublishOptions::default())
+        .await
+        .unwrap();
+    let two = format!(
+        "version = 2\n[shards.a]\nurl = \"{}\"\n[shards.c]\nurl = \"{}\"\nweight = 0\n",
+        shards.url(0),
+        empty.url(0)
+    );
+    let err = control
+        .publish(&two, &PublishOptions::default())
+        .await
+        .unwrap_err();
+    match &err {
+        PublishError::SchemaMissing(gap) => {
+            assert_eq!((gap.shard.as_str(), gap.reference.as_str()), ("c", "a"));
+            assert!(
+                gap.missing.contains(&"public.notes.body".to_owned()),
+                "{gap:?}"
+            );
+        }
+        other => panic!("expected SchemaMissing, got {other:?}"),
+    }
+    assert!(err.to_string().contains("shardctl migrate"), "{err}");
+    assert_eq!(
+        control.latest().await.unwrap().version,
+        1,
+        "nothing published"
+    );
+
+    empty.run_everywhere(NOTES_SCHEMA).await;
+    control
+        .publish(&two, &PublishOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(control.latest().await.unwrap().version, 2);
+}

@@ -336,3 +336,96 @@ async fn a_file_with_its_own_commit_is_refused_before_any_shard_is_touched() {
         "nothing ran, not even V1"
     );
 }
+
+/// A long batch transaction that has read `counter` (and so holds a lock an
+/// `ALTER TABLE` must wait for), committed after `hold`.
+async fn long_reader(url: &str, hold: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    let client = connect(url).await;
+    client
+        .batch_execute("BEGIN; SELECT count(*) FROM counter;")
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        client.batch_execute("COMMIT").await.unwrap();
+    })
+}
+
+#[tokio::test]
+async fn an_alter_behind_a_long_transaction_times_out_retries_and_never_stalls_the_table() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let shards = Shards::create(1).await;
+    let map = only(&shards, 0);
+    let v1 = Migrations::load(folder(&[V1])).unwrap();
+    assert!(migrate::migrate(&map, &v1, |_, _| {}).await[0]
+        .outcome
+        .is_ok());
+    let alter = (
+        "V2__alter.sql",
+        "ALTER TABLE counter ADD COLUMN note text;\nINSERT INTO counter VALUES (2);",
+    );
+    let v2 = Migrations::load(folder(&[V1, alter]))
+        .unwrap()
+        .lock_timeout(Duration::from_millis(200), 3);
+
+    // A reader of the table the whole time: with the ALTER queued, it waits
+    // at most one lock timeout, never for the long transaction.
+    let stop = Arc::new(AtomicBool::new(false));
+    let slowest = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (client, stop, slowest) =
+            (connect(&shards.url(0)).await, stop.clone(), slowest.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                client
+                    .query_one("SELECT count(*) FROM counter", &[])
+                    .await
+                    .unwrap();
+                slowest.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    // The long transaction outlives every attempt: the file is rolled back
+    // each time and the shard stays at version 1, by name.
+    let holder = long_reader(&shards.url(0), Duration::from_secs(3)).await;
+    let report = &migrate::migrate(&map, &v2, |_, _| {}).await[0];
+    match &report.outcome {
+        Err(ShardError::LockTimeout {
+            file,
+            version,
+            attempts,
+            timeout_ms,
+            ..
+        }) => {
+            assert_eq!(file, "V2__alter");
+            assert_eq!((*version, *attempts, *timeout_ms), (1, 3, 200));
+        }
+        other => panic!("expected LockTimeout, got {other:?}"),
+    }
+    assert_eq!(state(&shards.url(0)).await, (vec![1], vec![1]));
+    holder.await.unwrap();
+
+    // A transaction that ends during the retries: a later attempt succeeds.
+    let holder = long_reader(&shards.url(0), Duration::from_millis(500)).await;
+    let report = &migrate::migrate(&map, &v2, |_, _| {}).await[0];
+    assert!(matches!(report.outcome, Ok(2)), "{:?}", report.outcome);
+    assert_eq!(state(&shards.url(0)).await, (vec![1, 2], vec![1, 2]));
+    holder.await.unwrap();
+
+    stop.store(true, Ordering::Relaxed);
+    reader.await.unwrap();
+    let slowest = slowest.load(Ordering::Relaxed);
+    println!(
+        "slowest read of the table while the ALTER waited: {slowest} ms (lock timeout 200 ms)"
+    );
+    assert!(
+        slowest < 3_000,
+        "a reader waited for the long transaction: {slowest} ms"
+    );
+}

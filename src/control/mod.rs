@@ -16,6 +16,7 @@
 mod agent;
 mod publish;
 mod rehoming;
+mod schema;
 
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use tokio_postgres::Client;
 pub use agent::{ControlAgent, ControlOptions};
 pub use publish::{PublishError, PublishOptions, Published};
 pub use rehoming::{tenants_rehomed, RehomeError, Rehomed};
+pub use schema::{schema_gaps, SchemaGap};
 
 use crate::map::{placement, redact_url, MapLoader};
 use crate::migrate::{self, Migrations};

@@ -89,6 +89,12 @@ pub enum PublishError {
         /// The tenants whose entries differ.
         tenants: Vec<String>,
     },
+    /// A shard the map adds lacks tables or columns the others have.
+    #[error("refused: shard {} lacks {} column(s) that shard {} has: {}{}; apply the migrations to it first (`shardctl migrate --map NEW_MAP`), then publish", .0.shard, .0.missing.len(), .0.reference, .0.missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "), if .0.missing.len() > 5 { ", ..." } else { "" })]
+    SchemaMissing(super::SchemaGap),
+    /// The new shards' schema could not be compared (a shard unreachable).
+    #[error("cannot compare the new shards' schema with the others: {0}")]
+    SchemaCheck(crate::migrate::ShardError),
     /// Live routers serve this version or a later one that the control
     /// database does not hold: it was restored from an older backup, or a
     /// router follows another control database.
@@ -161,6 +167,12 @@ impl ControlPlane {
                     toml = add_pins(&toml, &rehomed)?;
                     new = MapLoader::new().load_str(&toml)?;
                     pinned = rehomed;
+                }
+                let gaps = super::schema_gaps(&old, &new)
+                    .await
+                    .map_err(PublishError::SchemaCheck)?;
+                if let Some(gap) = gaps.into_iter().next() {
+                    return Err(PublishError::SchemaMissing(gap));
                 }
                 Some(MapDiff::between(&old, &new))
             }

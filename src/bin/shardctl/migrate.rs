@@ -21,6 +21,13 @@ pub(crate) struct MigrateArgs {
     /// Print what would run where, and change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// How long a statement may wait for a table lock before its file is
+    /// rolled back and tried again (a long transaction holding the table).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    lock_timeout_ms: u64,
+    /// How many times a file is tried when it times out waiting for a lock.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    lock_attempts: u32,
 }
 
 #[derive(Subcommand)]
@@ -41,7 +48,12 @@ pub(crate) fn run(args: &MigrateArgs, json: bool) -> Result<(), String> {
         None => (&args.source, &args.dir, args.dry_run),
     };
     let map = source.load()?;
-    let migrations = Migrations::load(dir).map_err(|e| format!("error: {e}"))?;
+    let migrations = Migrations::load(dir)
+        .map_err(|e| format!("error: {e}"))?
+        .lock_timeout(
+            std::time::Duration::from_millis(args.lock_timeout_ms),
+            args.lock_attempts,
+        );
     let label = |v: u32| migrations.files()[v as usize - 1].label();
     let statuses = block_on(migrate::status(&map, &migrations));
 
