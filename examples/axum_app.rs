@@ -9,7 +9,8 @@
 //!
 //! The tenant comes from the `x-tenant-id` header. With `--map`, the file is
 //! reloaded when it changes and on SIGHUP; with `--control`, the router follows
-//! the control database. `GET /_router` reports the router's state. Its schema lives in
+//! the control database. `GET /_router` on the admin listener (`--admin-listen`,
+//! default 127.0.0.1:9090) reports the router's state. Its schema lives in
 //! `migrations/notes/`; apply it to every shard first with
 //! `shardctl migrate --map shard-map.toml --dir migrations/notes`.
 
@@ -28,6 +29,8 @@ use clap::Parser;
 use shard_router::status::StatusService;
 use shard_router::tenant::HeaderExtractor;
 use shard_router::{DbError, ShardRouter, ShardRouterLayer, TenantDb};
+use std::future::IntoFuture;
+
 use uuid::Uuid;
 
 /// Serves the notes API.
@@ -38,6 +41,10 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
+    /// Address of the admin listener, which serves `GET /_router` (map
+    /// version, control source, shards' pools). Keep it off the public network.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
 }
 
 /// A handler failure: a routing/database error, or a bad request body.
@@ -105,16 +112,17 @@ async fn list_notes(db: TenantDb) -> Result<Json<Vec<Note>>, AppError> {
     ))
 }
 
-/// The application: the notes routes behind the shard router, and the
-/// router's status outside it (it needs no tenant).
+/// The application: the notes routes behind the shard router.
 fn app(router: ShardRouter) -> Router {
     Router::new()
         .route("/notes", get(list_notes).post(create_note))
-        .layer(ShardRouterLayer::new(
-            router.clone(),
-            HeaderExtractor::default(),
-        ))
-        .route_service("/_router", StatusService::new(router))
+        .layer(ShardRouterLayer::new(router, HeaderExtractor::default()))
+}
+
+/// The operators' side, on its own listener: the router's status (it needs no
+/// tenant, and tells more than clients should see).
+fn admin(router: ShardRouter) -> Router {
+    Router::new().route_service("/_router", StatusService::new(router))
 }
 
 #[tokio::main]
@@ -124,7 +132,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Keep the follower alive as long as the server runs.
     let (router, _follower) = args.source.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, map_version = router.version(), "listening");
-    axum::serve(listener, app(router)).await?;
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, admin = %admin_listener.local_addr()?,
+        map_version = router.version(), "listening");
+    tokio::try_join!(
+        axum::serve(admin_listener, admin(router.clone())).into_future(),
+        axum::serve(listener, app(router)).into_future(),
+    )?;
     Ok(())
 }

@@ -16,7 +16,8 @@ done
 cargo build --release --example axum_app --bin shardctl
 ./target/release/shardctl map validate shard-map.toml
 ./target/release/shardctl migrate --map shard-map.toml --dir migrations/notes
-./target/release/examples/axum_app --map shard-map.toml --listen "$ADDR" &
+ADMIN=${ADMIN:-127.0.0.1:9090}
+./target/release/examples/axum_app --map shard-map.toml --listen "$ADDR" --admin-listen "$ADMIN" &
 APP=$!
 trap 'kill $APP 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do curl -s -o /dev/null "http://$ADDR/" && break; sleep 0.1; done
@@ -30,6 +31,8 @@ echo "GET /notes as acme:"
 curl -s "http://$ADDR/notes" -H 'x-tenant-id: acme'; echo
 echo "GET /notes without a tenant:"
 curl -s -w ' (HTTP %{http_code})\n' "http://$ADDR/notes"
+echo "GET /_router on the admin listener:"
+curl -s "http://$ADMIN/_router"; echo
 
 echo
 echo "where each tenant lives:"

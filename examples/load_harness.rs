@@ -420,6 +420,8 @@ async fn run_configs(
                             .unwrap(),
                         "--listen",
                         &addr.to_string(),
+                        "--admin-listen",
+                        "127.0.0.1:0",
                     ]),
                 ),
                 "C" => start(Command::new(sibling("axum_app")).args([
@@ -427,6 +429,8 @@ async fn run_configs(
                     router_map(four, &dir, "c.toml").to_str().unwrap(),
                     "--listen",
                     &addr.to_string(),
+                    "--admin-listen",
+                    "127.0.0.1:0",
                 ])),
                 "B" => start(Command::new(std::env::current_exe()?).args([
                     "serve-baseline",

@@ -56,6 +56,8 @@ async fn notes_api_over_http_routes_each_tenant_to_its_shard() {
                 map_path.to_str().unwrap(),
                 "--listen",
                 &addr.to_string(),
+                "--admin-listen",
+                "127.0.0.1:0",
             ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -154,7 +156,14 @@ async fn a_tenant_of_the_example_moves_while_clients_post_and_get_at_full_speed(
     };
     let _server = common::Server(
         Command::new(common::example_binary("axum_app"))
-            .args(["--control", &control_url, "--listen", &addr.to_string()])
+            .args([
+                "--control",
+                &control_url,
+                "--listen",
+                &addr.to_string(),
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()

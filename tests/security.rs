@@ -252,3 +252,162 @@ async fn admin_url_is_validated_redacted_and_overridable() {
         .to_string();
     assert!(err.contains("shards.a.admin_url"), "{err}");
 }
+
+/// Every surface an operator sees, with a known password in every URL (the
+/// server trusts local connections, so the password is carried but unused):
+/// the example's logs at debug level (including a control connection lost and
+/// regained, and a refused map), `GET /_router`, and shardctl in text and JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_password_appears_on_no_output_surface() {
+    use std::process::{Command, Stdio};
+    const SECRET: &str = "Pa55w0rdNeverShown";
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let control_db = Shards::create(1).await;
+    let with_password = |url: String| url.replace("postgres@", &format!("postgres:{SECRET}@"));
+    let control_url = with_password(control_db.url(0));
+    let mut toml = String::from("version = 1\n");
+    for i in 0..2 {
+        toml += &format!(
+            "[shards.{}]\nurl = \"{}?application_name=x&password={SECRET}\"\nadmin_url = \"host=127.0.0.1 user=postgres password='{SECRET}' dbname={}\"\n",
+            common::shard_name(i),
+            with_password(shards.url(i)).split('?').next().unwrap(),
+            shards.names[i]
+        );
+    }
+    let mut control = ControlPlane::connect(&control_url).await.unwrap();
+    control.init().await.unwrap();
+    control
+        .publish(&toml, &PublishOptions::default())
+        .await
+        .unwrap();
+
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (addr, admin) = (free(), free());
+    let log = std::env::temp_dir().join(format!("secrets-{}.log", std::process::id()));
+    let server = common::Server(
+        Command::new(common::example_binary("axum_app"))
+            .args(["--control", &control_url])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ])
+            .env("RUST_LOG", "debug")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::from(
+                std::fs::File::create(log.with_extension("err")).unwrap(),
+            ))
+            .spawn()
+            .unwrap(),
+    );
+    let http = |method: &str, path: &str, port: u16| {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-X",
+                method,
+                "-H",
+                "x-tenant-id: acme",
+                "-H",
+                "content-type: application/json",
+            ])
+            .args([
+                "-d",
+                if method == "POST" {
+                    "{\"body\":\"hi\"}"
+                } else {
+                    ""
+                },
+            ])
+            .arg(format!("http://127.0.0.1:{port}{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(admin).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut seen = String::new();
+    seen += &http("POST", "/notes", addr.port());
+    seen += &http("GET", "/notes", addr.port());
+    // The control connection lost and regained, and a map the router refuses.
+    common::connect(&control_db.url(0))
+        .await
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{}' AND pid <> pg_backend_pid()",
+            control_db.names[0]
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = http("GET", "/_router", admin.port());
+    assert!(status.contains("\"map_version\":1"), "{status}");
+    assert!(
+        status.contains("***"),
+        "the control URL is shown, redacted: {status}"
+    );
+    seen += &status;
+    assert!(
+        http("GET", "/_router", addr.port()).is_empty()
+            || !http("GET", "/_router", addr.port()).contains("map_version"),
+        "/_router is not served on the public listener"
+    );
+
+    for args in [
+        &["map", "show"][..],
+        &["--json", "map", "show"][..],
+        &["map", "history"][..],
+        &["--json", "map", "history"][..],
+        &["routers"][..],
+        &["--json", "routers"][..],
+        &["tenant", "locate", "acme"][..],
+        &["--json", "tenant", "locate", "acme"][..],
+        &["migrate", "status", "--dir", "migrations/notes"][..],
+        &["--json", "migrate", "status", "--dir", "migrations/notes"][..],
+        &["control", "init"][..],
+        &["--json", "control", "init"][..],
+    ] {
+        let out = common::shardctl(&control_url, args).await;
+        seen += &String::from_utf8_lossy(&out.stdout);
+        seen += &String::from_utf8_lossy(&out.stderr);
+    }
+    // An unreachable control database, by the CLI.
+    let down = common::shardctl(
+        &format!("postgres://postgres:{SECRET}@127.0.0.1:1/x"),
+        &["map", "show"],
+    )
+    .await;
+    assert!(!down.status.success());
+    seen += &String::from_utf8_lossy(&down.stderr);
+
+    // The surfaces did show the URLs, redacted.
+    assert!(seen.contains("postgres:***@"), "{seen}");
+    assert!(seen.contains("password=***"), "{seen}");
+    drop(server);
+    let logs = std::fs::read_to_string(&log).unwrap()
+        + &std::fs::read_to_string(log.with_extension("err")).unwrap();
+    assert!(logs.contains("DEBUG"), "the example logged at debug level");
+    assert!(
+        logs.contains("control database unreachable"),
+        "the lost control connection was logged"
+    );
+    for (surface, text) in [("logs", &logs), ("HTTP and CLI output", &seen)] {
+        if let Some(at) = text.find(SECRET) {
+            let line = text[..at].rsplit('\n').next().unwrap_or("");
+            panic!("{surface} show the password: ...{line}{SECRET}...");
+        }
+    }
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(log.with_extension("err"));
+}
