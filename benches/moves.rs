@@ -20,7 +20,16 @@ use shard_router::{ShardRouter, TenantId};
 use tokio_postgres::{Client, NoTls};
 
 const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
-const ROWS: i64 = 100_000;
+/// Rows of the big tenant (`BENCH_ROWS`, default 100,000).
+static ROWS_CELL: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+fn rows() -> i64 {
+    *ROWS_CELL.get_or_init(|| {
+        std::env::var("BENCH_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000)
+    })
+}
 
 async fn connect(db: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(&format!("{SERVER}/{db}"), NoTls)
@@ -101,7 +110,8 @@ async fn run(names: Vec<String>) {
     // 1. The fence's cost per row.
     let insert = format!(
         "INSERT INTO items (tenant_id, id, n, body) \
-         SELECT $1, gen_random_uuid(), g, 'row ' || g FROM generate_series(1, {ROWS}) g"
+         SELECT $1, gen_random_uuid(), g, 'row ' || g FROM generate_series(1, {}) g",
+        rows()
     );
     let timed = |tenant: &'static str| {
         let (insert, source) = (insert.clone(), &source);
@@ -138,8 +148,8 @@ async fn run(names: Vec<String>) {
         .unwrap();
     let unfenced = timed("bystander").await; // trigger runs, tenant has no fence row
     let fenced = timed("probe").await; // trigger runs, tenant fenced, version allowed
-    let per_row = |d: Duration| (d.as_nanos() as f64 - bare.as_nanos() as f64) / ROWS as f64;
-    println!("fence: {ROWS} server-side inserts, median of 5");
+    let per_row = |d: Duration| (d.as_nanos() as f64 - bare.as_nanos() as f64) / rows() as f64;
+    println!("fence: {} server-side inserts, median of 5", rows());
     println!("  without trigger:              {bare:?}");
     println!(
         "  trigger, tenant not fenced:   {unfenced:?} (+{:.0} ns per row)",
@@ -185,8 +195,9 @@ async fn run(names: Vec<String>) {
     source
         .batch_execute(&format!(
             "BEGIN; SELECT set_config('shard_router.map_version', '100@' || extract(epoch FROM now())::text, true);
-             INSERT INTO items (tenant_id, id, n, body) SELECT 'big', gen_random_uuid(), g, repeat('x', 64) FROM generate_series(1, {ROWS}) g;
-             COMMIT"
+             INSERT INTO items (tenant_id, id, n, body) SELECT 'big', gen_random_uuid(), g, repeat('x', 64) FROM generate_series(1, {}) g;
+             COMMIT",
+            rows()
         ))
         .await
         .unwrap();
@@ -250,8 +261,8 @@ async fn run(names: Vec<String>) {
     let backfill = started.elapsed();
     DONE.store(true, std::sync::atomic::Ordering::Relaxed);
     let during = bystander.await.unwrap();
-    let rate = |d: Duration| ROWS as f64 / d.as_secs_f64();
-    println!("backfill of {ROWS} rows (5 columns, ~100 bytes each):");
+    let rate = |d: Duration| rows() as f64 / d.as_secs_f64();
+    println!("backfill of {} rows (5 columns, ~100 bytes each):", rows());
     println!(
         "  raw COPY (binary), one stream:       {copy:?} ({:.0} rows/s)",
         rate(copy)

@@ -127,6 +127,20 @@ impl RoutingTable {
         self.shard_state[index.get()].limiter.as_deref()
     }
 
+    /// The pool of shard `index` whose connections run in replica mode (for
+    /// applying a moving tenant's row images), built on first use. Its
+    /// connections set `session_replication_role` once, at connect: setting it
+    /// per transaction would throw away every cached plan of the connection.
+    pub(crate) fn replica_pool(&self, index: ShardIndex) -> Result<&Pool, String> {
+        let state = &self.shard_state[index.get()];
+        if let Some(pool) = state.replica_pool.get() {
+            return Ok(pool);
+        }
+        let shard = self.map.shard(index);
+        let pool = build_pool_with(shard, state.connector.clone(), true)?;
+        Ok(state.replica_pool.get_or_init(|| pool))
+    }
+
     /// The TLS connector of shard `index`'s pool, for cancel requests.
     pub(crate) fn connector(&self, index: ShardIndex) -> &crate::pg::Connector {
         &self.shard_state[index.get()].connector
@@ -485,6 +499,8 @@ struct ShardState {
     limiter: Option<Arc<TenantLimiter>>,
     /// The pool's TLS connector.
     connector: crate::pg::Connector,
+    /// Replica-mode connections for applying row images, built on first use.
+    replica_pool: Arc<std::sync::OnceLock<Pool>>,
 }
 
 fn build_pool(shard: &Shard, version: u64) -> Result<(Pool, ShardState), ApplyError> {
@@ -503,31 +519,59 @@ fn build_pool(shard: &Shard, version: u64) -> Result<(Pool, ShardState), ApplyEr
             "the shard's certificate is not checked: set sslmode=verify-full for a remote shard"
         );
     }
+    let pool = build_pool_with(shard, connector.clone(), false).map_err(refused)?;
+    let limiter = shard
+        .pool()
+        .tenant_max_connections
+        .map(|max| Arc::new(TenantLimiter::new(max)));
+    Ok((
+        pool,
+        ShardState {
+            limiter,
+            connector,
+            replica_pool: Default::default(),
+        },
+    ))
+}
+
+/// A pool of the shard's connections; in replica mode when `replica`.
+fn build_pool_with(
+    shard: &Shard,
+    connector: crate::pg::Connector,
+    replica: bool,
+) -> Result<Pool, String> {
     let mut pg = shard.pg_config().clone();
     pg.connect_timeout(shard.pool().connect_timeout);
     if pg.get_application_name().is_none() {
         pg.application_name("shard-router");
     }
+    if replica {
+        // Row images from the primary: the shard's own triggers, defaults and
+        // foreign-key checks must not change or refuse them, and their
+        // statements are the same every time, so plan them once.
+        let mode = "-c session_replication_role=replica -c plan_cache_mode=force_generic_plan";
+        let options = match pg.get_options() {
+            Some(own) => format!("{own} {mode}"),
+            None => mode.to_owned(),
+        };
+        pg.options(&options);
+    }
     let manager = Manager::from_config(
         pg,
-        connector.clone(),
+        connector,
         ManagerConfig {
-            // A cheap `is_closed` check; session state the router sets is
-            // transaction-local, so nothing needs resetting on return.
+            // A cheap `is_closed` check; what the router sets per checkout is
+            // set again at the next one.
             recycling_method: RecyclingMethod::Fast,
         },
     );
     let settings = shard.pool();
-    let pool = Pool::builder(manager)
+    Pool::builder(manager)
         .max_size(settings.max_size)
         .wait_timeout(Some(settings.wait_timeout))
         .create_timeout(Some(settings.connect_timeout))
         .recycle_timeout(Some(settings.connect_timeout))
         .runtime(Runtime::Tokio1)
         .build()
-        .map_err(|e| refused(e.to_string()))?;
-    let limiter = settings
-        .tenant_max_connections
-        .map(|max| Arc::new(TenantLimiter::new(max)));
-    Ok((pool, ShardState { limiter, connector }))
+        .map_err(|e| e.to_string())
 }

@@ -220,15 +220,30 @@ impl TenantDb {
     /// shard caps tenants), then a pooled connection, then the tenant setting
     /// for row-level security (when the map names one).
     async fn checkout(&self, shard: ShardIndex) -> Result<TenantClient, DbError> {
+        self.checkout_from(shard, false).await
+    }
+
+    /// A connection from the shard's pool, or from its replica-mode pool.
+    async fn checkout_from(&self, shard: ShardIndex, replica: bool) -> Result<TenantClient, DbError> {
         let settings = self.table.map().shard(shard).pool();
-        let pool = self.table.pool(shard);
         let unavailable = |cause: PoolError| DbError::Unavailable {
             tenant: self.tenant.clone(),
             shard: self.shard_name(shard).to_owned(),
             map_version: self.map_version(),
             cause: Box::new(cause),
         };
-        let (client, slot) = match self.table.limiter(shard) {
+        let (pool, limiter) = if replica {
+            // Building a pool fails only on a bad configuration, which the
+            // shard's own pool would have shown already.
+            let pool = self.table.replica_pool(shard).map_err(|reason| {
+                tracing::error!(shard = self.shard_name(shard), %reason, "cannot build the replica-mode pool");
+                unavailable(PoolError::Closed)
+            })?;
+            (pool, None)
+        } else {
+            (self.table.pool(shard), self.table.limiter(shard))
+        };
+        let (client, slot) = match limiter {
             None => (pool.get().await.map_err(unavailable)?, None),
             Some(limiter) => {
                 let started = std::time::Instant::now();
@@ -272,24 +287,16 @@ impl TenantDb {
         let mut side = Side {
             shard,
             connector: self.table.connector(shard).clone(),
-            client: Some(self.checkout(shard).await?),
+            client: Some(self.checkout_from(shard, how.replica).await?),
             clean: false,
         };
         let client = side.client();
         // READ COMMITTED: every statement sees the fence as committed when it
         // starts, whatever the database's default isolation.
-        let mut head = format!(
+        let head = format!(
             "BEGIN ISOLATION LEVEL READ COMMITTED; {}",
             declare_version_sql(self.map_version())
         );
-        if how.replica {
-            // Row images from the primary: the shard's own triggers, defaults
-            // and foreign-key checks must not change or refuse them.
-            head.push_str("; SET LOCAL session_replication_role = replica");
-            // The images' statements are the same every time: plan them once
-            // per connection instead of at every bind.
-            head.push_str("; SET LOCAL plan_cache_mode = force_generic_plan");
-        }
         let result = match (how.capture, how.lock) {
             (None, false) => client.batch_execute(&head).await,
             (capture, lock) => {

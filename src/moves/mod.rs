@@ -424,14 +424,33 @@ pub async fn start(
                 tenant_column: map.tenant_column().to_owned(),
             });
         }
-        if let Err(e) = client
-            .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
-            .await
-        {
-            return Err(MoveError::ReplicaRoleRefused {
-                shard: name.to_owned(),
-                cause: error_text(&e),
-            });
+        // Both roles apply rows in replica mode: the mover's (backfill) and the
+        // routers' (row images of dual writes).
+        let app = match shard.admin_url() {
+            None => None,
+            Some(_) => {
+                let (app, connection) = shard
+                    .endpoint
+                    .connect(shard.pool().connect_timeout)
+                    .await
+                    .map_err(|cause| ShardError::Unreachable {
+                        shard: name.to_owned(),
+                        cause,
+                    })?;
+                tokio::spawn(connection);
+                Some(app)
+            }
+        };
+        for client in [Some(&client), app.as_ref()].into_iter().flatten() {
+            if let Err(e) = client
+                .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
+                .await
+            {
+                return Err(MoveError::ReplicaRoleRefused {
+                    shard: name.to_owned(),
+                    cause: error_text(&e),
+                });
+            }
         }
     }
     let lease = record::create(control, tenant, &from, to, options.lease).await?;
