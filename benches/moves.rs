@@ -97,7 +97,45 @@ async fn handle_writes(router: &ShardRouter, tenant: &str, n: usize) -> Vec<Dura
 const SCHEMA: &str = "CREATE TABLE items (tenant_id text NOT NULL, id uuid PRIMARY KEY, \
                       n bigint NOT NULL, body text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
 
-static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Moves `tenant` to shard b up to the end of backfill on a thread of its own
+/// (as `shardctl` would, in a process of its own); the thread returns how long
+/// that took.
+fn move_on_own_thread(
+    control_url: String,
+    tenant: &str,
+    max_rows_per_sec: Option<u64>,
+) -> std::thread::JoinHandle<Duration> {
+    let tenant = TenantId::new(tenant).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut control = ControlPlane::connect(&control_url).await.unwrap();
+            let mut options = MoveOptions::default();
+            options.until = Step::Backfill;
+            options.max_rows_per_sec = max_rows_per_sec;
+            let started = Instant::now();
+            moves::start(&mut control, &tenant, "b", &options, |_| {})
+                .await
+                .unwrap();
+            started.elapsed()
+        })
+    })
+}
+
+/// A bystander's single-row writes on the source until `mover` finishes.
+async fn writes_until_done(
+    router: &ShardRouter,
+    mover: &std::thread::JoinHandle<Duration>,
+) -> Vec<Duration> {
+    let mut samples = Vec::new();
+    while !mover.is_finished() {
+        samples.extend(handle_writes(router, "bystander", 20).await);
+    }
+    samples
+}
 
 async fn run(names: Vec<String>) {
     let (control_db, a, b) = (&names[0], &names[1], &names[2]);
@@ -236,31 +274,15 @@ async fn run(names: Vec<String>) {
     until_backfill.max_rows_per_sec = std::env::var("MAX_ROWS_PER_SEC")
         .ok()
         .and_then(|v| v.parse().ok());
-    // A bystander on the source writes through its own router all along: first
-    // with no move, then during the move's start and backfill.
+    // The move runs on a thread of its own, as shardctl runs in a process of
+    // its own; a bystander on the source writes through its own router.
+    let control_url = format!("{SERVER}/{control_db}");
     let router = ShardRouter::new(control.latest().await.unwrap().load().unwrap()).unwrap();
     handle_writes(&router, "bystander", 200).await; // warm the pool and statements
     let quiet = handle_writes(&router, "bystander", 1500).await;
-    let bystander = {
-        let router = router.clone();
-        tokio::spawn(async move {
-            let mut samples = Vec::new();
-            while samples.len() < 20_000 {
-                samples.extend(handle_writes(&router, "bystander", 50).await);
-                if DONE.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-            }
-            samples
-        })
-    };
-    let started = Instant::now();
-    moves::start(&mut control, &big, "b", &until_backfill, |_| {})
-        .await
-        .unwrap();
-    let backfill = started.elapsed();
-    DONE.store(true, std::sync::atomic::Ordering::Relaxed);
-    let during = bystander.await.unwrap();
+    let mover = move_on_own_thread(control_url.clone(), "big", until_backfill.max_rows_per_sec);
+    let during = writes_until_done(&router, &mover).await;
+    let backfill = mover.join().unwrap();
     let rate = |d: Duration| rows() as f64 / d.as_secs_f64();
     println!("backfill of {} rows (5 columns, ~100 bytes each):", rows());
     println!(
@@ -283,6 +305,55 @@ async fn run(names: Vec<String>) {
         "  during backfill:   p50 {d50:?}, p99 {d99:?} ({:.2}x p99)",
         d99.as_secs_f64() / q99.as_secs_f64()
     );
+
+    // 2b. The bystander's p99 by backfill throttle, in interleaved rounds: a
+    //     quiet window, then the backfill of a fresh tenant (sized to take a
+    //     few seconds), three times per throttle; the median ratio counts.
+    println!("bystander write p99 during backfill / in the quiet window just before, by throttle (3 rounds each):");
+    let map = control.latest().await.unwrap().load().unwrap();
+    let mut candidates = (0..).map(|i| format!("m{i}")).filter(|t| {
+        let id = TenantId::new(t).unwrap();
+        map.move_of(&id).is_none() && map.shard(map.locate(&id).shard).name() == "a"
+    });
+    for throttle in [None, Some(20_000u64), Some(5_000)] {
+        let rows_each = throttle.map_or(rows(), |t| (t as i64 * 3).min(rows()));
+        let mut ratios = Vec::new();
+        let mut rates = Vec::new();
+        for _ in 0..3 {
+            let tenant = candidates.next().unwrap();
+            source
+                .batch_execute(&format!(
+                    "BEGIN; SELECT set_config('shard_router.map_version', '100000@' || extract(epoch FROM now())::text, true);
+                     INSERT INTO items (tenant_id, id, n, body) SELECT '{tenant}', gen_random_uuid(), g, repeat('x', 64) FROM generate_series(1, {rows_each}) g;
+                     COMMIT"
+                ))
+                .await
+                .unwrap();
+            source.batch_execute("VACUUM ANALYZE items").await.unwrap();
+            let started = Instant::now();
+            let mut quiet = Vec::new();
+            while started.elapsed() < Duration::from_secs(2) {
+                quiet.extend(handle_writes(&router, "bystander", 20).await);
+            }
+            let mover = move_on_own_thread(control_url.clone(), &tenant, throttle);
+            let during = writes_until_done(&router, &mover).await;
+            let took = mover.join().unwrap();
+            rates.push(rows_each as f64 / took.as_secs_f64());
+            ratios.push(
+                percentile(during, 0.99).as_secs_f64() / percentile(quiet, 0.99).as_secs_f64(),
+            );
+        }
+        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        ratios.sort_by(f64::total_cmp);
+        rates.sort_by(f64::total_cmp);
+        println!(
+            "  throttle {:>14}: p99 ratio median {:.2}x (rounds {}), backfill {:.0} rows/s",
+            throttle.map_or("none".to_owned(), |t| format!("{t} rows/s")),
+            ratios[1],
+            shown.join(", "),
+            rates[1]
+        );
+    }
 
     // 3. A moving tenant's single-statement write against one not moving, on
     //    the same shards, interleaved in rounds.

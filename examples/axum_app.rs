@@ -76,14 +76,14 @@ async fn create_note(
     // The id is made here so the response can name it without a RETURNING of it;
     // database defaults work as well, moves copy the rows as written.
     let id = Uuid::new_v4();
-    let mut writer = db.write().await?;
-    let rows = writer
-        .query(
+    // One statement, committed on its own: BEGIN, INSERT and COMMIT in one
+    // round trip (`db.write()` gives a transaction for several statements).
+    let rows = db
+        .execute_returning(
             common::INSERT_NOTE,
             &[&db.tenant().as_str(), &id, &new.body],
         )
         .await?;
-    writer.commit().await?;
     let created_at = rows.first().map(|r| r.get(0)).unwrap_or_default();
     Ok((
         StatusCode::CREATED,
@@ -96,11 +96,12 @@ async fn create_note(
 }
 
 async fn list_notes(db: TenantDb) -> Result<Json<Vec<Note>>, AppError> {
-    let client = db.read().await?;
-    let rows = client
+    // Prepared once per connection, then reused: one round trip per query.
+    let rows = db
+        .read()
+        .await?
         .query(common::LIST_NOTES, &[&db.tenant().as_str()])
-        .await
-        .map_err(|e| db.query_error(e))?;
+        .await?;
     Ok(Json(
         rows.iter()
             .map(|r| Note {

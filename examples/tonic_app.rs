@@ -54,11 +54,10 @@ impl Notes for NotesService {
         // The id is made here so the reply can name it; database defaults work as
         // well, moves copy the rows as written.
         let id = Uuid::new_v4();
-        let mut writer = db.write().await?;
-        let rows = writer
-            .query(common::INSERT_NOTE, &[&db.tenant().as_str(), &id, &body])
+        // One statement committed on its own: one round trip.
+        let rows = db
+            .execute_returning(common::INSERT_NOTE, &[&db.tenant().as_str(), &id, &body])
             .await?;
-        writer.commit().await?;
         let created_at = rows.first().map(|r| r.get(0)).unwrap_or_default();
         Ok(Response::new(Note {
             id: id.to_string(),
@@ -72,11 +71,11 @@ impl Notes for NotesService {
         request: Request<ListNotesRequest>,
     ) -> Result<Response<ListNotesResponse>, Status> {
         let db = TenantDb::from_grpc(&request)?;
-        let client = db.read().await?;
-        let rows = client
+        let rows = db
+            .read()
+            .await?
             .query(common::LIST_NOTES, &[&db.tenant().as_str()])
-            .await
-            .map_err(|e| db.query_error(e))?;
+            .await?;
         let notes = rows
             .iter()
             .map(|r| Note {

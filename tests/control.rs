@@ -322,7 +322,6 @@ async fn routers_keep_serving_through_a_control_outage_and_catch_up() {
                             &[&db.tenant().as_str()],
                         )
                         .await
-                        .map_err(|e| db.query_error(e))
                 }
                 .await;
                 match result {

@@ -592,6 +592,28 @@ async fn a_router_on_the_old_map_is_refused_by_the_fence_on_both_shards() {
             assert!(err.to_string().contains("need map version"), "{err}");
             assert_eq!(shard_router::Rejection::from(&err).status(), 503);
             writer.rollback().await.unwrap();
+            // The one-round-trip write is fenced the same way: a row it
+            // writes, and a statement that changes no row.
+            let err = db
+                .execute(
+                    "INSERT INTO projects VALUES ($1, $2, $3)",
+                    &[
+                        &tenant,
+                        &Uuid::new_v4(),
+                        &format!("stale-once-{}-{attempt}", until.as_str()),
+                    ],
+                )
+                .await
+                .unwrap_err();
+            assert!(err.is_fenced(), "{err}");
+            let err = db
+                .execute(
+                    "UPDATE projects SET name = 'stale-none' WHERE tenant_id = $1 AND false",
+                    &[&tenant],
+                )
+                .await
+                .unwrap_err();
+            assert!(err.is_fenced(), "{err}");
         }
     }
     for i in 0..2 {
@@ -1486,6 +1508,7 @@ async fn fence_gaps_are_closed_and_fence_rows_leave_after_the_move() {
         .await
         .unwrap();
     let err = client
+        .raw()
         .execute(
             "UPDATE projects SET name = 'sneaky' WHERE tenant_id = $1",
             &[&tenant],

@@ -30,8 +30,7 @@ async fn handler(db: TenantDb, query: axum::extract::RawQuery) -> Result<String,
             "SELECT count(*) FROM notes, pg_sleep($2) WHERE tenant_id = $1",
             &[&db.tenant().as_str(), &sleep],
         )
-        .await
-        .map_err(|e| db.query_error(e))?;
+        .await?;
     Ok(db.shard().to_owned())
 }
 

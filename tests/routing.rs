@@ -483,3 +483,100 @@ async fn applying_a_map_keeps_unchanged_pools_and_serves_new_shards() {
     );
     assert_eq!(notes_of(&shards.url(1), "newcomer").await, 1);
 }
+
+/// Version 1 over `shards` with a pool of one connection per shard.
+fn one_connection(shards: &Shards) -> shard_router::ShardMap {
+    MapLoader::without_env()
+        .load_str(&common::map_toml(1, shards, "").replace("max_size = 8", "max_size = 1"))
+        .unwrap()
+}
+
+/// The statements a connection holds prepared (named, from the extended protocol).
+async fn prepared_on(client: &shard_router::TenantClient, sql: &str) -> i64 {
+    client
+        .raw()
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1",
+            &[&sql],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn reads_and_writes_prepare_each_statement_once_per_connection() {
+    let shards = Shards::create(1).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    // One connection: every call below shares it.
+    let router = ShardRouter::new(one_connection(&shards)).unwrap();
+    let db = router.resolve(TenantId::new("acme").unwrap());
+    const INSERT: &str = "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'x')";
+    const COUNT: &str = "SELECT count(*) FROM notes WHERE tenant_id = $1";
+    for _ in 0..3 {
+        assert_eq!(
+            db.execute(INSERT, &[&"acme", &Uuid::new_v4()])
+                .await
+                .unwrap(),
+            1
+        );
+        let mut writer = db.write().await.unwrap();
+        writer
+            .execute(INSERT, &[&"acme", &Uuid::new_v4()])
+            .await
+            .unwrap();
+        writer.commit().await.unwrap();
+        let client = db.read().await.unwrap();
+        client.query_one(COUNT, &[&"acme"]).await.unwrap();
+        client.query(COUNT, &[&"acme"]).await.unwrap();
+    }
+    let client = db.read().await.unwrap();
+    let count: i64 = client.query_one(COUNT, &[&"acme"]).await.unwrap().get(0);
+    assert_eq!(count, 6, "every write committed");
+    // Prepared once each, then reused: a second Parse would have left a
+    // second named statement behind.
+    assert_eq!(prepared_on(&client, INSERT).await, 1);
+    assert_eq!(prepared_on(&client, COUNT).await, 1);
+    // raw() is the uncached way: nothing is left prepared for it.
+    const DYNAMIC: &str = "SELECT count(*) FROM notes WHERE tenant_id = $1 AND body = 'x'";
+    client.raw().query(DYNAMIC, &[&"acme"]).await.unwrap();
+    assert_eq!(prepared_on(&client, DYNAMIC).await, 0);
+}
+
+#[tokio::test]
+async fn a_one_round_trip_write_that_fails_commits_nothing_and_leaves_a_clean_connection() {
+    let shards = Shards::create(1).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let router = ShardRouter::new(one_connection(&shards)).unwrap();
+    let db = router.resolve(TenantId::new("acme").unwrap());
+    let id = Uuid::new_v4();
+    let insert = "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'x') RETURNING id";
+    let rows = db.execute_returning(insert, &[&"acme", &id]).await.unwrap();
+    assert_eq!(rows[0].get::<_, Uuid>(0), id);
+    // The same id again: the statement fails, the COMMIT sent with it rolls back.
+    let err = db
+        .execute_returning(insert, &[&"acme", &id])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("duplicate key"), "{err}");
+    assert!(!err.is_unavailable());
+    // The one connection is back in the pool with no transaction open.
+    let client = db.read().await.unwrap();
+    // SAVEPOINT is refused outside a transaction block.
+    let savepoint = client.raw().batch_execute("SAVEPOINT probe").await;
+    assert!(savepoint.is_err(), "a transaction was left open");
+    drop(client);
+    assert_eq!(notes_of(&shards.url(0), "acme").await, 1);
+    // A writer whose BEGIN waits for its first statement: nothing was begun if
+    // it is dropped before one, and commit with no statement is a no-op.
+    let writer = db.write().await.unwrap();
+    writer.commit().await.unwrap();
+    drop(db.write().await.unwrap());
+    assert_eq!(
+        db.execute(insert, &[&"acme", &Uuid::new_v4()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(notes_of(&shards.url(0), "acme").await, 2);
+}

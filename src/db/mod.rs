@@ -37,9 +37,14 @@ use crate::TenantId;
 /// let client = db.read().await?;
 /// let rows = client
 ///     .query("SELECT body FROM notes WHERE tenant_id = $1", &[&db.tenant().as_str()])
-///     .await
-///     .map_err(|e| db.query_error(e))?;
+///     .await?;
+/// drop(client);
 ///
+/// // One statement, committed on its own, in one round trip:
+/// db.execute("DELETE FROM notes WHERE tenant_id = $1 AND body = ''", &[&db.tenant().as_str()])
+///     .await?;
+///
+/// // Several statements in one transaction:
 /// let mut writer = db.write().await?;
 /// writer.execute("DELETE FROM notes WHERE tenant_id = $1", &[&db.tenant().as_str()]).await?;
 /// writer.commit().await?;
@@ -127,8 +132,7 @@ impl TenantDb {
     /// let client = db.read().await?;
     /// let count: i64 = client
     ///     .query_one("SELECT count(*) FROM notes WHERE tenant_id = $1", &[&db.tenant().as_str()])
-    ///     .await
-    ///     .map_err(|e| db.query_error(e))?
+    ///     .await?
     ///     .get(0);
     /// # Ok(()) }
     /// ```
@@ -196,7 +200,7 @@ impl TenantDb {
     /// ```no_run
     /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
     /// let client = db.read().await?;
-    /// client.execute("SELECT 1", &[]).await.map_err(|e| db.query_error(e))?;
+    /// client.raw().execute("SELECT 1", &[]).await.map_err(|e| db.query_error(e))?;
     /// # Ok(()) }
     /// ```
     pub fn query_error(&self, cause: tokio_postgres::Error) -> DbError {
@@ -212,6 +216,163 @@ impl TenantDb {
         }
     }
 
+    /// The only row of `rows`, or [`DbError::RowCount`].
+    fn one_row(&self, shard: ShardIndex, mut rows: Vec<Row>) -> Result<Row, DbError> {
+        match rows.len() {
+            1 => Ok(rows.pop().expect("one row")),
+            n => Err(self.row_count(shard, "one", n)),
+        }
+    }
+
+    /// The row of `rows` if there is one, or [`DbError::RowCount`] if more.
+    fn at_most_one_row(
+        &self,
+        shard: ShardIndex,
+        mut rows: Vec<Row>,
+    ) -> Result<Option<Row>, DbError> {
+        match rows.len() {
+            0 | 1 => Ok(rows.pop()),
+            n => Err(self.row_count(shard, "at most one", n)),
+        }
+    }
+
+    fn row_count(&self, shard: ShardIndex, expected: &'static str, rows: usize) -> DbError {
+        DbError::RowCount {
+            tenant: self.tenant.clone(),
+            shard: self.shard_name(shard).to_owned(),
+            map_version: self.map_version(),
+            expected,
+            rows,
+        }
+    }
+
+    /// Runs one write statement in a transaction of its own and commits it:
+    /// `BEGIN`, the statement and `COMMIT` go out together, one round trip
+    /// (the statement is prepared once per connection). The fence guarantees
+    /// of [`TenantDb::write`] hold, and a moving tenant's write goes through a
+    /// writer as usual. Returns the affected-row count.
+    ///
+    /// ```no_run
+    /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
+    /// let n = db
+    ///     .execute("DELETE FROM notes WHERE tenant_id = $1 AND id = $2",
+    ///              &[&db.tenant().as_str(), &uuid::Uuid::nil()])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, DbError> {
+        match self.write_one(sql, params, false).await? {
+            Outcome::Count(n) => Ok(n),
+            Outcome::Rows(_) => unreachable!("asked for a count"),
+        }
+    }
+
+    /// [`TenantDb::execute`] for a statement with `RETURNING`: its rows.
+    ///
+    /// ```no_run
+    /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
+    /// let rows = db
+    ///     .execute_returning("INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'hi') RETURNING created_at",
+    ///                        &[&db.tenant().as_str(), &uuid::Uuid::new_v4()])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn execute_returning(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, DbError> {
+        match self.write_one(sql, params, true).await? {
+            Outcome::Rows(rows) => Ok(rows),
+            Outcome::Count(_) => unreachable!("asked for rows"),
+        }
+    }
+
+    async fn write_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        rows: bool,
+    ) -> Result<Outcome, DbError> {
+        if let Reason::Move(_) = self.location.reason {
+            let mut writer = self.write().await?;
+            let out = writer.statement(sql, params, rows).await?;
+            writer.commit().await?;
+            return Ok(out);
+        }
+        let shard = self.location.shard;
+        let mut side = self.begin(shard, Begin::PLAIN).await?;
+        let head = side
+            .pending
+            .take()
+            .expect("a plain transaction begins lazily");
+        let statement = side
+            .client()
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| self.query_error_on(shard, e))?;
+        side.clean = false;
+        let client = side.client();
+        let run = async {
+            if rows {
+                client
+                    .raw()
+                    .query(&statement, params)
+                    .await
+                    .map(Outcome::Rows)
+            } else {
+                client
+                    .raw()
+                    .execute(&statement, params)
+                    .await
+                    .map(Outcome::Count)
+            }
+        };
+        // Pipelined: all three go out before any answer comes back. A failed
+        // statement turns the COMMIT into a rollback.
+        let (began, out, committed) = tokio::join!(
+            client.batch_execute(&head),
+            run,
+            client.batch_execute("COMMIT")
+        );
+        let result = began.and(out).and_then(|out| committed.map(|()| out));
+        if let Ok(out) = &result {
+            drop(side.client.take()); // committed: back to the pool
+            if out.is_empty() {
+                // A statement that changed no row fired no fence trigger.
+                self.check_fence_on(shard).await?;
+            }
+        } else if let Err(e) = &result {
+            if e.as_db_error().is_some() {
+                side.clean = true; // the server answered: the transaction is over
+                drop(side.client.take());
+            }
+        }
+        result.map_err(|e| self.query_error_on(shard, e))
+    }
+
+    /// [`TenantWriter::check_fence`] for a statement already committed.
+    async fn check_fence_on(&self, shard: ShardIndex) -> Result<(), DbError> {
+        let client = self.checkout(shard).await?;
+        let min = fence_of(&client, &self.tenant)
+            .await
+            .map_err(|e| self.query_error_on(shard, e))?;
+        self.fenced(shard, min)
+    }
+
+    /// [`DbError::Fenced`] if the shard's fence for the tenant is above this handle's map.
+    fn fenced(&self, shard: ShardIndex, min_version: Option<i64>) -> Result<(), DbError> {
+        match min_version {
+            Some(min) if min > self.map_version() as i64 => Err(DbError::Fenced {
+                tenant: self.tenant.clone(),
+                shard: self.shard_name(shard).to_owned(),
+                map_version: self.map_version(),
+                min_version: min as u64,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn shard_name(&self, index: ShardIndex) -> &str {
         self.table.map().shard(index).name()
     }
@@ -224,7 +385,11 @@ impl TenantDb {
     }
 
     /// A connection from the shard's pool, or from its replica-mode pool.
-    async fn checkout_from(&self, shard: ShardIndex, replica: bool) -> Result<TenantClient, DbError> {
+    async fn checkout_from(
+        &self,
+        shard: ShardIndex,
+        replica: bool,
+    ) -> Result<TenantClient, DbError> {
         let settings = self.table.map().shard(shard).pool();
         let unavailable = |cause: PoolError| DbError::Unavailable {
             tenant: self.tenant.clone(),
@@ -275,6 +440,8 @@ impl TenantDb {
         Ok(TenantClient {
             client,
             _slot: slot,
+            db: self.clone(),
+            shard,
         })
     }
 
@@ -286,17 +453,23 @@ impl TenantDb {
     async fn begin(&self, shard: ShardIndex, how: Begin<'_>) -> Result<Side, DbError> {
         let mut side = Side {
             shard,
+            pending: None,
             connector: self.table.connector(shard).clone(),
             client: Some(self.checkout_from(shard, how.replica).await?),
             clean: false,
         };
-        let client = side.client();
         // READ COMMITTED: every statement sees the fence as committed when it
         // starts, whatever the database's default isolation.
         let head = format!(
             "BEGIN ISOLATION LEVEL READ COMMITTED; {}",
             declare_version_sql(self.map_version())
         );
+        if how.lazy() {
+            side.pending = Some(head);
+            side.clean = true;
+            return Ok(side);
+        }
+        let client = side.client();
         let result = match (how.capture, how.lock) {
             (None, false) => client.batch_execute(&head).await,
             (capture, lock) => {
@@ -315,7 +488,7 @@ impl TenantDb {
                         // Pipelined: both go out before either answer comes back.
                         let (began, set) = tokio::join!(
                             client.batch_execute(&head),
-                            client.query(&statement, params)
+                            client.raw().query(&statement, params)
                         );
                         began.and(set.map(|_| ()))
                     }
@@ -345,6 +518,11 @@ impl<'a> Begin<'a> {
         capture: None,
         replica: false,
     };
+
+    /// A plain transaction's `BEGIN` can wait for its first statement.
+    fn lazy(&self) -> bool {
+        !self.lock && self.capture.is_none() && !self.replica
+    }
 
     /// The source of a move: locked; the primary unless `reversed`.
     fn lock(primary: bool, tenant: &'a str) -> Self {
@@ -402,6 +580,9 @@ impl fmt::Debug for TenantDb {
 /// and releases any lock it held.
 struct Side {
     shard: ShardIndex,
+    /// `BEGIN ...` not sent yet: it goes out with the first statement, in the
+    /// same round trip. Until then the connection has no transaction open.
+    pending: Option<String>,
     /// For a cancel request over the same TLS as the connection.
     connector: crate::pg::Connector,
     client: Option<TenantClient>,
@@ -419,6 +600,10 @@ impl Side {
     /// Runs `command` (`COMMIT` or `ROLLBACK`); the connection returns to the
     /// pool only if it succeeded.
     async fn end(mut self, command: &str) -> Result<(), tokio_postgres::Error> {
+        if self.pending.is_some() {
+            drop(self.client.take()); // nothing began: back to the pool as it is
+            return Ok(());
+        }
         self.clean = false;
         let result = self.client().batch_execute(command).await;
         if result.is_ok() {
@@ -434,6 +619,9 @@ impl Drop for Side {
         let Some(client) = self.client.take() else {
             return;
         };
+        if self.pending.is_some() {
+            return; // no transaction was begun: the connection goes back as it is
+        }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) if self.clean => {
                 runtime.spawn(async move {
@@ -459,26 +647,133 @@ impl Drop for Side {
     }
 }
 
-/// A pooled connection to the tenant's shard; dereferences to the
-/// `tokio_postgres` client. Returning it (dropping it) gives the connection back
-/// to the pool and the tenant's slot back to its cap.
+/// A pooled connection to the tenant's shard. Returning it (dropping it) gives
+/// the connection back to the pool and the tenant's slot back to its cap.
+///
+/// [`query`](Self::query), [`query_one`](Self::query_one),
+/// [`query_opt`](Self::query_opt) and [`execute`](Self::execute) prepare each
+/// statement once per connection and reuse it (the fast path: one round trip,
+/// no parsing or planning by the server after the first time), and return
+/// [`DbError`] with tenant, shard and map version. For SQL built at run time,
+/// which would fill the cache with one-off statements, use
+/// [`raw`](Self::raw): the `tokio_postgres` client itself. The client also
+/// dereferences to deadpool's connection, for transactions (a snapshot for
+/// several reads), `COPY` and the rest of the driver.
 ///
 /// ```no_run
 /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
 /// let client = db.read().await?;
 /// let rows = client
 ///     .query("SELECT body FROM notes WHERE tenant_id = $1", &[&db.tenant().as_str()])
-///     .await
-///     .map_err(|e| db.query_error(e))?;
+///     .await?;
 /// drop(client); // back to the pool
 /// # Ok(()) }
 /// ```
 pub struct TenantClient {
     client: Object,
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Who and where, for errors.
+    db: TenantDb,
+    shard: ShardIndex,
 }
 
 impl TenantClient {
+    /// Runs a statement (prepared once per connection) and returns its rows.
+    ///
+    /// ```no_run
+    /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
+    /// let rows = db.read().await?
+    ///     .query("SELECT id, body FROM notes WHERE tenant_id = $1", &[&db.tenant().as_str()])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, DbError> {
+        let result = async {
+            let statement = self.client.prepare_cached(sql).await?;
+            self.client.query(&statement, params).await
+        }
+        .await;
+        result.map_err(|e| self.db.query_error_on(self.shard, e))
+    }
+
+    /// Runs a statement that returns exactly one row; none, or more than one,
+    /// is [`DbError::RowCount`].
+    ///
+    /// ```no_run
+    /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
+    /// let count: i64 = db.read().await?
+    ///     .query_one("SELECT count(*) FROM notes WHERE tenant_id = $1", &[&db.tenant().as_str()])
+    ///     .await?
+    ///     .get(0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, DbError> {
+        let rows = self.query(sql, params).await?;
+        self.db.one_row(self.shard, rows)
+    }
+
+    /// Runs a statement that returns at most one row; more than one is
+    /// [`DbError::RowCount`].
+    ///
+    /// ```no_run
+    /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
+    /// let note = db.read().await?
+    ///     .query_opt("SELECT body FROM notes WHERE tenant_id = $1 AND id = $2",
+    ///                &[&db.tenant().as_str(), &uuid::Uuid::nil()])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, DbError> {
+        let rows = self.query(sql, params).await?;
+        self.db.at_most_one_row(self.shard, rows)
+    }
+
+    /// Runs a statement (prepared once per connection) and returns the number
+    /// of rows it affected. Writes belong in [`TenantDb::write`] or
+    /// [`TenantDb::execute`], which the move fence protects.
+    ///
+    /// ```no_run
+    /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
+    /// db.read().await?.execute("SET LOCAL statement_timeout = 500", &[]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, DbError> {
+        let result = async {
+            let statement = self.client.prepare_cached(sql).await?;
+            self.client.execute(&statement, params).await
+        }
+        .await;
+        result.map_err(|e| self.db.query_error_on(self.shard, e))
+    }
+
+    /// The `tokio_postgres` client, without the statement cache: for SQL built
+    /// at run time. Wrap its errors with [`TenantDb::query_error`].
+    ///
+    /// ```no_run
+    /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
+    /// let client = db.read().await?;
+    /// let column = "body"; // chosen from a fixed list, never from user input
+    /// let sql = format!("SELECT {column} FROM notes WHERE tenant_id = $1");
+    /// let rows = client.raw().query(&sql, &[&db.tenant().as_str()]).await
+    ///     .map_err(|e| db.query_error(e))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn raw(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+
     /// Detaches the connection from the pool (it closes when dropped).
     fn discard(self) {
         let _ = Object::take(self.client);
@@ -492,9 +787,32 @@ impl std::ops::Deref for TenantClient {
     }
 }
 
+/// For `build_transaction()` and `transaction()`: several reads in one snapshot.
+impl std::ops::DerefMut for TenantClient {
+    fn deref_mut(&mut self) -> &mut Object {
+        &mut self.client
+    }
+}
+
 impl fmt::Debug for TenantClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TenantClient").finish_non_exhaustive()
+    }
+}
+
+/// What a statement gave back.
+enum Outcome {
+    Count(u64),
+    Rows(Vec<Row>),
+}
+
+impl Outcome {
+    /// It changed or returned no row.
+    fn is_empty(&self) -> bool {
+        match self {
+            Outcome::Count(n) => *n == 0,
+            Outcome::Rows(rows) => rows.is_empty(),
+        }
     }
 }
 
@@ -545,20 +863,10 @@ impl TenantWriter {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, DbError> {
-        self.ensure_open()?;
-        self.primary.clean = false;
-        let client = self.primary.client();
-        let result = async {
-            let statement = client.prepare_cached(sql).await?;
-            client.execute(&statement, params).await
+        match self.statement(sql, params, false).await? {
+            Outcome::Count(n) => Ok(n),
+            Outcome::Rows(_) => unreachable!("asked for a count"),
         }
-        .await;
-        self.primary.clean = true;
-        let n = result.map_err(|e| self.fail(e))?;
-        if n == 0 {
-            self.check_fence().await?;
-        }
-        Ok(n)
     }
 
     /// Runs a statement on the tenant's primary shard; returns its rows.
@@ -573,20 +881,93 @@ impl TenantWriter {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, DbError> {
+        match self.statement(sql, params, true).await? {
+            Outcome::Rows(rows) => Ok(rows),
+            Outcome::Count(_) => unreachable!("asked for rows"),
+        }
+    }
+
+    /// Runs a statement that returns exactly one row; no row, or more than
+    /// one, is [`DbError::RowCount`].
+    ///
+    /// ```no_run
+    /// # async fn f(mut w: shard_router::TenantWriter) -> Result<(), shard_router::DbError> {
+    /// let row = w.query_one("UPDATE notes SET body = 'x' WHERE tenant_id = $1 AND id = $2 RETURNING body",
+    ///                       &[&"acme", &uuid::Uuid::nil()]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn query_one(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, DbError> {
+        let rows = self.query(sql, params).await?;
+        self.db.one_row(self.primary.shard, rows)
+    }
+
+    /// Runs a statement that returns at most one row; more than one is
+    /// [`DbError::RowCount`].
+    ///
+    /// ```no_run
+    /// # async fn f(mut w: shard_router::TenantWriter) -> Result<(), shard_router::DbError> {
+    /// let deleted = w.query_opt("DELETE FROM notes WHERE tenant_id = $1 AND id = $2 RETURNING id",
+    ///                           &[&"acme", &uuid::Uuid::nil()]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, DbError> {
+        let rows = self.query(sql, params).await?;
+        self.db.at_most_one_row(self.primary.shard, rows)
+    }
+
+    /// Runs one statement on the primary (prepared once per connection), with
+    /// the transaction's `BEGIN` in the same round trip if it is not sent yet.
+    async fn statement(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        rows: bool,
+    ) -> Result<Outcome, DbError> {
         self.ensure_open()?;
         self.primary.clean = false;
+        let head = self.primary.pending.take();
         let client = self.primary.client();
         let result = async {
             let statement = client.prepare_cached(sql).await?;
-            client.query(&statement, params).await
+            let run = async {
+                if rows {
+                    client
+                        .raw()
+                        .query(&statement, params)
+                        .await
+                        .map(Outcome::Rows)
+                } else {
+                    client
+                        .raw()
+                        .execute(&statement, params)
+                        .await
+                        .map(Outcome::Count)
+                }
+            };
+            match &head {
+                None => run.await,
+                Some(head) => {
+                    // Pipelined: both go out before either answer comes back.
+                    let (began, out) = tokio::join!(client.batch_execute(head), run);
+                    began.and(out)
+                }
+            }
         }
         .await;
         self.primary.clean = true;
-        let rows = result.map_err(|e| self.fail(e))?;
-        if rows.is_empty() {
+        let out = result.map_err(|e| self.fail(e))?;
+        if out.is_empty() {
             self.check_fence().await?;
         }
-        Ok(rows)
+        Ok(out)
     }
 
     fn ensure_open(&self) -> Result<(), DbError> {
@@ -607,41 +988,14 @@ impl TenantWriter {
     /// moved tenant's purged rows succeeded. Check the fence row directly.
     async fn check_fence(&mut self) -> Result<(), DbError> {
         self.primary.clean = false;
-        let client = self.primary.client();
-        let result = async {
-            let fenced: Option<i64> = client
-                .query_one(
-                    "SELECT CASE WHEN to_regclass('shard_router_fence') IS NOT NULL \
-                     THEN 0::bigint END",
-                    &[],
-                )
-                .await?
-                .get(0);
-            if fenced.is_none() {
-                return Ok(None);
-            }
-            let row = client
-                .query_opt(
-                    "SELECT min_version FROM shard_router_fence WHERE tenant = $1",
-                    &[&self.db.tenant.as_str()],
-                )
-                .await?;
-            Ok::<_, tokio_postgres::Error>(row.map(|r| r.get::<_, i64>(0)))
-        }
-        .await;
+        let result = fence_of(self.primary.client(), &self.db.tenant).await;
         self.primary.clean = true;
-        match result.map_err(|e| self.fail(e))? {
-            Some(min) if min > self.db.map_version() as i64 => {
-                self.state = WriterState::Failed;
-                Err(DbError::Fenced {
-                    tenant: self.db.tenant.clone(),
-                    shard: self.db.shard_name(self.primary.shard).to_owned(),
-                    map_version: self.db.map_version(),
-                    min_version: min as u64,
-                })
-            }
-            _ => Ok(()),
+        let min = result.map_err(|e| self.fail(e))?;
+        let refused = self.db.fenced(self.primary.shard, min);
+        if refused.is_err() {
+            self.state = WriterState::Failed;
         }
+        refused
     }
 
     /// Commits. During a move: the primary's row images go to the secondary,
@@ -675,6 +1029,7 @@ impl TenantWriter {
         let client = self.primary.client();
         let images = match client.prepare_cached(DRAIN_SQL).await {
             Ok(drain) => client
+                .raw()
                 .query_one(&drain, &[])
                 .await
                 .map(|row| row.get::<_, String>(0)),
@@ -775,6 +1130,7 @@ impl TenantWriter {
     fn primary_side(&mut self) -> Side {
         Side {
             shard: self.primary.shard,
+            pending: self.primary.pending.take(),
             connector: self.primary.connector.clone(),
             client: self.primary.client.take(),
             clean: self.primary.clean,
@@ -788,6 +1144,32 @@ impl TenantWriter {
             map_version: self.db.map_version(),
         }
     }
+}
+
+/// The lowest map version the shard's fence accepts for `tenant`, if it has one.
+async fn fence_of(
+    client: &TenantClient,
+    tenant: &TenantId,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let installed: Option<i64> = client
+        .raw()
+        .query_one(
+            "SELECT CASE WHEN to_regclass('shard_router_fence') IS NOT NULL THEN 0::bigint END",
+            &[],
+        )
+        .await?
+        .get(0);
+    if installed.is_none() {
+        return Ok(None);
+    }
+    let row = client
+        .raw()
+        .query_opt(
+            "SELECT min_version FROM shard_router_fence WHERE tenant = $1",
+            &[&tenant.as_str()],
+        )
+        .await?;
+    Ok(row.map(|r| r.get::<_, i64>(0)))
 }
 
 /// Takes the transaction's captured row images off the primary, as one JSON array.
@@ -823,7 +1205,7 @@ async fn apply_images(
         prepared
             .iter()
             .zip(&params)
-            .map(|((statement, _), param)| client.execute(statement, param)),
+            .map(|((statement, _), param)| client.raw().execute(statement, param)),
     );
     let result = if commit {
         let (applied, committed) = tokio::join!(applies, client.batch_execute("COMMIT"));
@@ -920,6 +1302,21 @@ pub enum DbError {
         /// The map version of the request.
         map_version: u64,
     },
+    /// `query_one` found no row or more than one, or `query_opt` more than
+    /// one. 500: match it to answer 404 where no row means "not found".
+    #[error("expected {expected} row from shard {shard} for tenant {tenant} (map version {map_version}), got {rows}")]
+    RowCount {
+        /// The tenant.
+        tenant: TenantId,
+        /// The shard.
+        shard: String,
+        /// The map version of the request.
+        map_version: u64,
+        /// `"one"` or `"at most one"`.
+        expected: &'static str,
+        /// Rows returned.
+        rows: usize,
+    },
     /// A statement of this writer failed earlier, so it can only roll back. 500.
     #[error("write transaction for tenant {tenant} on shard {shard} (map version {map_version}) was aborted by an earlier error")]
     Aborted {
@@ -967,7 +1364,9 @@ impl DbError {
                     || std::error::Error::source(cause)
                         .is_some_and(|source| source.is::<std::io::Error>())
             }
-            DbError::Aborted { .. } | DbError::MoveNotPrepared { .. } => false,
+            DbError::Aborted { .. }
+            | DbError::MoveNotPrepared { .. }
+            | DbError::RowCount { .. } => false,
         }
     }
 }
