@@ -1,21 +1,27 @@
 //! End-to-end load harness: the notes API under concurrent keep-alive HTTP
-//! clients over loopback, in four configurations measured in one run.
+//! clients over loopback, in up to four configurations and three workloads,
+//! measured in interleaved rounds in one run.
 //!
 //! ```text
 //! bash examples/pgbouncer.sh        # optional: pgbouncer (transaction pooling) on 127.0.0.1:6432 for D
-//! cargo run --release --example load_harness -- --seconds 10 --connections 32
+//! cargo run --release --example load_harness -- --seconds 5 --connections 32 --rounds 3
 //! ```
 //!
 //! * A: `axum_app` (the router) on 1 shard.
-//! * B: the same handlers on one plain deadpool pool, no router: the floor.
+//! * B: the baseline, an idiomatic plain app written without the router: one
+//!   deadpool pool, statements prepared once per connection (`prepare_cached`),
+//!   each `POST` a single autocommit `INSERT`.
 //! * C: `axum_app` on 4 shard databases with 1,000 tenants.
-//! * D: B's server through pgbouncer in transaction pooling mode (unnamed
-//!   statements, `query_typed`, because named ones break there).
+//! * D: B behind pgbouncer in transaction pooling mode (unnamed statements,
+//!   `query_typed`, because named ones need pgbouncer 1.21's
+//!   `max_prepared_statements`).
 //!
-//! Each server is a separate process (A and C run the real example binary; B
-//! and D run this binary's `serve-baseline`). Requests: 80% `GET /notes`, 20%
-//! `POST /notes`, tenants spread evenly. Prints requests/s, p50/p99/p99.9, and
-//! the ratios A/B and A/D. The databases it creates (`srl_*`) are dropped after.
+//! Workloads: `GET /notes` only, `POST /notes` only, and 80% GET / 20% POST;
+//! each tenant starts every measurement with 5 notes. Each server is a
+//! separate process (A and C run the real example binary; B and D run this
+//! binary's `serve-baseline`). Prints requests/s and p50/p99/p99.9 per round,
+//! medians over rounds, and A/B per workload. The databases it creates
+//! (`srl_*`) are dropped after.
 
 mod common;
 
@@ -49,9 +55,15 @@ struct Args {
     /// Concurrent keep-alive connections.
     #[arg(long, default_value = "32")]
     connections: usize,
-    /// Rounds of A, B, C, D; figures are medians over rounds.
+    /// Rounds of every workload and configuration, interleaved; figures are medians over rounds.
     #[arg(long, default_value = "3")]
     rounds: usize,
+    /// Workloads to run: any of get, post, mix.
+    #[arg(long, value_delimiter = ',', default_value = "get,post,mix")]
+    workloads: Vec<String>,
+    /// Configurations to run: any of A, B, C, D (D also needs pgbouncer).
+    #[arg(long, value_delimiter = ',', default_value = "A,B,C,D")]
+    configs: Vec<String>,
     /// pgbouncer's address for configuration D.
     #[arg(long, default_value = "127.0.0.1:6432")]
     pgbouncer: String,
@@ -112,24 +124,27 @@ async fn baseline_list(
         .get()
         .await
         .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    let sql = common::LIST_NOTES;
     let rows = if s.unnamed {
+        let text = tokio_postgres::types::Type::TEXT;
         client
-            .query_typed(sql, &[(&tenant, tokio_postgres::types::Type::TEXT)])
+            .query_typed(common::LIST_NOTES, &[(&tenant, text)])
             .await
     } else {
-        client.query(sql, &[&tenant]).await
+        match client.prepare_cached(common::LIST_NOTES).await {
+            Ok(statement) => client.query(&statement, &[&tenant]).await,
+            Err(e) => Err(e),
+        }
     }
     .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    Ok(Json(
-        rows.iter()
-            .map(|r| Note {
-                id: r.get(0),
-                body: r.get(1),
-                created_at: r.get(2),
-            })
-            .collect(),
-    ))
+    let notes = rows
+        .iter()
+        .map(|r| Note {
+            id: r.get(0),
+            body: r.get(1),
+            created_at: r.get(2),
+        })
+        .collect();
+    Ok(Json(notes))
 }
 
 async fn baseline_create(
@@ -139,47 +154,33 @@ async fn baseline_create(
 ) -> Result<(StatusCode, Json<Note>), StatusCode> {
     let tenant = tenant_of(&headers)?;
     let id = Uuid::new_v4();
-    let mut client = s
+    let client = s
         .pool
         .get()
         .await
         .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    let sql = common::INSERT_NOTE;
+    // One statement, autocommit: what a plain app does for a single insert.
     let rows = if s.unnamed {
         use tokio_postgres::types::Type;
-        tx.query_typed(
-            sql,
-            &[
-                (&tenant, Type::TEXT),
-                (&id, Type::UUID),
-                (&new.body, Type::TEXT),
-            ],
-        )
-        .await
+        let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
+            (&tenant, Type::TEXT),
+            (&id, Type::UUID),
+            (&new.body, Type::TEXT),
+        ];
+        client.query_typed(common::INSERT_NOTE, &params).await
     } else {
-        let statement = tx
-            .prepare_cached(sql)
-            .await
-            .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-        tx.query(&statement, &[&tenant, &id, &new.body]).await
+        match client.prepare_cached(common::INSERT_NOTE).await {
+            Ok(statement) => client.query(&statement, &[&tenant, &id, &new.body]).await,
+            Err(e) => Err(e),
+        }
     }
     .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    tx.commit()
-        .await
-        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    let created_at = rows.first().map(|r| r.get(0)).unwrap_or_default();
-    Ok((
-        StatusCode::CREATED,
-        Json(Note {
-            id,
-            body: new.body,
-            created_at,
-        }),
-    ))
+    let note = Note {
+        id,
+        body: new.body,
+        created_at: rows.first().map(|r| r.get(0)).unwrap_or_default(),
+    };
+    Ok((StatusCode::CREATED, Json(note)))
 }
 
 async fn serve_baseline(
@@ -280,8 +281,41 @@ impl Outcome {
     }
 }
 
+/// What the clients send.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Workload {
+    Get,
+    Post,
+    /// 80% GET, 20% POST.
+    Mix,
+}
+
+impl Workload {
+    fn label(self) -> &'static str {
+        match self {
+            Workload::Get => "GET only",
+            Workload::Post => "POST only",
+            Workload::Mix => "80% GET / 20% POST",
+        }
+    }
+
+    fn posts(self, n: usize) -> bool {
+        match self {
+            Workload::Get => false,
+            Workload::Post => true,
+            Workload::Mix => n % 5 == 0,
+        }
+    }
+}
+
 /// Keep-alive HTTP/1.1 clients for `seconds`, each on its own connection.
-async fn drive(addr: SocketAddr, tenants: usize, connections: usize, length: Duration) -> Outcome {
+async fn drive(
+    addr: SocketAddr,
+    tenants: usize,
+    connections: usize,
+    length: Duration,
+    workload: Workload,
+) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let tasks: Vec<_> = (0..connections)
@@ -294,7 +328,7 @@ async fn drive(addr: SocketAddr, tenants: usize, connections: usize, length: Dur
                 let mut n = c;
                 while !stop.load(Ordering::Relaxed) {
                     let tenant = format!("tenant-{:04}", n % tenants);
-                    let request = if n % 5 == 0 {
+                    let request = if workload.posts(n) {
                         let body = format!("{{\"body\":\"note {n}\"}}");
                         format!("POST /notes HTTP/1.1\r\nhost: h\r\nx-tenant-id: {tenant}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
                     } else {
@@ -375,6 +409,27 @@ async fn harness(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     result
 }
 
+/// Every tenant starts a measurement with the same 5 notes: nothing a
+/// previous run posted stays to make lists longer for the next configuration.
+async fn reset_notes(dbs: &[String], tenants: usize) -> Result<(), Box<dyn std::error::Error>> {
+    for db in dbs {
+        let (client, connection) =
+            tokio_postgres::connect(&format!("{SERVER}/{db}"), tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "TRUNCATE notes;
+                 INSERT INTO notes (tenant_id, id, body)
+                   SELECT format('tenant-%s', lpad(t::text, 4, '0')), gen_random_uuid(), 'seed ' || i
+                   FROM generate_series(0, {}) t, generate_series(1, 5) i;
+                 ANALYZE notes;",
+                tenants - 1
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
 async fn run_configs(
     args: &Args,
     single: &str,
@@ -396,11 +451,23 @@ async fn run_configs(
 
     let configs: [(&str, usize); 4] = [
         ("A router, 1 shard", 100),
-        ("B plain pool, no router", 100),
+        ("B plain app, no router", 100),
         ("C router, 4 shards", 1000),
-        ("D pgbouncer (transaction), plain pool", 100),
+        ("D pgbouncer (transaction), plain app", 100),
     ];
-    let mut figures: Vec<Vec<Figures>> = vec![Vec::new(); 4];
+    let workloads: Vec<Workload> = [Workload::Get, Workload::Post, Workload::Mix]
+        .into_iter()
+        .filter(|w| {
+            let name = match w {
+                Workload::Get => "get",
+                Workload::Post => "post",
+                Workload::Mix => "mix",
+            };
+            args.workloads.iter().any(|x| x == name)
+        })
+        .collect();
+    // figures[workload][config]: one entry per round.
+    let mut figures: Vec<Vec<Vec<Figures>>> = vec![vec![Vec::new(); 4]; workloads.len()];
     let pgbouncer_up = TcpStream::connect(&args.pgbouncer).await.is_ok();
     if !pgbouncer_up {
         println!(
@@ -409,60 +476,74 @@ async fn run_configs(
         );
     }
     for round in 1..=args.rounds {
-        for (i, (label, tenants)) in configs.iter().enumerate() {
-            let addr = free_addr();
-            let server = match &label[..1] {
-                "A" => start(
-                    Command::new(sibling("axum_app")).args([
-                        "--map",
-                        router_map(&[single.to_owned()], &dir, "a.toml")
-                            .to_str()
-                            .unwrap(),
+        for (w, workload) in workloads.iter().enumerate() {
+            for (i, (label, tenants)) in configs.iter().enumerate() {
+                if (label.starts_with('D') && !pgbouncer_up)
+                    || !args.configs.iter().any(|c| label.starts_with(c.as_str()))
+                {
+                    continue;
+                }
+                let dbs: Vec<String> = if label.starts_with('C') {
+                    four.to_vec()
+                } else {
+                    vec![single.to_owned()]
+                };
+                reset_notes(&dbs, *tenants).await?;
+                let addr = free_addr();
+                let listen = addr.to_string();
+                let server = match &label[..1] {
+                    "A" | "C" => start(
+                        Command::new(sibling("axum_app")).args([
+                            "--map",
+                            router_map(&dbs, &dir, &format!("{}.toml", &label[..1]))
+                                .to_str()
+                                .unwrap(),
+                            "--listen",
+                            &listen,
+                            "--admin-listen",
+                            "127.0.0.1:0",
+                        ]),
+                    ),
+                    "B" => start(Command::new(std::env::current_exe()?).args([
+                        "serve-baseline",
+                        "--db-url",
+                        &format!("{SERVER}/{single}"),
                         "--listen",
-                        &addr.to_string(),
-                        "--admin-listen",
-                        "127.0.0.1:0",
-                    ]),
-                ),
-                "C" => start(Command::new(sibling("axum_app")).args([
-                    "--map",
-                    router_map(four, &dir, "c.toml").to_str().unwrap(),
-                    "--listen",
-                    &addr.to_string(),
-                    "--admin-listen",
-                    "127.0.0.1:0",
-                ])),
-                "B" => start(Command::new(std::env::current_exe()?).args([
-                    "serve-baseline",
-                    "--db-url",
-                    &format!("{SERVER}/{single}"),
-                    "--listen",
-                    &addr.to_string(),
-                ])),
-                _ if !pgbouncer_up => continue,
-                _ => start(Command::new(std::env::current_exe()?).args([
-                    "serve-baseline",
-                    "--db-url",
-                    &format!("postgres://postgres@{}/{single}", args.pgbouncer),
-                    "--listen",
-                    &addr.to_string(),
-                    "--unnamed",
-                ])),
-            };
-            wait_listening(addr).await;
-            // Warm up pools and caches, then measure.
-            drive(addr, *tenants, args.connections, Duration::from_secs(1)).await;
-            let o = drive(addr, *tenants, args.connections, length).await;
-            drop(server);
-            println!(
-                "round {round} {label:<40} {:>9.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  p99.9 {:>8.2?}  errors {}",
-                o.rps(),
-                o.pct(0.5),
-                o.pct(0.99),
-                o.pct(0.999),
-                o.errors
-            );
-            figures[i].push((o.rps(), o.pct(0.5), o.pct(0.99), o.pct(0.999), o.errors));
+                        &listen,
+                    ])),
+                    _ => start(Command::new(std::env::current_exe()?).args([
+                        "serve-baseline",
+                        "--db-url",
+                        &format!("postgres://postgres@{}/{single}", args.pgbouncer),
+                        "--listen",
+                        &listen,
+                        "--unnamed",
+                    ])),
+                };
+                wait_listening(addr).await;
+                // Warm up pools and statement caches, then start clean and measure.
+                drive(
+                    addr,
+                    *tenants,
+                    args.connections,
+                    Duration::from_secs(1),
+                    *workload,
+                )
+                .await;
+                reset_notes(&dbs, *tenants).await?;
+                let o = drive(addr, *tenants, args.connections, length, *workload).await;
+                drop(server);
+                println!(
+                    "round {round} {:<20} {label:<38} {:>9.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  p99.9 {:>8.2?}  errors {}",
+                    workload.label(),
+                    o.rps(),
+                    o.pct(0.5),
+                    o.pct(0.99),
+                    o.pct(0.999),
+                    o.errors
+                );
+                figures[w][i].push((o.rps(), o.pct(0.5), o.pct(0.99), o.pct(0.999), o.errors));
+            }
         }
     }
     fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
@@ -470,41 +551,45 @@ async fn run_configs(
         v[v.len() / 2]
     }
     println!("medians over {} rounds:", args.rounds);
-    let mut medians = Vec::new();
-    for (i, (label, _)) in configs.iter().enumerate() {
-        if figures[i].is_empty() {
-            medians.push(None);
-            continue;
+    for (w, workload) in workloads.iter().enumerate() {
+        println!("{}:", workload.label());
+        let mut medians = Vec::new();
+        for (i, (label, _)) in configs.iter().enumerate() {
+            let f = &figures[w][i];
+            if f.is_empty() {
+                medians.push(None);
+                continue;
+            }
+            let m = (
+                median(f.iter().map(|x| x.0).collect()),
+                median(f.iter().map(|x| x.1).collect()),
+                median(f.iter().map(|x| x.2).collect()),
+                median(f.iter().map(|x| x.3).collect()),
+                f.iter().map(|x| x.4).sum::<u64>(),
+            );
+            println!(
+                "  {label:<38} {:>9.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  p99.9 {:>8.2?}  errors {}",
+                m.0, m.1, m.2, m.3, m.4
+            );
+            medians.push(Some(m));
         }
-        let f = &figures[i];
-        let m = (
-            median(f.iter().map(|x| x.0).collect()),
-            median(f.iter().map(|x| x.1).collect()),
-            median(f.iter().map(|x| x.2).collect()),
-            median(f.iter().map(|x| x.3).collect()),
-            f.iter().map(|x| x.4).sum::<u64>(),
-        );
-        println!(
-            "  {label:<40} {:>9.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  p99.9 {:>8.2?}  errors {}",
-            m.0, m.1, m.2, m.3, m.4
-        );
-        medians.push(Some(m));
-    }
-    if let (Some(a), Some(b)) = (medians[0], medians[1]) {
-        println!(
-            "A/B: throughput {:.3}, p99 {:.3} (targets: >= 0.97, <= 1.05)",
-            a.0 / b.0,
-            a.2.as_secs_f64() / b.2.as_secs_f64()
-        );
-    }
-    if let (Some(a), Some(d)) = (medians[0], medians[3]) {
-        println!("A/D: throughput {:.3} (target: >= 1.0)", a.0 / d.0);
+        if let (Some(a), Some(b)) = (medians[0], medians[1]) {
+            println!(
+                "  A/B: throughput {:.3}, p99 {:.3} (targets: >= 0.97, <= 1.05)",
+                a.0 / b.0,
+                a.2.as_secs_f64() / b.2.as_secs_f64()
+            );
+        }
+        if let (Some(a), Some(d)) = (medians[0], medians[3]) {
+            println!("  A/D: throughput {:.3}", a.0 / d.0);
+        }
     }
     println!(
-        "machine: {} cores; {} connections, {} s per configuration, 80% GET / 20% POST",
+        "machine: {} cores; {} connections, {} s per measurement, {} interleaved rounds",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         args.connections,
-        args.seconds
+        args.seconds,
+        args.rounds
     );
     Ok(())
 }

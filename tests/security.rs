@@ -19,6 +19,13 @@ async fn app_role(shards: &Shards) -> String {
     let _ = admin
         .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
         .await;
+    // Row images of a moving tenant are applied in replica mode by the routers' role.
+    admin
+        .batch_execute(&format!(
+            "GRANT SET ON PARAMETER session_replication_role TO {role}"
+        ))
+        .await
+        .unwrap();
     shards
         .run_everywhere(&format!(
             "GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO {role};
@@ -157,6 +164,26 @@ async fn row_level_security_cannot_blind_the_rehoming_check_or_a_move() {
     };
     assert!(!rehomed.is_empty());
     assert!(rehomed.iter().all(|r| r.from == "a" && r.to == "b"));
+
+    // The routers' role applies a moving tenant's row images in replica mode:
+    // without the right to, the move is refused before anything changes.
+    let admin = common::connect(&shards.url(0)).await;
+    let grant = |verb: &str| {
+        format!(
+            "{verb} SET ON PARAMETER session_replication_role {} {role}",
+            if verb == "GRANT" { "TO" } else { "FROM" }
+        )
+    };
+    admin.batch_execute(&grant("REVOKE")).await.unwrap();
+    let err = moves::start(&mut control, &id, "b", &MoveOptions::default(), |_| {})
+        .await
+        .expect_err("the routers' role cannot apply row images");
+    assert!(
+        matches!(err, MoveError::ReplicaRoleRefused { .. }),
+        "{err:?}"
+    );
+    assert!(moves::status(&control, &id).await.unwrap().is_none());
+    admin.batch_execute(&grant("GRANT")).await.unwrap();
 
     // And a move copies every row through the admin role.
     let mut options = MoveOptions::default();

@@ -302,7 +302,7 @@ impl TenantDb {
         }
         let shard = self.location.shard;
         let mut side = self.begin(shard, Begin::PLAIN).await?;
-        let head = side
+        let version = side
             .pending
             .take()
             .expect("a plain transaction begins lazily");
@@ -313,29 +313,17 @@ impl TenantDb {
             .map_err(|e| self.query_error_on(shard, e))?;
         side.clean = false;
         let client = side.client();
-        let run = async {
-            if rows {
-                client
-                    .raw()
-                    .query(&statement, params)
-                    .await
-                    .map(Outcome::Rows)
-            } else {
-                client
-                    .raw()
-                    .execute(&statement, params)
-                    .await
-                    .map(Outcome::Count)
-            }
-        };
-        // Pipelined: all three go out before any answer comes back. A failed
-        // statement turns the COMMIT into a rollback.
-        let (began, out, committed) = tokio::join!(
-            client.batch_execute(&head),
-            run,
-            client.batch_execute("COMMIT")
-        );
-        let result = began.and(out).and_then(|out| committed.map(|()| out));
+        // Pipelined: BEGIN, the declaration, the statement and COMMIT all go
+        // out before any answer comes back. A failed statement turns the
+        // COMMIT into a rollback.
+        let result = after_begin(client, version, async {
+            let (out, committed) = tokio::join!(
+                run(client, &statement, params, rows),
+                client.raw().batch_execute("COMMIT")
+            );
+            out.and_then(|out| committed.map(|()| out))
+        })
+        .await;
         if let Ok(out) = &result {
             drop(side.client.take()); // committed: back to the pool
             if out.is_empty() {
@@ -460,15 +448,15 @@ impl TenantDb {
         };
         // READ COMMITTED: every statement sees the fence as committed when it
         // starts, whatever the database's default isolation.
+        if how.lazy() {
+            side.pending = Some(self.map_version());
+            side.clean = true;
+            return Ok(side);
+        }
         let head = format!(
             "BEGIN ISOLATION LEVEL READ COMMITTED; {}",
             declare_version_sql(self.map_version())
         );
-        if how.lazy() {
-            side.pending = Some(head);
-            side.clean = true;
-            return Ok(side);
-        }
         let client = side.client();
         let result = match (how.capture, how.lock) {
             (None, false) => client.batch_execute(&head).await,
@@ -580,9 +568,10 @@ impl fmt::Debug for TenantDb {
 /// and releases any lock it held.
 struct Side {
     shard: ShardIndex,
-    /// `BEGIN ...` not sent yet: it goes out with the first statement, in the
-    /// same round trip. Until then the connection has no transaction open.
-    pending: Option<String>,
+    /// The map version to declare in a `BEGIN` not sent yet: it goes out with
+    /// the first statement, in the same round trip. Until then the connection
+    /// has no transaction open.
+    pending: Option<u64>,
     /// For a cancel request over the same TLS as the connection.
     connector: crate::pg::Connector,
     client: Option<TenantClient>,
@@ -933,31 +922,14 @@ impl TenantWriter {
     ) -> Result<Outcome, DbError> {
         self.ensure_open()?;
         self.primary.clean = false;
-        let head = self.primary.pending.take();
+        let version = self.primary.pending.take();
         let client = self.primary.client();
         let result = async {
             let statement = client.prepare_cached(sql).await?;
-            let run = async {
-                if rows {
-                    client
-                        .raw()
-                        .query(&statement, params)
-                        .await
-                        .map(Outcome::Rows)
-                } else {
-                    client
-                        .raw()
-                        .execute(&statement, params)
-                        .await
-                        .map(Outcome::Count)
-                }
-            };
-            match &head {
-                None => run.await,
-                Some(head) => {
-                    // Pipelined: both go out before either answer comes back.
-                    let (began, out) = tokio::join!(client.batch_execute(head), run);
-                    began.and(out)
+            match version {
+                None => run(client, &statement, params, rows).await,
+                Some(version) => {
+                    after_begin(client, version, run(client, &statement, params, rows)).await
                 }
             }
         }
@@ -1143,6 +1115,55 @@ impl TenantWriter {
             shard: self.db.shard().to_owned(),
             map_version: self.db.map_version(),
         }
+    }
+}
+
+/// Declares a map version for the current transaction only, as
+/// [`declare_version_sql`] does, as a statement prepared once per connection.
+const DECLARE_SQL: &str = "SELECT set_config('shard_router.map_version', \
+     $1::text || '@' || extract(epoch FROM now())::text, true)";
+
+/// Sends `BEGIN` and the declaration of `version` ahead of `then`, pipelined:
+/// nothing waits for an answer in between.
+async fn after_begin<T>(
+    client: &TenantClient,
+    version: u64,
+    then: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    let declare = client.prepare_cached(DECLARE_SQL).await?;
+    let version = version.to_string();
+    let params: [&(dyn ToSql + Sync); 1] = [&version];
+    let (began, declared, out) = tokio::join!(
+        client
+            .raw()
+            .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED"),
+        client.raw().query(&declare, &params),
+        then
+    );
+    began?;
+    declared?;
+    out
+}
+
+/// Runs a prepared statement for its rows, or for the count of rows it changed.
+async fn run(
+    client: &TenantClient,
+    statement: &tokio_postgres::Statement,
+    params: &[&(dyn ToSql + Sync)],
+    rows: bool,
+) -> Result<Outcome, tokio_postgres::Error> {
+    if rows {
+        client
+            .raw()
+            .query(statement, params)
+            .await
+            .map(Outcome::Rows)
+    } else {
+        client
+            .raw()
+            .execute(statement, params)
+            .await
+            .map(Outcome::Count)
     }
 }
 

@@ -68,11 +68,12 @@ impl Copy<'_> {
         }
     }
 
-    /// Copies one table's rows of the tenant in key order, batch by batch. Each
-    /// batch streams with binary COPY into a staging table and is upserted from
-    /// there, in replica mode, while the tenant lock is held on the source, so
-    /// no writer of the tenant slips between reading a batch and writing it.
-    /// Returns the rows copied.
+    /// Copies one table's rows of the tenant in key order, batch by batch.
+    /// Each batch, while the tenant lock is held on the source (so no writer
+    /// of the tenant slips in): find the key that ends the batch, delete the
+    /// target's rows of the tenant in that key range (row images may have put
+    /// some there), and stream the source's rows of the range into the table
+    /// with binary COPY, in replica mode. Returns the rows copied.
     pub(crate) async fn table(
         &self,
         table: &TenantTable,
@@ -83,33 +84,9 @@ impl Copy<'_> {
         let col = quote_ident(self.column);
         let columns = table.columns.join(", ");
         let order = table.key.join(", ");
-        let non_key: Vec<&String> = table
-            .columns
-            .iter()
-            .filter(|c| !table.key.contains(c))
-            .collect();
-        // Never overwrite another tenant's row that happens to share the key:
-        // the insert then does nothing and verify reports the table.
-        let on_conflict = if non_key.is_empty() {
-            "DO NOTHING".to_owned()
-        } else {
-            format!(
-                "DO UPDATE SET ({}) = ROW({}) WHERE {name}.{col} = EXCLUDED.{col}",
-                non_key
-                    .iter()
-                    .map(|c| c.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                non_key
-                    .iter()
-                    .map(|c| format!("EXCLUDED.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
-        // COPY takes no parameters: tenant and resume key travel in
-        // transaction-local settings, so no value is ever spliced into SQL.
-        // The table's key compared with a key held in a setting, as a JSON row.
+        // COPY takes no parameters: tenant and keys travel in transaction-local
+        // settings, so no value is ever spliced into SQL. The table's key
+        // compared with a key held in a setting, as a JSON row.
         let key_vs = |op: &str, setting: &str| {
             format!(
                 "({order}) {op} (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, \
@@ -128,17 +105,25 @@ impl Copy<'_> {
             .map(|k| format!("{k} DESC"))
             .collect::<Vec<_>>()
             .join(", ");
+        let tenant_is = format!("{col} = current_setting('shard_router.copy_tenant')");
         let after = key_vs(">", "shard_router.copy_after");
+        let through = key_vs("<=", "shard_router.copy_end");
         // Rows with a key past the last one when the copy began were written
         // after dual writes began, so row images brought them already: the
         // copy stops there instead of chasing an append-only key.
-        let until = key_vs("<=", "shard_router.copy_until");
-        let select = |resume: bool| {
+        let within = |resume: bool| {
+            if resume {
+                format!("{tenant_is} AND {after} AND {through}")
+            } else {
+                format!("{tenant_is} AND {through}")
+            }
+        };
+        let batch_end = |resume: bool| {
             format!(
-                "COPY (SELECT {columns} FROM {name} WHERE {col} = current_setting('shard_router.copy_tenant') \
-                 AND {until} {} ORDER BY {order} LIMIT {}) TO STDOUT (FORMAT binary)",
-                if resume { format!("AND {after}") } else { String::new() },
-                self.batch_rows
+                "SELECT to_jsonb(r)::text FROM (SELECT {order} FROM {name} WHERE {} \
+                 ORDER BY {order} LIMIT 1 OFFSET {}) r",
+                within(resume),
+                self.batch_rows.max(1) - 1
             )
         };
         let bound: Option<String> = from
@@ -155,68 +140,63 @@ impl Copy<'_> {
         let Some(bound) = bound else {
             return Ok(0);
         };
-        to.batch_execute(&format!(
-            "DROP TABLE IF EXISTS pg_temp.shard_router_stage; \
-             CREATE TEMP TABLE shard_router_stage AS SELECT {columns} FROM {name} WITH NO DATA"
-        ))
-        .await
-        .map_err(MoveError::db)?;
-        let upsert = format!(
-            "INSERT INTO {name} ({columns}) OVERRIDING SYSTEM VALUE \
-             SELECT {columns} FROM pg_temp.shard_router_stage ON CONFLICT ({order}) {on_conflict}"
-        );
-        let last_key = format!(
-            "SELECT to_jsonb(s)::text FROM pg_temp.shard_router_stage s ORDER BY {descending} LIMIT 1"
-        );
+        let settings = "SELECT set_config('shard_router.copy_tenant', $1, true), \
+                        set_config('shard_router.copy_after', $2, true), \
+                        set_config('shard_router.copy_end', $3, true)";
         let mut total = 0u64;
         let mut last: Option<String> = None;
         let started = Instant::now();
         loop {
             super::record::renew(self.lease.0, self.tenant, self.lease.1).await?;
-            begin(from, self.version, false).await?;
-            begin(to, self.version, true).await?;
-            let batch = async {
-                lock(self.lock_side(), self.tenant).await?;
-                from.query(
-                    "SELECT set_config('shard_router.copy_tenant', $1, true), \
-                     set_config('shard_router.copy_after', $2, true), \
-                     set_config('shard_router.copy_until', $3, true)",
-                    &[
-                        &self.tenant.as_str(),
-                        &last.clone().unwrap_or_default(),
-                        &bound,
-                    ],
-                )
-                .await
-                .map_err(MoveError::db)?;
-                async {
-                    let rows = from.copy_out(&select(last.is_some())).await?;
-                    let sink = to
-                        .copy_in(&format!(
-                            "COPY pg_temp.shard_router_stage ({columns}) FROM STDIN (FORMAT binary)"
-                        ))
-                        .await?;
-                    futures_util::pin_mut!(rows);
-                    futures_util::pin_mut!(sink);
-                    while let Some(chunk) = futures_util::StreamExt::next(&mut rows).await {
-                        futures_util::SinkExt::send(&mut sink, chunk?).await?;
-                    }
-                    let n = sink.finish().await?;
-                    if n == 0 {
-                        return Ok((0, None));
-                    }
-                    to.execute(&upsert, &[]).await?;
-                    let key: String = to.query_one(&last_key, &[]).await?.get(0);
-                    to.execute("TRUNCATE pg_temp.shard_router_stage", &[])
-                        .await?;
-                    Ok::<_, tokio_postgres::Error>((n, Some(key)))
-                }
-                .await
-                .map_err(MoveError::db)
+            let (a, b) = tokio::join!(
+                begin(from, self.version, false),
+                begin(to, self.version, true)
+            );
+            if let Err(e) = a.and(b) {
+                let _ = tokio::join!(to.batch_execute("ROLLBACK"), from.batch_execute("ROLLBACK"));
+                return Err(e);
             }
-            .await;
+            let resume = last.is_some();
+            let batch = async {
+                self.lock_side()
+                    .execute("SELECT pg_advisory_xact_lock($1)", &[&move_lock_key(self.tenant)])
+                    .await?;
+                let after_key = last.clone().unwrap_or_default();
+                // Up to the batch's last key, or to the bound for the last batch.
+                from.query(settings, &[&self.tenant.as_str(), &after_key, &bound])
+                    .await?;
+                let end: Option<String> = from
+                    .query_opt(&batch_end(resume), &[])
+                    .await?
+                    .map(|r| r.get(0));
+                let end = end.unwrap_or_else(|| bound.clone());
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                    [&self.tenant.as_str(), &after_key, &end];
+                let (on_from, on_to) = tokio::join!(from.query(settings, &params), to.query(settings, &params));
+                on_from.and(on_to)?;
+                to.execute(&format!("DELETE FROM {name} WHERE {}", within(resume)), &[])
+                    .await?;
+                let rows = from
+                    .copy_out(&format!(
+                        "COPY (SELECT {columns} FROM {name} WHERE {} ORDER BY {order}) TO STDOUT (FORMAT binary)",
+                        within(resume)
+                    ))
+                    .await?;
+                let sink = to
+                    .copy_in(&format!("COPY {name} ({columns}) FROM STDIN (FORMAT binary)"))
+                    .await?;
+                futures_util::pin_mut!(rows);
+                futures_util::pin_mut!(sink);
+                while let Some(chunk) = futures_util::StreamExt::next(&mut rows).await {
+                    futures_util::SinkExt::send(&mut sink, chunk?).await?;
+                }
+                let n = sink.finish().await?;
+                Ok::<_, tokio_postgres::Error>((n, end))
+            }
+            .await
+            .map_err(MoveError::db);
             match batch {
-                Ok((n, key)) => {
+                Ok((n, end)) => {
                     // The side holding the lock commits last.
                     let (first, second) = if self.lock_on_from {
                         (to, from)
@@ -228,14 +208,16 @@ impl Copy<'_> {
                         .batch_execute("COMMIT")
                         .await
                         .map_err(MoveError::db)?;
-                    if n == 0 {
+                    total += n;
+                    if n > 0 {
+                        progress(Progress::Copied {
+                            table: name.clone(),
+                            rows: n,
+                        });
+                    }
+                    if end == bound {
                         break;
                     }
-                    total += n;
-                    progress(Progress::Copied {
-                        table: name.clone(),
-                        rows: n,
-                    });
                     if let Some(rate) = self.max_rows_per_sec.filter(|r| *r > 0) {
                         // Sleep off what this table ran ahead of the rate,
                         // outside any transaction and lock.
@@ -244,7 +226,7 @@ impl Copy<'_> {
                             tokio::time::sleep(ahead).await;
                         }
                     }
-                    last = key;
+                    last = Some(end);
                 }
                 Err(e) => {
                     let _ = to.batch_execute("ROLLBACK").await;
@@ -253,9 +235,6 @@ impl Copy<'_> {
                 }
             }
         }
-        to.batch_execute("DROP TABLE IF EXISTS pg_temp.shard_router_stage")
-            .await
-            .map_err(MoveError::db)?;
         Ok(total)
     }
 }
