@@ -36,8 +36,20 @@ use crate::map::MapLoader;
 use crate::router::MapSource;
 use crate::{Applied, ShardRouter};
 
-/// Follows a map file; stops when dropped.
+/// Follows a map file; stops when dropped, so keep it as long as the router
+/// serves.
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// # use std::time::Duration;
+/// # use shard_router::{watch::FileWatcher, ShardMap, ShardRouter};
+/// # #[tokio::main] async fn main() {
+/// # let router = ShardRouter::new(ShardMap::from_file("shard-map.toml").unwrap()).unwrap();
+/// FileWatcher::spawn(router, "shard-map.toml", Duration::from_secs(1)); // dropped at once: refused
+/// # }
+/// ```
 #[derive(Debug)]
+#[must_use = "the file is no longer followed once the watcher is dropped; keep it (bind it to a name such as `_watcher`)"]
 pub struct FileWatcher {
     task: JoinHandle<()>,
 }

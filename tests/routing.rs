@@ -560,6 +560,19 @@ async fn a_one_round_trip_write_that_fails_commits_nothing_and_leaves_a_clean_co
         .unwrap_err();
     assert!(err.to_string().contains("duplicate key"), "{err}");
     assert!(!err.is_unavailable());
+    assert_eq!(err.kind(), shard_router::DbErrorKind::UniqueViolation);
+    assert_eq!(err.sqlstate().map(|s| s.code()), Some("23505"));
+    let none = db
+        .read()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT id FROM notes WHERE tenant_id = $1 AND false",
+            &[&"acme"],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(none.kind(), shard_router::DbErrorKind::RowCount);
     // The one connection is back in the pool with no transaction open.
     let client = db.read().await.unwrap();
     // SAVEPOINT is refused outside a transaction block.

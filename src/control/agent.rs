@@ -69,7 +69,20 @@ impl Default for ControlOptions {
 /// println!("{} serving map version {}", agent.instance_id(), router.version());
 /// # Ok(()) }
 /// ```
+///
+/// Keep the agent as long as the router serves: dropping it stops following
+/// (the router keeps its last map). Binding it to `_` drops it at once; bind it
+/// to a name such as `_agent`.
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// # let (router, agent) = shard_router::control::ControlAgent::start("postgres://h/c", Default::default()).await?;
+/// agent; // an agent that nobody keeps is a mistake the compiler reports
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
+#[must_use = "the router stops following the control database when its agent is dropped; keep it (bind it to a name such as `_agent`)"]
 pub struct ControlAgent {
     task: JoinHandle<()>,
     instance_id: String,

@@ -1350,7 +1350,94 @@ pub enum DbError {
     },
 }
 
+/// What kind of failure a [`DbError`] is, to answer it: see [`DbError::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DbErrorKind {
+    /// The shard cannot serve now: pool wait timed out, connection refused or
+    /// broken. Default answer 503 with `Retry-After`.
+    Unavailable,
+    /// The move fence refused a write from a router on an old map. 503.
+    Fenced,
+    /// A unique or primary-key constraint (SQLSTATE 23505). 500 unless the
+    /// application says otherwise (409 is usual).
+    UniqueViolation,
+    /// A foreign-key constraint (23503). 500 unless the application says otherwise.
+    ForeignKeyViolation,
+    /// A check or not-null constraint (23514, 23502). 500 unless the
+    /// application says otherwise (422 is usual).
+    CheckViolation,
+    /// A serialization failure or deadlock (40001, 40P01): the transaction may
+    /// be retried. 500 unless the application retries it.
+    SerializationFailure,
+    /// `query_one` or `query_opt` got an unexpected number of rows. 500
+    /// unless the application says otherwise (404 is usual for "no row").
+    RowCount,
+    /// Anything else (a missing table, a type mismatch, an aborted writer). 500.
+    Other,
+}
+
 impl DbError {
+    /// The kind of failure, for an application that answers some kinds
+    /// itself; the router's own answer ([`crate::Rejection`]) is 503 for
+    /// `Unavailable` and `Fenced` and 500 for the rest.
+    ///
+    /// ```
+    /// use axum::response::{IntoResponse, Response};
+    /// use http::StatusCode;
+    /// use shard_router::{DbError, DbErrorKind};
+    ///
+    /// fn answer(err: DbError) -> Response {
+    ///     match err.kind() {
+    ///         DbErrorKind::UniqueViolation => StatusCode::CONFLICT.into_response(),
+    ///         DbErrorKind::RowCount => StatusCode::NOT_FOUND.into_response(),
+    ///         _ => err.into_response(), // 503 or 500, logged with tenant, shard and version
+    ///     }
+    /// }
+    /// ```
+    pub fn kind(&self) -> DbErrorKind {
+        use tokio_postgres::error::SqlState;
+        match self {
+            _ if self.is_fenced() => DbErrorKind::Fenced,
+            _ if self.is_unavailable() => DbErrorKind::Unavailable,
+            DbError::RowCount { .. } => DbErrorKind::RowCount,
+            _ => match self.sqlstate() {
+                Some(s) if *s == SqlState::UNIQUE_VIOLATION => DbErrorKind::UniqueViolation,
+                Some(s) if *s == SqlState::FOREIGN_KEY_VIOLATION => {
+                    DbErrorKind::ForeignKeyViolation
+                }
+                Some(s)
+                    if *s == SqlState::CHECK_VIOLATION || *s == SqlState::NOT_NULL_VIOLATION =>
+                {
+                    DbErrorKind::CheckViolation
+                }
+                Some(s)
+                    if *s == SqlState::T_R_SERIALIZATION_FAILURE
+                        || *s == SqlState::T_R_DEADLOCK_DETECTED =>
+                {
+                    DbErrorKind::SerializationFailure
+                }
+                _ => DbErrorKind::Other,
+            },
+        }
+    }
+
+    /// The SQLSTATE the database answered, when a statement failed there.
+    ///
+    /// ```
+    /// # fn f(err: shard_router::DbError) {
+    /// if let Some(state) = err.sqlstate() {
+    ///     eprintln!("SQLSTATE {}", state.code());
+    /// }
+    /// # }
+    /// ```
+    pub fn sqlstate(&self) -> Option<&tokio_postgres::error::SqlState> {
+        match self {
+            DbError::Query { cause, .. } => cause.code(),
+            _ => None,
+        }
+    }
+
     /// True when the shard's fence refused the write: this router's map is older
     /// than the tenant's move allows. It clears once the router applies the new map.
     ///

@@ -15,9 +15,10 @@ pub(crate) struct MigrateArgs {
     command: Option<MigrateCommand>,
     #[command(flatten)]
     source: MapSourceArgs,
-    /// The migrations folder: files named V{version}__{name}.sql.
-    #[arg(long, default_value = "migrations/notes")]
-    dir: PathBuf,
+    /// The migrations folder: files named V{version}__{name}.sql (the
+    /// example's is migrations/notes in this repository).
+    #[arg(long)]
+    dir: Option<PathBuf>,
     /// Print what would run where, and change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -37,7 +38,7 @@ enum MigrateCommand {
         #[command(flatten)]
         source: MapSourceArgs,
         /// The migrations folder: files named V{version}__{name}.sql.
-        #[arg(long, default_value = "migrations/notes")]
+        #[arg(long)]
         dir: PathBuf,
     },
 }
@@ -45,7 +46,13 @@ enum MigrateCommand {
 pub(crate) fn run(args: &MigrateArgs, json: bool) -> Result<(), String> {
     let (source, dir, status_only) = match &args.command {
         Some(MigrateCommand::Status { source, dir }) => (source, dir, true),
-        None => (&args.source, &args.dir, args.dry_run),
+        None => (
+            &args.source,
+            args.dir.as_ref().ok_or(
+                "error: --dir PATH is required: the migrations folder (files named V{version}__{name}.sql)",
+            )?,
+            args.dry_run,
+        ),
     };
     let map = source.load()?;
     let migrations = Migrations::load(dir)
