@@ -261,10 +261,7 @@ impl TenantDb {
     /// # Ok(()) }
     /// ```
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, DbError> {
-        match self.write_one(sql, params, false).await? {
-            Outcome::Count(n) => Ok(n),
-            Outcome::Rows(_) => unreachable!("asked for a count"),
-        }
+        Ok(self.write_one(sql, params, false).await?.count())
     }
 
     /// [`TenantDb::execute`] for a statement with `RETURNING`: its rows.
@@ -282,10 +279,7 @@ impl TenantDb {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, DbError> {
-        match self.write_one(sql, params, true).await? {
-            Outcome::Rows(rows) => Ok(rows),
-            Outcome::Count(_) => unreachable!("asked for rows"),
-        }
+        Ok(self.write_one(sql, params, true).await?.rows())
     }
 
     async fn write_one(
@@ -796,6 +790,22 @@ enum Outcome {
 }
 
 impl Outcome {
+    /// The count asked for (or the number of rows returned).
+    fn count(self) -> u64 {
+        match self {
+            Outcome::Count(n) => n,
+            Outcome::Rows(rows) => rows.len() as u64,
+        }
+    }
+
+    /// The rows asked for (none when a count was asked for).
+    fn rows(self) -> Vec<Row> {
+        match self {
+            Outcome::Rows(rows) => rows,
+            Outcome::Count(_) => Vec::new(),
+        }
+    }
+
     /// It changed or returned no row.
     fn is_empty(&self) -> bool {
         match self {
@@ -852,10 +862,7 @@ impl TenantWriter {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, DbError> {
-        match self.statement(sql, params, false).await? {
-            Outcome::Count(n) => Ok(n),
-            Outcome::Rows(_) => unreachable!("asked for a count"),
-        }
+        Ok(self.statement(sql, params, false).await?.count())
     }
 
     /// Runs a statement on the tenant's primary shard; returns its rows.
@@ -870,10 +877,7 @@ impl TenantWriter {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, DbError> {
-        match self.statement(sql, params, true).await? {
-            Outcome::Rows(rows) => Ok(rows),
-            Outcome::Count(_) => unreachable!("asked for rows"),
-        }
+        Ok(self.statement(sql, params, true).await?.rows())
     }
 
     /// Runs a statement that returns exactly one row; no row, or more than
