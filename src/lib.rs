@@ -16,7 +16,7 @@ pub mod status;
 pub mod tenant;
 pub mod watch;
 
-pub use db::{DbError, DbErrorKind, TenantClient, TenantDb, TenantWriter};
+pub use db::{DbError, DbErrorKind, TenantClient, TenantDb, TenantQuery, TenantWriter};
 /// The driver the handle's clients and rows come from, re-exported so that the
 /// crate you build against is the one the API hands out.
 pub use deadpool_postgres;

@@ -537,6 +537,30 @@ async fn reads_and_writes_prepare_each_statement_once_per_connection() {
     // second named statement behind.
     assert_eq!(prepared_on(&client, INSERT).await, 1);
     assert_eq!(prepared_on(&client, COUNT).await, 1);
+    // One helper serves a read client and a writer alike.
+    async fn notes_count(q: &mut impl shard_router::TenantQuery) -> i64 {
+        q.query_one(
+            "SELECT count(*) FROM notes WHERE tenant_id = $1",
+            &[&"acme"],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+    drop(client);
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(INSERT, &[&"acme", &Uuid::new_v4()])
+        .await
+        .unwrap();
+    assert_eq!(
+        notes_count(&mut writer).await,
+        7,
+        "the writer sees its own insert"
+    );
+    writer.rollback().await.unwrap();
+    let mut client = db.read().await.unwrap();
+    assert_eq!(notes_count(&mut client).await, 6, "rolled back");
     // raw() is the uncached way: nothing is left prepared for it.
     const DYNAMIC: &str = "SELECT count(*) FROM notes WHERE tenant_id = $1 AND body = 'x'";
     client.raw().query(DYNAMIC, &[&"acme"]).await.unwrap();

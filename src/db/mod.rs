@@ -763,6 +763,110 @@ impl TenantClient {
     }
 }
 
+/// What a read client and a writer have in common, in the style of
+/// tokio-postgres's `GenericClient`: one query helper can serve both.
+/// Statements are prepared once per connection; errors are [`DbError`].
+///
+/// ```no_run
+/// use shard_router::{DbError, TenantDb, TenantQuery};
+///
+/// /// Works on a read client and inside a write transaction alike.
+/// async fn note_count(q: &mut impl TenantQuery, tenant: &str) -> Result<i64, DbError> {
+///     Ok(q.query_one("SELECT count(*) FROM notes WHERE tenant_id = $1", &[&tenant]).await?.get(0))
+/// }
+///
+/// # async fn f(db: TenantDb) -> Result<(), DbError> {
+/// let before = note_count(&mut db.read().await?, db.tenant().as_str()).await?;
+/// let mut writer = db.write().await?;
+/// writer.execute("DELETE FROM notes WHERE tenant_id = $1", &[&db.tenant().as_str()]).await?;
+/// assert_eq!(note_count(&mut writer, db.tenant().as_str()).await?, 0);
+/// writer.commit().await?;
+/// # let _ = before; Ok(()) }
+/// ```
+pub trait TenantQuery {
+    /// Runs a statement and returns its rows.
+    fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<Vec<Row>, DbError>> + Send;
+
+    /// Runs a statement that returns exactly one row.
+    fn query_one(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<Row, DbError>> + Send;
+
+    /// Runs a statement that returns at most one row.
+    fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<Option<Row>, DbError>> + Send;
+
+    /// Runs a statement and returns the number of rows it affected.
+    fn execute(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<u64, DbError>> + Send;
+}
+
+impl TenantQuery for TenantClient {
+    async fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, DbError> {
+        TenantClient::query(self, sql, params).await
+    }
+    async fn query_one(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, DbError> {
+        TenantClient::query_one(self, sql, params).await
+    }
+    async fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, DbError> {
+        TenantClient::query_opt(self, sql, params).await
+    }
+    async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, DbError> {
+        TenantClient::execute(self, sql, params).await
+    }
+}
+
+impl TenantQuery for TenantWriter {
+    async fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, DbError> {
+        TenantWriter::query(self, sql, params).await
+    }
+    async fn query_one(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, DbError> {
+        TenantWriter::query_one(self, sql, params).await
+    }
+    async fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, DbError> {
+        TenantWriter::query_opt(self, sql, params).await
+    }
+    async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, DbError> {
+        TenantWriter::execute(self, sql, params).await
+    }
+}
+
 impl std::ops::Deref for TenantClient {
     type Target = Object;
     fn deref(&self) -> &Object {
