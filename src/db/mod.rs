@@ -296,15 +296,14 @@ impl TenantDb {
         }
         let shard = self.location.shard;
         let mut side = self.begin(shard, Begin::PLAIN).await?;
-        let version = side
-            .pending
-            .take()
-            .expect("a plain transaction begins lazily");
+        debug_assert!(side.unbegun, "a plain transaction begins lazily");
+        let version = self.map_version();
         let statement = side
             .client()
             .prepare_cached(sql)
             .await
             .map_err(|e| self.query_error_on(shard, e))?;
+        side.unbegun = false;
         side.clean = false;
         let client = side.client();
         // Pipelined: BEGIN, the declaration, the statement and COMMIT all go
@@ -435,7 +434,7 @@ impl TenantDb {
     async fn begin(&self, shard: ShardIndex, how: Begin<'_>) -> Result<Side, DbError> {
         let mut side = Side {
             shard,
-            pending: None,
+            unbegun: false,
             connector: self.table.connector(shard).clone(),
             client: Some(self.checkout_from(shard, how.replica).await?),
             clean: false,
@@ -443,7 +442,7 @@ impl TenantDb {
         // READ COMMITTED: every statement sees the fence as committed when it
         // starts, whatever the database's default isolation.
         if how.lazy() {
-            side.pending = Some(self.map_version());
+            side.unbegun = true;
             side.clean = true;
             return Ok(side);
         }
@@ -562,10 +561,10 @@ impl fmt::Debug for TenantDb {
 /// and releases any lock it held.
 struct Side {
     shard: ShardIndex,
-    /// The map version to declare in a `BEGIN` not sent yet: it goes out with
-    /// the first statement, in the same round trip. Until then the connection
-    /// has no transaction open.
-    pending: Option<u64>,
+    /// `BEGIN` (with the handle's map version) is not sent yet: it goes out
+    /// with the first statement, in the same round trip. Until then the
+    /// connection has no transaction open.
+    unbegun: bool,
     /// For a cancel request over the same TLS as the connection.
     connector: crate::pg::Connector,
     client: Option<TenantClient>,
@@ -583,7 +582,7 @@ impl Side {
     /// Runs `command` (`COMMIT` or `ROLLBACK`); the connection returns to the
     /// pool only if it succeeded.
     async fn end(mut self, command: &str) -> Result<(), tokio_postgres::Error> {
-        if self.pending.is_some() {
+        if self.unbegun {
             drop(self.client.take()); // nothing began: back to the pool as it is
             return Ok(());
         }
@@ -602,7 +601,7 @@ impl Drop for Side {
         let Some(client) = self.client.take() else {
             return;
         };
-        if self.pending.is_some() {
+        if self.unbegun {
             return; // no transaction was begun: the connection goes back as it is
         }
         match tokio::runtime::Handle::try_current() {
@@ -729,7 +728,7 @@ impl TenantClient {
     ///
     /// ```no_run
     /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
-    /// db.read().await?.execute("SET LOCAL statement_timeout = 500", &[]).await?;
+    /// db.read().await?.execute("SELECT pg_notify('notes', $1)", &[&db.tenant().as_str()]).await?;
     /// # Ok(()) }
     /// ```
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, DbError> {
@@ -1030,15 +1029,15 @@ impl TenantWriter {
     ) -> Result<Outcome, DbError> {
         self.ensure_open()?;
         self.primary.clean = false;
-        let version = self.primary.pending.take();
+        let unbegun = std::mem::take(&mut self.primary.unbegun);
+        let version = self.db.map_version();
         let client = self.primary.client();
         let result = async {
             let statement = client.prepare_cached(sql).await?;
-            match version {
-                None => run(client, &statement, params, rows).await,
-                Some(version) => {
-                    after_begin(client, version, run(client, &statement, params, rows)).await
-                }
+            if unbegun {
+                after_begin(client, version, run(client, &statement, params, rows)).await
+            } else {
+                run(client, &statement, params, rows).await
             }
         }
         .await;
@@ -1210,7 +1209,7 @@ impl TenantWriter {
     fn primary_side(&mut self) -> Side {
         Side {
             shard: self.primary.shard,
-            pending: self.primary.pending.take(),
+            unbegun: std::mem::take(&mut self.primary.unbegun),
             connector: self.primary.connector.clone(),
             client: self.primary.client.take(),
             clean: self.primary.clean,
@@ -1226,7 +1225,8 @@ impl TenantWriter {
     }
 }
 
-/// Declares a map version for the current transaction only, as
+/// Declares a map version for the current transaction only (in
+/// [`VERSION_SETTING`]; a unit test checks they agree), as
 /// [`declare_version_sql`] does, as a statement prepared once per connection.
 const DECLARE_SQL: &str = "SELECT set_config('shard_router.map_version', \
      $1::text || '@' || extract(epoch FROM now())::text, true)";
@@ -1584,5 +1584,16 @@ impl DbError {
             | DbError::MoveNotPrepared { .. }
             | DbError::RowCount { .. } => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_declarations_name_the_version_setting() {
+        assert!(DECLARE_SQL.contains(&format!("'{VERSION_SETTING}'")));
+        assert!(declare_version_sql(7).contains(&format!("'{VERSION_SETTING}'")));
     }
 }

@@ -158,9 +158,8 @@ impl Copy<'_> {
             }
             let resume = last.is_some();
             let batch = async {
-                self.lock_side()
-                    .execute("SELECT pg_advisory_xact_lock($1)", &[&move_lock_key(self.tenant)])
-                    .await?;
+                lock(self.lock_side(), self.tenant).await?;
+                async {
                 let after_key = last.clone().unwrap_or_default();
                 // Up to the batch's last key, or to the bound for the last batch.
                 from.query(settings, &[&self.tenant.as_str(), &after_key, &bound])
@@ -192,9 +191,11 @@ impl Copy<'_> {
                 }
                 let n = sink.finish().await?;
                 Ok::<_, tokio_postgres::Error>((n, end))
+                }
+                .await
+                .map_err(MoveError::db)
             }
-            .await
-            .map_err(MoveError::db);
+            .await;
             match batch {
                 Ok((n, end)) => {
                     // The side holding the lock commits last.
