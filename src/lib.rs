@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod db;
+pub mod fan_out;
 pub mod layer;
 mod limit;
 pub mod map;
@@ -16,7 +17,9 @@ pub mod status;
 pub mod tenant;
 pub mod watch;
 
-pub use db::{DbError, DbErrorKind, TenantClient, TenantDb, TenantQuery, TenantWriter};
+pub use db::{
+    DbError, DbErrorKind, TenantClient, TenantDb, TenantQuery, TenantSnapshot, TenantWriter,
+};
 /// The driver the handle's clients and rows come from, re-exported so that the
 /// crate you build against is the one the API hands out.
 pub use deadpool_postgres;
@@ -35,6 +38,7 @@ pub use tokio_postgres;
 /// ```
 #[cfg(feature = "chrono")]
 pub use chrono;
+pub use fan_out::{FanOut, FanOutError, ShardClient, ShardResult};
 pub use layer::{Protocol, ShardRouterLayer, ShardRouterService};
 pub use map::{MapError, ShardMap};
 pub use migrate::Migrations;

@@ -804,3 +804,53 @@ async fn a_shard_added_without_the_schema_is_refused_until_migrated() {
         .unwrap();
     assert_eq!(control.latest().await.unwrap().version, 2);
 }
+
+#[tokio::test]
+async fn a_new_tenant_case_that_would_rename_a_tenant_with_data_is_refused() {
+    let (_control_db, shards, mut control) = setup(1).await;
+    control
+        .publish(&map_toml(1, &shards, ""), &PublishOptions::default())
+        .await
+        .unwrap();
+    // `ACME` has rows under the default, `exact`.
+    let router = ShardRouter::new(common::map(1, &shards, "")).unwrap();
+    router
+        .resolve(TenantId::new("ACME").unwrap())
+        .execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ('ACME', gen_random_uuid(), 'x')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let lower = format!("tenant_case = \"lower\"\n{}", map_toml(2, &shards, ""));
+    let err = control
+        .publish(&lower, &PublishOptions::default())
+        .await
+        .unwrap_err();
+    let PublishError::Rehoming { tenants } = &err else {
+        panic!("expected Rehoming, got {err}");
+    };
+    assert_eq!(tenants.len(), 1, "{tenants:?}");
+    assert_eq!(tenants[0].tenant, "ACME");
+    assert_eq!(tenants[0].to, "a (as acme)");
+    assert_eq!(history_len(&control).await, 1, "nothing published");
+    // Pinning it cannot help: a pin spelled ACME could never be reached.
+    let mut pin = PublishOptions::default();
+    pin.pin_existing = true;
+    let pinned = control.publish(&lower, &pin).await.unwrap_err();
+    assert!(
+        pinned.to_string().contains("could never be reached"),
+        "{pinned}"
+    );
+    assert_eq!(history_len(&control).await, 1, "nothing published");
+    // Once the rows carry the lowercase id, the same file is accepted.
+    common::connect(&shards.url(0))
+        .await
+        .batch_execute("UPDATE notes SET tenant_id = lower(tenant_id)")
+        .await
+        .unwrap();
+    control
+        .publish(&lower, &PublishOptions::default())
+        .await
+        .unwrap();
+}

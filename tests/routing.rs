@@ -617,3 +617,117 @@ async fn a_one_round_trip_write_that_fails_commits_nothing_and_leaves_a_clean_co
     );
     assert_eq!(notes_of(&shards.url(0), "acme").await, 2);
 }
+
+#[tokio::test]
+async fn a_snapshot_reads_one_state_refuses_writes_and_leaves_a_clean_connection() {
+    let shards = Shards::create(1).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let router = ShardRouter::new(one_connection(&shards)).unwrap();
+    let db = router.resolve(TenantId::new("acme").unwrap());
+    const INSERT: &str = "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'x')";
+    const COUNT: &str = "SELECT count(*) FROM notes WHERE tenant_id = $1";
+    db.execute(INSERT, &[&"acme", &Uuid::new_v4()])
+        .await
+        .unwrap();
+    // Another session writes between the snapshot's two reads.
+    let other = common::connect(&shards.url(0)).await;
+    let mut snap = db.snapshot().await.unwrap();
+    let before: i64 = snap.query_one(COUNT, &[&"acme"]).await.unwrap().get(0);
+    other
+        .execute(INSERT, &[&"acme", &Uuid::new_v4()])
+        .await
+        .unwrap();
+    let after: i64 = snap.query_one(COUNT, &[&"acme"]).await.unwrap().get(0);
+    assert_eq!((before, after), (1, 1), "both reads see the snapshot");
+    let levels = snap
+        .query_one(
+            "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(levels.get::<_, String>(0), "repeatable read");
+    assert_eq!(levels.get::<_, String>(1), "on");
+    // A write is refused by the server, and nothing changes.
+    let err = snap
+        .execute(INSERT, &[&"acme", &Uuid::new_v4()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate().map(|s| s.code()), Some("25006"), "{err}");
+    snap.finish().await.unwrap();
+    // The pool's one connection is back with no transaction open, and sees
+    // the other session's write.
+    let client = db.read().await.unwrap();
+    let now: i64 = client.query_one(COUNT, &[&"acme"]).await.unwrap().get(0);
+    assert_eq!(now, 2, "the refused write left nothing");
+    let status: String = client
+        .raw()
+        .query_one("SELECT current_setting('transaction_isolation')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        status, "read committed",
+        "no snapshot left on the connection"
+    );
+    drop(client);
+    // Dropped without finish: the connection still comes back clean.
+    let mut snap = db.snapshot().await.unwrap();
+    snap.query(COUNT, &[&"acme"]).await.unwrap();
+    drop(snap);
+    let client = db.read().await.unwrap();
+    let status: String = client
+        .raw()
+        .query_one("SELECT current_setting('transaction_isolation')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "read committed", "the dropped snapshot ended");
+    // A helper written against TenantQuery serves a snapshot too.
+    async fn count(q: &mut impl shard_router::TenantQuery) -> i64 {
+        q.query_one(COUNT, &[&"acme"]).await.unwrap().get(0)
+    }
+    drop(client);
+    assert_eq!(count(&mut db.snapshot().await.unwrap()).await, 2);
+}
+
+#[tokio::test]
+async fn tenant_case_lower_makes_every_spelling_one_tenant_and_exact_keeps_them_apart() {
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let lower = MapLoader::without_env()
+        .load_str(&format!(
+            "tenant_case = \"lower\"\n{}",
+            common::map_toml(1, &shards, "")
+        ))
+        .unwrap();
+    let router = ShardRouter::new(lower).unwrap();
+    let app = notes_app(router.clone());
+    for spelling in ["ACME", "Acme", "acme"] {
+        let response = app.clone().oneshot(post_as(spelling)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{spelling}");
+    }
+    // One tenant, `acme`, on one shard; the handle handed the lowercased id to SQL.
+    let db = router.resolve(TenantId::new("ACME").unwrap());
+    assert_eq!(db.tenant().as_str(), "acme");
+    let home = router.locate(&TenantId::new("acme").unwrap()).shard.get() as usize;
+    assert_eq!(notes_of(&shards.url(home), "acme").await, 3);
+    assert_eq!(notes_of(&shards.url(1 - home), "acme").await, 0);
+    for upper in ["ACME", "Acme"] {
+        assert_eq!(notes_of(&shards.url(0), upper).await, 0);
+        assert_eq!(notes_of(&shards.url(1), upper).await, 0);
+    }
+
+    // The default, `exact`: two spellings are two tenants, each on its own
+    // ring position, and the handle keeps the id as sent.
+    let exact = ShardRouter::new(map(1, &shards, "")).unwrap();
+    let db = exact.resolve(TenantId::new("ACME").unwrap());
+    assert_eq!(db.tenant().as_str(), "ACME");
+    let response = notes_app(exact.clone())
+        .oneshot(post_as("ACME"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let home = exact.locate(&TenantId::new("ACME").unwrap()).shard.get() as usize;
+    assert_eq!(notes_of(&shards.url(home), "ACME").await, 1);
+}

@@ -23,7 +23,8 @@ pub struct Rehomed {
 pub struct RehomeError(#[from] pub ShardError);
 
 /// The tenants that have data on their shard under `old` and that `new` would
-/// place elsewhere without a move. Tenants moving in either map are left to the
+/// place elsewhere without a move, or name otherwise (a `tenant_case` of
+/// `lower` where `old` kept `ACME` as it is). Tenants moving in either map are left to the
 /// move workflow.
 ///
 /// Tenant tables are the base tables with the map's tenant column (found in
@@ -44,7 +45,9 @@ pub async fn tenants_rehomed(old: &ShardMap, new: &ShardMap) -> Result<Vec<Rehom
     let name = |map: &ShardMap, t: &TenantId| map.shard(map.locate(t).shard).name().to_owned();
     let column = old.tenant_column();
     let mut rehomed = Vec::new();
-    if old.same_ring(new) {
+    // A new case policy can send a tenant's requests to another id (under
+    // `lower`, `ACME` becomes `acme`): every shard is scanned.
+    if old.same_ring(new) && old.tenant_case() == new.tenant_case() {
         // Only named tenants can change shard: look them up per old shard, one
         // connection and one query per tenant table for all of them.
         let mut by_shard: BTreeMap<ShardIndex, BTreeMap<String, String>> = BTreeMap::new();
@@ -84,6 +87,16 @@ pub async fn tenants_rehomed(old: &ShardMap, new: &ShardMap) -> Result<Vec<Rehom
             };
             if moving(&id) || name(old, &id) != shard.name() {
                 continue; // moving, or stray rows away from the tenant's home
+            }
+            let named = new.tenant_id(id.clone());
+            if named != id {
+                // Its rows keep the old spelling; its requests would not.
+                rehomed.push(Rehomed {
+                    to: format!("{} (as {named})", name(new, &named)),
+                    tenant,
+                    from: shard.name().to_owned(),
+                });
+                continue;
             }
             let to = name(new, &id);
             if to != shard.name() {

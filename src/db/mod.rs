@@ -16,6 +16,9 @@ use std::fmt;
 use std::sync::Arc;
 
 pub(crate) mod apply;
+mod snapshot;
+
+pub use snapshot::TenantSnapshot;
 
 use deadpool_postgres::{Object, PoolError};
 use tokio_postgres::types::ToSql;
@@ -59,6 +62,7 @@ pub struct TenantDb {
 
 impl TenantDb {
     pub(crate) fn new(tenant: TenantId, table: Arc<RoutingTable>) -> Self {
+        let tenant = table.map().tenant_id(tenant);
         let location = table.map().locate(&tenant);
         TenantDb {
             tenant,
@@ -639,8 +643,8 @@ impl Drop for Side {
 /// [`DbError`] with tenant, shard and map version. For SQL built at run time,
 /// which would fill the cache with one-off statements, use
 /// [`raw`](Self::raw): the `tokio_postgres` client itself. The client also
-/// dereferences to deadpool's connection, for transactions (a snapshot for
-/// several reads), `COPY` and the rest of the driver.
+/// dereferences to deadpool's connection, for `COPY` and the rest of the
+/// driver; several reads in one snapshot are [`TenantDb::snapshot`].
 ///
 /// ```no_run
 /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
@@ -873,7 +877,8 @@ impl std::ops::Deref for TenantClient {
     }
 }
 
-/// For `build_transaction()` and `transaction()`: several reads in one snapshot.
+/// For the driver's own transactions (`build_transaction()`), with settings
+/// [`TenantDb::snapshot`] does not choose.
 impl std::ops::DerefMut for TenantClient {
     fn deref_mut(&mut self) -> &mut Object {
         &mut self.client

@@ -17,7 +17,7 @@ pub const DEFAULT_ENV_PREFIX: &str = "SHARD_ROUTER";
 /// An override is `{PREFIX}__{PATH}` with `__` between path parts, upper or lower
 /// case: `SHARD_ROUTER__SHARDS__A__URL=postgres://app:secret@db-a/app` sets
 /// `shards.a.url`. Overrides may set `version`, `tenant_column`,
-/// `placement.vnodes` and the settings of shards the file declares; they never
+/// `tenant_setting`, `tenant_case`, `placement.vnodes` and the settings of shards the file declares; they never
 /// add a shard, pins or moves. A variable under the prefix that names anything
 /// else is refused, so a typo is an error rather than silently ignored.
 ///

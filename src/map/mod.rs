@@ -60,10 +60,49 @@ pub struct ShardMap {
     vnodes: u32,
     tenant_column: String,
     tenant_setting: Option<String>,
+    tenant_case: TenantCase,
     shards: Vec<Shard>,
     pins: PinIndex,
     moves: HashMap<Box<str>, MoveRoute>,
     ring: Ring,
+}
+
+/// How tenant ids are compared (`tenant_case` in the map): one policy for
+/// every extractor, for [`crate::ShardRouter::resolve`] and for `shardctl`.
+///
+/// ```
+/// # use shard_router::{map::{MapLoader, TenantCase}, TenantId};
+/// let map = MapLoader::without_env()
+///     .load_str("version = 1\ntenant_case = \"lower\"\n[shards.a]\nurl = \"postgres://h/a\"")
+///     .unwrap();
+/// assert_eq!(map.tenant_case(), TenantCase::Lower);
+/// assert_eq!(map.tenant_id(TenantId::new("ACME").unwrap()).as_str(), "acme");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TenantCase {
+    /// `exact` (the default): ids are case-sensitive; `ACME` and `acme` are
+    /// two tenants.
+    #[default]
+    Exact,
+    /// `lower`: every id is lowercased (ASCII) before anything else sees it,
+    /// so `ACME`, `Acme` and `acme` are one tenant, `acme`, everywhere,
+    /// including in the handle's [`crate::TenantDb::tenant`] that your SQL uses.
+    Lower,
+}
+
+impl TenantCase {
+    /// The name used in the map file.
+    ///
+    /// ```
+    /// assert_eq!(shard_router::map::TenantCase::Lower.as_str(), "lower");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantCase::Exact => "exact",
+            TenantCase::Lower => "lower",
+        }
+    }
 }
 
 /// The position of a shard in its map (shards are ordered by name).
@@ -403,6 +442,36 @@ impl ShardMap {
         self.tenant_setting.as_deref()
     }
 
+    /// How tenant ids are compared (`tenant_case`, default `exact`).
+    ///
+    /// ```
+    /// # use shard_router::map::{MapLoader, TenantCase};
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert_eq!(map.tenant_case(), TenantCase::Exact);
+    /// ```
+    pub fn tenant_case(&self) -> TenantCase {
+        self.tenant_case
+    }
+
+    /// `tenant` as this map names it: lowercased under `tenant_case = "lower"`,
+    /// unchanged otherwise. The router applies it to every id it is given.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, TenantId};
+    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// // The default, `exact`: ids are case-sensitive.
+    /// assert_eq!(map.tenant_id(TenantId::new("ACME").unwrap()).as_str(), "ACME");
+    /// ```
+    pub fn tenant_id(&self, tenant: TenantId) -> TenantId {
+        match self.tenant_case {
+            TenantCase::Lower if has_upper(tenant.as_str()) => {
+                TenantId::new(&tenant.as_str().to_ascii_lowercase())
+                    .expect("lowercasing keeps a valid id valid")
+            }
+            _ => tenant,
+        }
+    }
+
     /// The shards, ordered by name; a [`ShardIndex`] is a position in this slice.
     ///
     /// ```
@@ -454,7 +523,14 @@ impl ShardMap {
     /// assert_eq!(location.reason, Reason::Ring);
     /// ```
     pub fn locate(&self, tenant: &TenantId) -> Location {
-        let id = tenant.as_str();
+        let lowered;
+        let id = match self.tenant_case {
+            TenantCase::Lower if has_upper(tenant.as_str()) => {
+                lowered = tenant.as_str().to_ascii_lowercase();
+                lowered.as_str()
+            }
+            _ => tenant.as_str(),
+        };
         if !self.moves.is_empty() {
             if let Some(route) = self.moves.get(id) {
                 return Location {
@@ -579,12 +655,17 @@ impl PartialEq for ShardMap {
             && self.vnodes == other.vnodes
             && self.tenant_column == other.tenant_column
             && self.tenant_setting == other.tenant_setting
+            && self.tenant_case == other.tenant_case
             && self.shards == other.shards
             && self.pins == other.pins
             && self.moves == other.moves
     }
 }
 impl Eq for ShardMap {}
+
+fn has_upper(id: &str) -> bool {
+    id.bytes().any(|b| b.is_ascii_uppercase())
+}
 
 /// A connection string with every password replaced by `***`: the
 /// `user:password@` of a URL, `password=` query parameters, and `password=`

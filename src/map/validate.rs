@@ -8,7 +8,9 @@ use serde::Deserialize;
 
 use super::pins::PinIndex;
 use super::placement::Ring;
-use super::{MovePhase, MoveRoute, PoolSettings, Shard, ShardIndex, ShardMap, DEFAULT_VNODES};
+use super::{
+    MovePhase, MoveRoute, PoolSettings, Shard, ShardIndex, ShardMap, TenantCase, DEFAULT_VNODES,
+};
 use crate::tenant::validate as validate_tenant;
 
 /// The most shards a map may hold.
@@ -89,6 +91,7 @@ pub(super) struct RawMap {
     version: Option<i64>,
     tenant_column: Option<String>,
     tenant_setting: Option<String>,
+    tenant_case: Option<String>,
     placement: Option<RawPlacement>,
     #[serde(default)]
     shards: BTreeMap<String, RawShard>,
@@ -105,6 +108,7 @@ pub(super) struct RawOverrides {
     version: Option<i64>,
     tenant_column: Option<String>,
     tenant_setting: Option<String>,
+    tenant_case: Option<String>,
     placement: Option<RawPlacement>,
     #[serde(default)]
     shards: BTreeMap<String, RawShard>,
@@ -196,6 +200,7 @@ impl RawMap {
         set(&mut self.version, overrides.version);
         set(&mut self.tenant_column, overrides.tenant_column);
         set(&mut self.tenant_setting, overrides.tenant_setting);
+        set(&mut self.tenant_case, overrides.tenant_case);
         if let Some(placement) = overrides.placement {
             set(
                 &mut self.placement.get_or_insert_with(Default::default).vnodes,
@@ -273,6 +278,39 @@ impl RawMap {
                 problems.add(
                     "tenant_setting",
                     "must be a custom setting name like app.tenant_id (two lowercase identifiers joined by a dot)",
+                );
+            }
+        }
+
+        let tenant_case = match self.tenant_case.as_deref() {
+            None | Some("exact") => TenantCase::Exact,
+            Some("lower") => TenantCase::Lower,
+            Some(other) => {
+                problems.add(
+                    "tenant_case",
+                    format!("must be \"exact\" or \"lower\", got {other:?}"),
+                );
+                TenantCase::Exact
+            }
+        };
+        // Under `lower` every id is lowercased before lookup: a name with an
+        // upper-case letter could never be reached.
+        let unreachable = |tenant: &str| {
+            tenant_case == TenantCase::Lower && tenant.bytes().any(|b| b.is_ascii_uppercase())
+        };
+        for tenant in self.tenants.keys().chain(self.moves.keys()) {
+            if unreachable(tenant) {
+                let kind = if self.tenants.contains_key(tenant) {
+                    "tenants"
+                } else {
+                    "moves"
+                };
+                problems.add(
+                    format!("{kind}.{tenant}"),
+                    format!(
+                        "tenant_case = \"lower\" lowercases every tenant id, so this entry could never be reached; write it as {:?}",
+                        tenant.to_ascii_lowercase()
+                    ),
                 );
             }
         }
@@ -480,6 +518,7 @@ impl RawMap {
             vnodes,
             tenant_column,
             tenant_setting,
+            tenant_case,
             shards,
             pins,
             moves,
@@ -516,6 +555,9 @@ mod tests {
             ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[shards.b]\nurl = \"postgres://h/b\"\n[tenants]\nacme = \"a\"\n[moves.acme]\nfrom = \"a\"\nto = \"b\"", "moves.acme: tenant is both pinned and moving"),
             ("version = 1\n[shards.A]\nurl = \"postgres://h/a\"", "shards.A: shard names are"),
             ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[tenants]\n\"x y\" = \"a\"", "tenants.x y: not a valid tenant id"),
+            ("version = 1\ntenant_case = \"upper\"\n[shards.a]\nurl = \"postgres://h/a\"", "tenant_case: must be \"exact\" or \"lower\""),
+            ("version = 1\ntenant_case = \"lower\"\n[shards.a]\nurl = \"postgres://h/a\"\n[tenants]\nACME = \"a\"", "tenants.ACME: tenant_case = \"lower\" lowercases every tenant id"),
+            ("version = 1\ntenant_case = \"lower\"\n[shards.a]\nurl = \"postgres://h/a\"\n[shards.b]\nurl = \"postgres://h/b\"\n[moves.Acme]\nfrom = \"a\"\nto = \"b\"", "moves.Acme: tenant_case"),
         ];
         for (toml, expected) in cases {
             let got = problems(toml);

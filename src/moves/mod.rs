@@ -391,6 +391,16 @@ pub async fn start(
         }
     }
     let map = control.latest().await?.load()?;
+    if map.tenant_id(tenant.clone()) != *tenant {
+        return Err(MoveError::BadTarget {
+            tenant: tenant.to_string(),
+            to: to.to_owned(),
+            reason: format!(
+                "the map has tenant_case = \"lower\": this tenant is {}",
+                map.tenant_id(tenant.clone())
+            ),
+        });
+    }
     let bad = |reason: &str| MoveError::BadTarget {
         tenant: tenant.to_string(),
         to: to.to_owned(),

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use serde_json::json;
-use shard_router::control::{PublishError, PublishOptions, Published, Rollout};
+use shard_router::control::{
+    ControlError, ControlPlane, PublishError, PublishOptions, Published, Rollout,
+};
 use shard_router::map::{MapDiff, MapLoader, Reason, ShardMap};
 use shard_router::moves::{self, MoveOptions, Progress, Step};
 use shard_router::{MapError, TenantId};
@@ -191,6 +193,7 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
             let tenant = TenantId::new(&tenant).map_err(|e| format!("error: {tenant:?}: {e}"))?;
             block_on(async {
                 let control = connect(&control.control).await?;
+                let tenant = as_named_by_map(&control, tenant).await?;
                 let status = moves::status(&control, &tenant)
                     .await
                     .map_err(|e| format!("error: {e}"))?
@@ -246,6 +249,7 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
             };
             let result = block_on(async {
                 let mut control = connect(&control.control).await?;
+                let tenant = as_named_by_map(&control, tenant).await?;
                 let outcome = if abort {
                     moves::abort(&mut control, &tenant, &options).await
                 } else if resume {
@@ -261,6 +265,19 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
             print_move(&status, json);
             Ok(())
         }
+    }
+}
+
+/// `tenant` as the live map names it (`tenant_case`), so that `ACME` and
+/// `acme` are one tenant for shardctl when they are one for the routers.
+async fn as_named_by_map(control: &ControlPlane, tenant: TenantId) -> Result<TenantId, String> {
+    match control.latest().await {
+        Err(ControlError::NoMap) => Ok(tenant),
+        Err(e) => Err(format!("error: {e}")),
+        Ok(stored) => Ok(stored
+            .load()
+            .map_err(|e| format!("error: {e}"))?
+            .tenant_id(tenant)),
     }
 }
 
@@ -586,6 +603,7 @@ fn show(map: &ShardMap, json: bool) {
             "vnodes": map.vnodes(),
             "tenant_column": map.tenant_column(),
             "tenant_setting": map.tenant_setting(),
+            "tenant_case": map.tenant_case().as_str(),
             "ring_points": map.ring_points(),
             "shards": shards,
             "tenants": pins,
@@ -632,6 +650,7 @@ fn show(map: &ShardMap, json: bool) {
 fn locate(tenant: &str, source: &MapSourceArgs, json: bool) -> Result<(), String> {
     let tenant = TenantId::new(tenant).map_err(|e| format!("error: {tenant:?}: {e}"))?;
     let map = source.load()?;
+    let tenant = map.tenant_id(tenant);
     let location = map.locate(&tenant);
     let shard = map.shard(location.shard).name();
     if json {
