@@ -319,6 +319,7 @@ async fn run(names: Vec<String>) {
         let rows_each = throttle.map_or(rows(), |t| (t as i64 * 3).min(rows()));
         let mut ratios = Vec::new();
         let mut rates = Vec::new();
+        let mut p99s = Vec::new();
         for _ in 0..3 {
             let tenant = candidates.next().unwrap();
             source
@@ -339,18 +340,19 @@ async fn run(names: Vec<String>) {
             let during = writes_until_done(&router, &mover).await;
             let took = mover.join().unwrap();
             rates.push(rows_each as f64 / took.as_secs_f64());
-            ratios.push(
-                percentile(during, 0.99).as_secs_f64() / percentile(quiet, 0.99).as_secs_f64(),
-            );
+            let (q99, d99) = (percentile(quiet, 0.99), percentile(during, 0.99));
+            p99s.push(format!("{q99:.1?}->{d99:.1?}"));
+            ratios.push(d99.as_secs_f64() / q99.as_secs_f64());
         }
         let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         ratios.sort_by(f64::total_cmp);
         rates.sort_by(f64::total_cmp);
         println!(
-            "  throttle {:>14}: p99 ratio median {:.2}x (rounds {}), backfill {:.0} rows/s",
+            "  throttle {:>14}: p99 ratio median {:.2}x (rounds {}; quiet->during {}), backfill {:.0} rows/s",
             throttle.map_or("none".to_owned(), |t| format!("{t} rows/s")),
             ratios[1],
             shown.join(", "),
+            p99s.join(", "),
             rates[1]
         );
     }

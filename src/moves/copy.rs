@@ -42,6 +42,16 @@ pub(crate) async fn lock(client: &Client, tenant: &TenantId) -> Result<(), MoveE
         .map_err(MoveError::db)
 }
 
+/// Rows per batch for a configured size and throttle: at most
+/// `rate / 20` (at least 50) under a throttle.
+fn batch_rows_under(configured: usize, max_rows_per_sec: Option<u64>) -> usize {
+    let configured = configured.max(1);
+    match max_rows_per_sec.filter(|r| *r > 0) {
+        Some(rate) => configured.min((rate / 20).max(50) as usize),
+        None => configured,
+    }
+}
+
 /// Where a copy reads, where it writes, and which of the two is the source
 /// (whose lock every writer of the tenant takes).
 pub(crate) struct Copy<'a> {
@@ -66,6 +76,13 @@ impl Copy<'_> {
         } else {
             self.to
         }
+    }
+
+    /// Rows per batch. Under a throttle, batches shrink so that at least 20
+    /// go out per second: the same rows per second in short bursts, which
+    /// other tenants' statements wait behind for less time than one long one.
+    fn effective_batch_rows(&self) -> usize {
+        batch_rows_under(self.batch_rows, self.max_rows_per_sec)
     }
 
     /// Copies one table's rows of the tenant in key order, batch by batch.
@@ -123,7 +140,7 @@ impl Copy<'_> {
                 "SELECT to_jsonb(r)::text FROM (SELECT {order} FROM {name} WHERE {} \
                  ORDER BY {order} LIMIT 1 OFFSET {}) r",
                 within(resume),
-                self.batch_rows.max(1) - 1
+                self.effective_batch_rows() - 1
             )
         };
         let bound: Option<String> = from
@@ -510,4 +527,20 @@ pub(crate) async fn delete_rows(
         let _ = source.batch_execute("COMMIT").await;
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_rows_under;
+
+    #[test]
+    fn a_throttle_shortens_batches_to_twenty_a_second_but_never_below_fifty() {
+        assert_eq!(batch_rows_under(1000, None), 1000);
+        assert_eq!(batch_rows_under(1000, Some(0)), 1000, "0 is no throttle");
+        assert_eq!(batch_rows_under(1000, Some(100_000)), 1000);
+        assert_eq!(batch_rows_under(1000, Some(5_000)), 250);
+        assert_eq!(batch_rows_under(1000, Some(200)), 50);
+        assert_eq!(batch_rows_under(20, Some(5_000)), 20, "a smaller setting wins");
+        assert_eq!(batch_rows_under(0, None), 1);
+    }
 }

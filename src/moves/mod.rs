@@ -130,7 +130,9 @@ pub struct MoveOptions {
     /// Rows per backfill batch (each under the tenant lock). Default 1000.
     pub batch_rows: usize,
     /// Backfill throttle: at most this many rows per second, so a move cannot
-    /// starve the source's other tenants. Default: none.
+    /// starve the source's other tenants. Batches then shrink to at most
+    /// `rate / 20` rows (at least 50), so the copy comes in short bursts.
+    /// Default: none.
     pub max_rows_per_sec: Option<u64>,
     /// Delete the tenant's rows from the source after complete. Default false.
     pub purge_source: bool,
