@@ -32,6 +32,7 @@ mod diff;
 mod document;
 mod load;
 mod pins;
+mod plain_pins;
 pub mod placement;
 mod validate;
 

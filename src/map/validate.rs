@@ -189,6 +189,16 @@ fn valid_identifier(name: &str) -> bool {
 }
 
 impl RawMap {
+    /// Takes pins read outside the TOML parser; refuses (false) if the
+    /// document held pins of its own too, which the parser must judge.
+    pub(super) fn set_pins(&mut self, pins: BTreeMap<String, String>) -> bool {
+        if !self.tenants.is_empty() {
+            return false;
+        }
+        self.tenants = pins;
+        true
+    }
+
     /// Lays environment overrides over the file. Overrides of shards the file
     /// lacks are ignored with a warning: they never add a shard.
     pub(super) fn apply(&mut self, overrides: RawOverrides) -> Result<(), MapError> {
