@@ -238,5 +238,54 @@ fn checkout(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, location, layer, checkout, big_maps);
+/// Resident memory of this process, from `/proc/self/statm` (Linux).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// A map of 1,000 shards: start-up time (load + `ShardRouter::new`), the
+/// memory one router adds, and that start-up opens no connection.
+fn thousand_shards(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let toml = map_toml(1, 1_000, 0);
+    let mut group = c.benchmark_group("1,000-shard map");
+    group.sample_size(20);
+    group.bench_function("load + ShardRouter::new", |b| {
+        b.iter(|| black_box(ShardRouter::new(load(&toml)).unwrap()))
+    });
+    group.finish();
+    // Memory: ten routers kept alive at once, so allocator noise averages out.
+    let before = resident_bytes();
+    let routers: Vec<ShardRouter> = (0..10)
+        .map(|_| ShardRouter::new(load(&toml)).unwrap())
+        .collect();
+    let after = resident_bytes();
+    let connections: usize = routers[0]
+        .table()
+        .shards()
+        .map(|(_, pool)| pool.status().size)
+        .sum();
+    if let (Some(before), Some(after)) = (before, after) {
+        println!(
+            "1,000-shard map: {:.1} MB resident per router, {} connections open after start-up",
+            (after.saturating_sub(before)) as f64 / 10.0 / 1e6,
+            connections
+        );
+    }
+}
+
+criterion_group!(
+    benches,
+    location,
+    layer,
+    checkout,
+    big_maps,
+    thousand_shards
+);
 criterion_main!(benches);

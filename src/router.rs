@@ -26,7 +26,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -121,6 +121,23 @@ impl RoutingTable {
     /// ```
     pub fn pool(&self, index: ShardIndex) -> &Pool {
         &self.pools[index.get()]
+    }
+
+    /// Closes the pooled connections (shard and replica-mode pools) that have
+    /// been idle longer than their shard's `idle_timeout`; returns how many.
+    pub(crate) fn close_idle(&self) -> usize {
+        let mut closed = 0;
+        for (index, shard) in self.map.shards().iter().enumerate() {
+            let Some(idle) = shard.pool().idle_timeout else {
+                continue;
+            };
+            let mut pools = vec![&self.pools[index]];
+            pools.extend(self.shard_state[index].replica_pool.get());
+            for pool in pools {
+                closed += pool.retain(|_, used| used.last_used() < idle).removed.len();
+            }
+        }
+        closed
     }
 
     pub(crate) fn limiter(&self, index: ShardIndex) -> Option<&TenantLimiter> {
@@ -264,7 +281,7 @@ impl ShardRouter {
             move_failures: MoveFailures::default(),
             appliers: Default::default(),
         };
-        Ok(ShardRouter {
+        let router = ShardRouter {
             inner: Arc::new(Inner {
                 table: ArcSwap::from_pointee(table),
                 apply_lock: Mutex::new(Retired::default()),
@@ -275,7 +292,34 @@ impl ShardRouter {
                     last_refused: None,
                 }),
             }),
-        })
+        };
+        router.spawn_idle_closer();
+        Ok(router)
+    }
+
+    /// Closes connections idle past their shard's `idle_timeout`, on the
+    /// runtime `new` ran on, until the last clone of the router is dropped.
+    fn spawn_idle_closer(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            loop {
+                let period = match inner.upgrade() {
+                    Some(inner) => idle_check_period(&inner.table.load().map),
+                    None => return,
+                };
+                tokio::time::sleep(period).await;
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                let closed = inner.table.load().close_idle();
+                if closed > 0 {
+                    tracing::debug!(closed, "closed idle shard connections");
+                }
+            }
+        });
     }
 
     /// Makes `map` the live map, atomically.
@@ -535,6 +579,18 @@ fn build_pool(shard: &Shard, version: u64) -> Result<(Pool, ShardState), ApplyEr
 }
 
 /// A pool of the shard's connections; in replica mode when `replica`.
+/// How often to look for idle connections: a quarter of the shortest idle
+/// timeout, between 250 ms and a minute.
+fn idle_check_period(map: &ShardMap) -> Duration {
+    map.shards()
+        .iter()
+        .filter_map(|s| s.pool().idle_timeout)
+        .min()
+        .map_or(Duration::from_secs(60), |idle| {
+            (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(60))
+        })
+}
+
 fn build_pool_with(
     shard: &Shard,
     connector: crate::pg::Connector,

@@ -731,3 +731,65 @@ async fn tenant_case_lower_makes_every_spelling_one_tenant_and_exact_keeps_them_
     let home = exact.locate(&TenantId::new("ACME").unwrap()).shard.get() as usize;
     assert_eq!(notes_of(&shards.url(home), "ACME").await, 1);
 }
+
+/// Backends the router holds open on database `db`.
+async fn router_connections(admin: &tokio_postgres::Client, db: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'shard-router'",
+            &[&db],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn untouched_shards_get_no_connections_and_idle_ones_are_closed() {
+    let shards = Shards::create(3).await;
+    let toml = common::map_toml(1, &shards, "").replace(
+        "pool = { max_size = 8, wait_timeout_ms = 1000 }",
+        "pool = { max_size = 8, wait_timeout_ms = 1000, idle_timeout_ms = 1000 }",
+    );
+    let router = ShardRouter::new(MapLoader::without_env().load_str(&toml).unwrap()).unwrap();
+    let admin = common::connect(&common::db_url("postgres")).await;
+    for name in &shards.names {
+        assert_eq!(router_connections(&admin, name).await, 0, "lazy: {name}");
+    }
+    // Two connections on one shard, held at once, then returned.
+    let tenant = (0..)
+        .map(|i| TenantId::new(&format!("t{i}")).unwrap())
+        .find(|t| router.locate(t).shard.get() == 0)
+        .unwrap();
+    let db = router.resolve(tenant);
+    let (one, two) = (db.read().await.unwrap(), db.read().await.unwrap());
+    drop((one, two));
+    assert_eq!(router_connections(&admin, &shards.names[0]).await, 2);
+    for name in &shards.names[1..] {
+        assert_eq!(
+            router_connections(&admin, name).await,
+            0,
+            "untouched: {name}"
+        );
+    }
+    // Unused for a second: closed, within a few checks (every 250 ms here).
+    let mut left = 2;
+    for _ in 0..100 {
+        left = router_connections(&admin, &shards.names[0]).await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "idle connections closed");
+    let table = router.table();
+    let first = table.map().shard_index(&common::shard_name(0)).unwrap();
+    assert_eq!(table.pool(first).status().size, 0);
+    // The pool opens new ones on demand.
+    db.read()
+        .await
+        .unwrap()
+        .query_one("SELECT 1", &[])
+        .await
+        .unwrap();
+}

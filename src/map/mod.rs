@@ -32,8 +32,8 @@ mod diff;
 mod document;
 mod load;
 mod pins;
-mod plain_pins;
 pub mod placement;
+mod plain_pins;
 mod validate;
 
 use std::collections::HashMap;
@@ -279,6 +279,9 @@ pub struct PoolSettings {
     /// Most connections one tenant may hold at once from this shard's pool, so a
     /// hot tenant cannot starve the others (`tenant_max_connections`). Default: no cap.
     pub tenant_max_connections: Option<usize>,
+    /// Connections unused for this long are closed (`idle_timeout_ms`; 0 in
+    /// the map: never). Default 10 minutes.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for PoolSettings {
@@ -288,6 +291,7 @@ impl Default for PoolSettings {
             wait_timeout: Duration::from_millis(2000),
             connect_timeout: Duration::from_millis(2000),
             tenant_max_connections: None,
+            idle_timeout: Some(Duration::from_secs(600)),
         }
     }
 }

@@ -124,14 +124,14 @@ mod tests {
     #[test]
     fn anything_unusual_goes_to_the_general_parser() {
         for doc in [
-            "[tenants]\nacme = 'a'\n",                    // literal string
-            "[tenants]\n\"a\\u0063me\" = \"a\"\n",        // escape in a key
-            "[tenants]\nacme = \"a\"\nacme = \"b\"\n",    // duplicate
+            "[tenants]\nacme = 'a'\n",                         // literal string
+            "[tenants]\n\"a\\u0063me\" = \"a\"\n",             // escape in a key
+            "[tenants]\nacme = \"a\"\nacme = \"b\"\n",         // duplicate
             "[tenants]\nacme = \"a\"\n[tenants]\nb = \"a\"\n", // table twice
-            "[tenants]\nacme.sub = \"a\"\n",              // dotted key
-            "[tenants]\nacme = { shard = \"a\" }\n",      // not a string
-            "x = \"\"\"\n[tenants]\n\"\"\"\n",             // header in a string
-            "version = 1\n",                              // no pins table
+            "[tenants]\nacme.sub = \"a\"\n",                   // dotted key
+            "[tenants]\nacme = { shard = \"a\" }\n",           // not a string
+            "x = \"\"\"\n[tenants]\n\"\"\"\n",                 // header in a string
+            "version = 1\n",                                   // no pins table
         ] {
             assert!(split(doc).is_none(), "{doc}");
         }

@@ -136,6 +136,7 @@ struct RawPool {
     wait_timeout_ms: Option<i64>,
     connect_timeout_ms: Option<i64>,
     tenant_max_connections: Option<i64>,
+    idle_timeout_ms: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,6 +237,7 @@ impl RawMap {
                 set(&mut target.max_size, pool.max_size);
                 set(&mut target.wait_timeout_ms, pool.wait_timeout_ms);
                 set(&mut target.connect_timeout_ms, pool.connect_timeout_ms);
+                set(&mut target.idle_timeout_ms, pool.idle_timeout_ms);
                 set(
                     &mut target.tenant_max_connections,
                     pool.tenant_max_connections,
@@ -404,6 +406,14 @@ impl RawMap {
                     max_size as i64,
                 ) as usize
             });
+            // 0: never close idle connections.
+            let idle_ms = problems.ranged(
+                &format!("{field}.pool.idle_timeout_ms"),
+                pool.and_then(|p| p.idle_timeout_ms),
+                defaults.idle_timeout.map_or(0, |d| d.as_millis() as i64),
+                0,
+                86_400_000,
+            ) as u64;
             shards.push(Shard {
                 name: name.clone(),
                 url,
@@ -415,6 +425,7 @@ impl RawMap {
                     wait_timeout: Duration::from_millis(wait_ms),
                     connect_timeout: Duration::from_millis(connect_ms),
                     tenant_max_connections: tenant_max,
+                    idle_timeout: (idle_ms > 0).then(|| Duration::from_millis(idle_ms)),
                 },
             });
         }
@@ -565,6 +576,7 @@ mod tests {
             ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[shards.b]\nurl = \"postgres://h/b\"\n[tenants]\nacme = \"a\"\n[moves.acme]\nfrom = \"a\"\nto = \"b\"", "moves.acme: tenant is both pinned and moving"),
             ("version = 1\n[shards.A]\nurl = \"postgres://h/a\"", "shards.A: shard names are"),
             ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[tenants]\n\"x y\" = \"a\"", "tenants.x y: not a valid tenant id"),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\npool = { idle_timeout_ms = -1 }", "shards.a.pool.idle_timeout_ms: must be between 0"),
             ("version = 1\ntenant_case = \"upper\"\n[shards.a]\nurl = \"postgres://h/a\"", "tenant_case: must be \"exact\" or \"lower\""),
             ("version = 1\ntenant_case = \"lower\"\n[shards.a]\nurl = \"postgres://h/a\"\n[tenants]\nACME = \"a\"", "tenants.ACME: tenant_case = \"lower\" lowercases every tenant id"),
             ("version = 1\ntenant_case = \"lower\"\n[shards.a]\nurl = \"postgres://h/a\"\n[shards.b]\nurl = \"postgres://h/b\"\n[moves.Acme]\nfrom = \"a\"\nto = \"b\"", "moves.Acme: tenant_case"),

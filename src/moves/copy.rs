@@ -540,7 +540,11 @@ mod tests {
         assert_eq!(batch_rows_under(1000, Some(100_000)), 1000);
         assert_eq!(batch_rows_under(1000, Some(5_000)), 250);
         assert_eq!(batch_rows_under(1000, Some(200)), 50);
-        assert_eq!(batch_rows_under(20, Some(5_000)), 20, "a smaller setting wins");
+        assert_eq!(
+            batch_rows_under(20, Some(5_000)),
+            20,
+            "a smaller setting wins"
+        );
         assert_eq!(batch_rows_under(0, None), 1);
     }
 }
