@@ -76,8 +76,8 @@ async fn create_note(
     // The id is made here so the response can name it without a RETURNING of it;
     // database defaults work as well, moves copy the rows as written.
     let id = Uuid::new_v4();
-    // One statement, committed on its own: BEGIN, INSERT and COMMIT in one
-    // round trip (`db.write()` gives a transaction for several statements).
+    // One statement, committed on its own: an autocommit INSERT, one round
+    // trip (`db.write()` gives a transaction for several statements).
     let rows = db
         .execute_returning(
             common::INSERT_NOTE,

@@ -623,6 +623,18 @@ fn build_pool_with(
     );
     let settings = shard.pool();
     Pool::builder(manager)
+        // A single-statement write goes out alone (autocommit, see
+        // `TenantDb::execute`); the fence trigger sees a fence raised after the
+        // statement took its snapshot only under READ COMMITTED, whatever the
+        // database's or role's default.
+        .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+            Box::pin(async move {
+                client
+                    .batch_execute("SET default_transaction_isolation = 'read committed'")
+                    .await
+                    .map_err(deadpool_postgres::HookError::Backend)
+            })
+        }))
         .max_size(settings.max_size)
         .wait_timeout(Some(settings.wait_timeout))
         .create_timeout(Some(settings.connect_timeout))

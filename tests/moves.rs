@@ -1571,6 +1571,45 @@ async fn fence_gaps_are_closed_and_fence_rows_leave_after_the_move() {
         .unwrap();
     // TRUNCATE is allowed again once nothing moves.
     target.batch_execute("TRUNCATE events").await.unwrap();
+
+    // A one-statement write goes out alone, undeclared; where the tenant has a
+    // fence row the trigger refuses that, and it goes again declaring the
+    // handle's version: passed when the version is high enough, refused (and
+    // nothing written) when not.
+    let current = ShardRouter::new(w.control.latest().await.unwrap().load().unwrap()).unwrap();
+    let db = current.resolve(id.clone());
+    assert_eq!(db.shard(), "b");
+    let version = db.map_version() as i64;
+    for (min_version, passes) in [(version, true), (version + 1, false)] {
+        target
+            .execute(
+                "INSERT INTO shard_router_fence (tenant, min_version, moving) VALUES ($1, $2, false) \
+                 ON CONFLICT (tenant) DO UPDATE SET min_version = EXCLUDED.min_version",
+                &[&tenant, &min_version],
+            )
+            .await
+            .unwrap();
+        let name = format!("fenced-{min_version}");
+        let result = db
+            .execute(
+                "INSERT INTO projects VALUES ($1, $2, $3)",
+                &[&tenant, &Uuid::new_v4(), &name],
+            )
+            .await;
+        let written: i64 = target
+            .query_one("SELECT count(*) FROM projects WHERE name = $1", &[&name])
+            .await
+            .unwrap()
+            .get(0);
+        if passes {
+            assert_eq!(result.unwrap(), 1);
+            assert_eq!(written, 1);
+        } else {
+            let err = result.unwrap_err();
+            assert!(err.is_fenced(), "{err}");
+            assert_eq!(written, 0, "a refused write leaves nothing");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -793,3 +793,36 @@ async fn untouched_shards_get_no_connections_and_idle_ones_are_closed() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn router_connections_run_read_committed_whatever_the_database_default() {
+    let shards = Shards::create(1).await;
+    common::connect(&shards.url(0))
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'",
+            shards.names[0]
+        ))
+        .await
+        .unwrap();
+    let plain = common::connect(&shards.url(0)).await;
+    let default: String = plain
+        .query_one("SHOW transaction_isolation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(default, "repeatable read", "the database's default");
+    // One-statement writes go out alone; the fence trigger must see a fence
+    // raised after their snapshot, which only READ COMMITTED gives.
+    let router = ShardRouter::new(map(1, &shards, "")).unwrap();
+    let db = router.resolve(TenantId::new("acme").unwrap());
+    let level: String = db
+        .read()
+        .await
+        .unwrap()
+        .query_one("SHOW transaction_isolation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(level, "read committed");
+}

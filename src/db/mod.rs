@@ -43,7 +43,7 @@ use crate::TenantId;
 ///     .await?;
 /// drop(client);
 ///
-/// // One statement, committed on its own, in one round trip:
+/// // One statement, committed on its own (autocommit, one round trip):
 /// db.execute("DELETE FROM notes WHERE tenant_id = $1 AND body = ''", &[&db.tenant().as_str()])
 ///     .await?;
 ///
@@ -250,11 +250,16 @@ impl TenantDb {
         }
     }
 
-    /// Runs one write statement in a transaction of its own and commits it:
-    /// `BEGIN`, the statement and `COMMIT` go out together, one round trip
-    /// (the statement is prepared once per connection). The fence guarantees
-    /// of [`TenantDb::write`] hold, and a moving tenant's write goes through a
-    /// writer as usual. Returns the affected-row count.
+    /// Runs one write statement in a transaction of its own and commits it.
+    /// The statement (prepared once per connection) goes out alone, in
+    /// autocommit, as an application without the router would send it: one
+    /// message, one round trip. Where the tenant has a fence row on the shard
+    /// (it is moving, or moved and a stale router might still write), the
+    /// fence refuses an undeclared write and the statement goes again inside
+    /// `BEGIN`, the declaration of the handle's map version and `COMMIT`,
+    /// pipelined. The fence guarantees of [`TenantDb::write`] hold, and a
+    /// moving tenant's write goes through a writer as usual. Returns the
+    /// affected-row count.
     ///
     /// ```no_run
     /// # async fn f(db: shard_router::TenantDb) -> Result<(), shard_router::DbError> {
@@ -299,16 +304,41 @@ impl TenantDb {
             return Ok(out);
         }
         let shard = self.location.shard;
-        let mut side = self.begin(shard, Begin::PLAIN).await?;
-        debug_assert!(side.unbegun, "a plain transaction begins lazily");
-        let version = self.map_version();
-        let statement = side
-            .client()
+        let client = self.checkout(shard).await?;
+        let statement = client
             .prepare_cached(sql)
             .await
             .map_err(|e| self.query_error_on(shard, e))?;
-        side.unbegun = false;
-        side.clean = false;
+        // First the statement alone, in a transaction of its own: one message,
+        // what an application without the router sends. A tenant without a
+        // fence row on the shard (every tenant not moving or just moved) needs
+        // no declared version. For one with a fence row the trigger refuses an
+        // undeclared write (SRF01, nothing written, no transaction left open),
+        // and the statement goes again below, declaring the handle's version.
+        // The pool's connections default to READ COMMITTED, so the trigger
+        // sees a fence raised after the statement took its snapshot.
+        match run(&client, &statement, params, rows).await {
+            Ok(out) => {
+                if out.is_empty() {
+                    // A statement that changed no row fired no fence trigger.
+                    let min = fence_of(&client, &self.tenant)
+                        .await
+                        .map_err(|e| self.query_error_on(shard, e))?;
+                    self.fenced(shard, min)?;
+                }
+                return Ok(out);
+            }
+            Err(e) if is_fence_refusal(&e) => {}
+            Err(e) => return Err(self.query_error_on(shard, e)),
+        }
+        let mut side = Side {
+            shard,
+            unbegun: false,
+            connector: self.table.connector(shard).clone(),
+            client: Some(client),
+            clean: false,
+        };
+        let version = self.map_version();
         let client = side.client();
         // Pipelined: BEGIN, the declaration, the statement and COMMIT all go
         // out before any answer comes back. A failed statement turns the
@@ -1256,6 +1286,12 @@ async fn after_begin<T>(
     began?;
     declared?;
     out
+}
+
+/// The fence trigger refused the statement.
+fn is_fence_refusal(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| db.code().code() == FENCE_SQLSTATE)
 }
 
 /// Runs a prepared statement for its rows, or for the count of rows it changed.
