@@ -12,6 +12,7 @@ pub mod migrate;
 pub mod moves;
 pub mod pg;
 pub mod rejection;
+pub mod replicas;
 pub mod router;
 pub mod status;
 pub mod tenant;
@@ -43,6 +44,7 @@ pub use layer::{Protocol, ShardRouterLayer, ShardRouterService};
 pub use map::{MapError, ShardMap};
 pub use migrate::Migrations;
 pub use rejection::Rejection;
+pub use replicas::{ReadToken, TOKEN_HEADER};
 pub use router::{Applied, ApplyError, MapSource, RoutingTable, ShardRouter};
 /// With the `serde_json` feature: `json`/`jsonb` as `serde_json::Value`.
 ///

@@ -140,6 +140,24 @@ impl RoutingTable {
         closed
     }
 
+    /// The read replicas of shard `index`, if it has any.
+    pub(crate) fn read_replicas(&self, index: ShardIndex) -> Option<&crate::replicas::ShardReplicas> {
+        self.shard_state[index.get()].read_replicas.as_deref()
+    }
+
+    /// Probes every shard's replicas once (see [`crate::replicas`]); returns
+    /// how long to wait before the next probe.
+    async fn probe_replicas(&self) -> Duration {
+        let mut next = Duration::from_secs(1);
+        for (index, state) in self.shard_state.iter().enumerate() {
+            if let Some(replicas) = &state.read_replicas {
+                replicas.probe(&self.pools[index]).await;
+                next = next.min(replicas.probe_interval());
+            }
+        }
+        next
+    }
+
     pub(crate) fn limiter(&self, index: ShardIndex) -> Option<&TenantLimiter> {
         self.shard_state[index.get()].limiter.as_deref()
     }
@@ -294,7 +312,27 @@ impl ShardRouter {
             }),
         };
         router.spawn_idle_closer();
+        router.spawn_replica_prober();
         Ok(router)
+    }
+
+    /// Measures the replicas' lag in the background (never on the request
+    /// path), until the last clone of the router is dropped.
+    fn spawn_replica_prober(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            loop {
+                let Some(table) = inner.upgrade().map(|inner| inner.table.load_full()) else {
+                    return;
+                };
+                let next = table.probe_replicas().await;
+                drop(table);
+                tokio::time::sleep(next).await;
+            }
+        });
     }
 
     /// Closes connections idle past their shard's `idle_timeout`, on the
@@ -545,6 +583,8 @@ struct ShardState {
     connector: crate::pg::Connector,
     /// Replica-mode connections for applying row images, built on first use.
     replica_pool: Arc<std::sync::OnceLock<Pool>>,
+    /// The shard's read replicas, when the map lists some.
+    read_replicas: Option<Arc<crate::replicas::ShardReplicas>>,
 }
 
 fn build_pool(shard: &Shard, version: u64) -> Result<(Pool, ShardState), ApplyError> {
@@ -568,12 +608,16 @@ fn build_pool(shard: &Shard, version: u64) -> Result<(Pool, ShardState), ApplyEr
         .pool()
         .tenant_max_connections
         .map(|max| Arc::new(TenantLimiter::new(max)));
+    let read_replicas = crate::replicas::ShardReplicas::build(shard)
+        .map_err(refused)?
+        .map(Arc::new);
     Ok((
         pool,
         ShardState {
             limiter,
             connector,
             replica_pool: Default::default(),
+            read_replicas,
         },
     ))
 }
@@ -596,8 +640,19 @@ fn build_pool_with(
     connector: crate::pg::Connector,
     replica: bool,
 ) -> Result<Pool, String> {
-    let mut pg = shard.pg_config().clone();
-    pg.connect_timeout(shard.pool().connect_timeout);
+    pool_for(shard.pg_config(), shard.pool(), connector, replica)
+}
+
+/// A pool of connections to `config` (a shard or one of its read replicas);
+/// `replica_mode` for applying a moving tenant's row images.
+pub(crate) fn pool_for(
+    config: &tokio_postgres::Config,
+    settings: &crate::map::PoolSettings,
+    connector: crate::pg::Connector,
+    replica: bool,
+) -> Result<Pool, String> {
+    let mut pg = config.clone();
+    pg.connect_timeout(settings.connect_timeout);
     if pg.get_application_name().is_none() {
         pg.application_name("shard-router");
     }
@@ -621,7 +676,6 @@ fn build_pool_with(
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    let settings = shard.pool();
     Pool::builder(manager)
         // A single-statement write goes out alone (autocommit, see
         // `TenantDb::execute`); the fence trigger sees a fence raised after the

@@ -59,6 +59,8 @@ pub struct ShardPoolStatus {
     pub available: usize,
     /// Requests waiting for a connection.
     pub waiting: usize,
+    /// The shard's read replicas: lag, health and reads served.
+    pub replicas: Vec<crate::replicas::ReplicaStatus>,
 }
 
 impl ShardRouter {
@@ -88,14 +90,20 @@ impl ShardRouter {
             last_refused: source.last_refused,
             shards: table
                 .shards()
-                .map(|(shard, pool)| {
+                .enumerate()
+                .map(|(i, (shard, pool))| {
                     let s = pool.status();
+                    let index = crate::map::ShardIndex(i as u16);
                     ShardPoolStatus {
                         name: shard.name().to_owned(),
                         max_size: s.max_size,
                         size: s.size,
                         available: s.available,
                         waiting: s.waiting,
+                        replicas: table
+                            .read_replicas(index)
+                            .map(|r| r.status())
+                            .unwrap_or_default(),
                     }
                 })
                 .collect(),

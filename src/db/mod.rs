@@ -16,6 +16,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub(crate) mod apply;
+mod reads;
 mod snapshot;
 
 pub use snapshot::TenantSnapshot;
@@ -58,16 +59,29 @@ pub struct TenantDb {
     tenant: TenantId,
     table: Arc<RoutingTable>,
     location: Location,
+    /// What replica reads must have replayed (a token the client carried).
+    read_after: reads::ReadAfter,
+    /// The token of this handle's (and its clones') last committed write, when
+    /// the shard has replicas: the layer returns it to the client.
+    written: Option<WrittenSlot>,
 }
+
+/// Where a handle and its clones record their last write's token.
+pub(crate) type WrittenSlot = Arc<std::sync::Mutex<Option<crate::ReadToken>>>;
 
 impl TenantDb {
     pub(crate) fn new(tenant: TenantId, table: Arc<RoutingTable>) -> Self {
         let tenant = table.map().tenant_id(tenant);
         let location = table.map().locate(&tenant);
+        let written = table
+            .read_replicas(location.shard)
+            .map(|_| Arc::new(std::sync::Mutex::new(None)));
         TenantDb {
             tenant,
             table,
             location,
+            read_after: reads::ReadAfter::Nothing,
+            written,
         }
     }
 
@@ -141,6 +155,9 @@ impl TenantDb {
     /// # Ok(()) }
     /// ```
     pub async fn read(&self) -> Result<TenantClient, DbError> {
+        if let Some(client) = self.replica_read().await {
+            return Ok(client);
+        }
         self.checkout(self.location.shard).await
     }
 
@@ -317,8 +334,18 @@ impl TenantDb {
         // and the statement goes again below, declaring the handle's version.
         // The pool's connections default to READ COMMITTED, so the trigger
         // sees a fence raised after the statement took its snapshot.
-        match run(&client, &statement, params, rows).await {
+        let (result, position) = if self.wants_position() {
+            // After the statement commits: where a replica must have replayed
+            // to show it. Pipelined, so no extra round trip.
+            let (result, position) =
+                tokio::join!(run(&client, &statement, params, rows), position_of(&client));
+            (result, position)
+        } else {
+            (run(&client, &statement, params, rows).await, None)
+        };
+        match result {
             Ok(out) => {
+                self.wrote(position);
                 if out.is_empty() {
                     // A statement that changed no row fired no fence trigger.
                     let min = fence_of(&client, &self.tenant)
@@ -343,14 +370,25 @@ impl TenantDb {
         // Pipelined: BEGIN, the declaration, the statement and COMMIT all go
         // out before any answer comes back. A failed statement turns the
         // COMMIT into a rollback.
+        let wants_position = self.wants_position();
         let result = after_begin(client, version, async {
-            let (out, committed) = tokio::join!(
+            let (out, committed, position) = tokio::join!(
                 run(client, &statement, params, rows),
-                client.raw().batch_execute("COMMIT")
+                client.raw().batch_execute("COMMIT"),
+                async {
+                    match wants_position {
+                        true => position_of(client).await,
+                        false => None,
+                    }
+                }
             );
-            out.and_then(|out| committed.map(|()| out))
+            out.and_then(|out| committed.map(|()| (out, position)))
         })
-        .await;
+        .await
+        .map(|(out, position)| {
+            self.wrote(position);
+            out
+        });
         if let Ok(out) = &result {
             drop(side.client.take()); // committed: back to the pool
             if out.is_empty() {
@@ -396,14 +434,15 @@ impl TenantDb {
     /// shard caps tenants), then a pooled connection, then the tenant setting
     /// for row-level security (when the map names one).
     async fn checkout(&self, shard: ShardIndex) -> Result<TenantClient, DbError> {
-        self.checkout_from(shard, false).await
+        self.checkout_from(shard, Source::Primary).await
     }
 
-    /// A connection from the shard's pool, or from its replica-mode pool.
+    /// A connection from the shard's pool, its replica-mode pool, or one of
+    /// its read replicas' pools.
     async fn checkout_from(
         &self,
         shard: ShardIndex,
-        replica: bool,
+        source: Source,
     ) -> Result<TenantClient, DbError> {
         let settings = self.table.map().shard(shard).pool();
         let unavailable = |cause: PoolError| DbError::Unavailable {
@@ -412,16 +451,21 @@ impl TenantDb {
             map_version: self.map_version(),
             cause: Box::new(cause),
         };
-        let (pool, limiter) = if replica {
-            // Building a pool fails only on a bad configuration, which the
-            // shard's own pool would have shown already.
-            let pool = self.table.replica_pool(shard).map_err(|reason| {
-                tracing::error!(shard = self.shard_name(shard), %reason, "cannot build the replica-mode pool");
-                unavailable(PoolError::Closed)
-            })?;
-            (pool, None)
-        } else {
-            (self.table.pool(shard), self.table.limiter(shard))
+        let (pool, limiter) = match source {
+            Source::ReplicaMode => {
+                // Building a pool fails only on a bad configuration, which the
+                // shard's own pool would have shown already.
+                let pool = self.table.replica_pool(shard).map_err(|reason| {
+                    tracing::error!(shard = self.shard_name(shard), %reason, "cannot build the replica-mode pool");
+                    unavailable(PoolError::Closed)
+                })?;
+                (pool, None)
+            }
+            Source::ReadReplica(i) => {
+                let replicas = self.table.read_replicas(shard).ok_or_else(|| unavailable(PoolError::Closed))?;
+                (&replicas.replicas[i].pool, None)
+            }
+            Source::Primary => (self.table.pool(shard), self.table.limiter(shard)),
         };
         let (client, slot) = match limiter {
             None => (pool.get().await.map_err(unavailable)?, None),
@@ -457,6 +501,10 @@ impl TenantDb {
             _slot: slot,
             db: self.clone(),
             shard,
+            replica: match source {
+                Source::ReadReplica(i) => Some(i),
+                _ => None,
+            },
         })
     }
 
@@ -470,7 +518,17 @@ impl TenantDb {
             shard,
             unbegun: false,
             connector: self.table.connector(shard).clone(),
-            client: Some(self.checkout_from(shard, how.replica).await?),
+            client: Some(
+                self.checkout_from(
+                    shard,
+                    if how.replica {
+                        Source::ReplicaMode
+                    } else {
+                        Source::Primary
+                    },
+                )
+                .await?,
+            ),
             clean: false,
         };
         // READ COMMITTED: every statement sees the fence as committed when it
@@ -514,6 +572,17 @@ impl TenantDb {
         side.clean = true;
         Ok(side)
     }
+}
+
+/// Which pool of a shard a connection comes from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The shard's own pool.
+    Primary,
+    /// The pool whose connections apply row images in replica mode.
+    ReplicaMode,
+    /// Read replica `i` of the shard.
+    ReadReplica(usize),
 }
 
 /// How a write transaction opens on one shard.
@@ -630,6 +699,27 @@ impl Side {
     }
 }
 
+impl Side {
+    /// Commits; with `position`, also reads the WAL position after the
+    /// commit (pipelined) for a read-your-writes token.
+    async fn commit(
+        mut self,
+        position: bool,
+    ) -> Result<Option<crate::replicas::Lsn>, tokio_postgres::Error> {
+        if !position || self.unbegun {
+            return self.end("COMMIT").await.map(|()| None);
+        }
+        self.clean = false;
+        let client = self.client();
+        let (committed, position) =
+            tokio::join!(client.batch_execute("COMMIT"), position_of(client));
+        committed?;
+        self.clean = true;
+        drop(self.client.take()); // back to the pool, no transaction open
+        Ok(position)
+    }
+}
+
 impl Drop for Side {
     fn drop(&mut self) {
         let Some(client) = self.client.take() else {
@@ -691,6 +781,8 @@ pub struct TenantClient {
     /// Who and where, for errors.
     db: TenantDb,
     shard: ShardIndex,
+    /// The read replica it is connected to, if not the shard's primary.
+    replica: Option<usize>,
 }
 
 impl TenantClient {
@@ -1131,10 +1223,13 @@ impl TenantWriter {
         let Some(mut secondary) = self.secondary.take() else {
             let primary = self.primary_side();
             let shard = primary.shard;
-            return primary
-                .end("COMMIT")
-                .await
-                .map_err(|e| self.db.query_error_on(shard, e));
+            return match primary.commit(self.db.wants_position()).await {
+                Ok(position) => {
+                    self.db.wrote(position);
+                    Ok(())
+                }
+                Err(e) => Err(self.db.query_error_on(shard, e)),
+            };
         };
         let tenant = self.db.tenant.clone();
         let column = self.db.table.map().tenant_column().to_owned();
@@ -1286,6 +1381,17 @@ async fn after_begin<T>(
     began?;
     declared?;
     out
+}
+
+/// The primary's WAL position, read on `client` (after whatever it ran
+/// before); `None` if it could not be read, which only costs a replica read.
+async fn position_of(client: &TenantClient) -> Option<crate::replicas::Lsn> {
+    let statement = client
+        .prepare_cached(crate::replicas::POSITION_ON_PRIMARY)
+        .await
+        .ok()?;
+    let row = client.raw().query_one(&statement, &[]).await.ok()?;
+    row.get::<_, Option<i64>>(0).map(|lsn| lsn as crate::replicas::Lsn)
 }
 
 /// The fence trigger refused the statement.

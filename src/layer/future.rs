@@ -20,16 +20,25 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, B> {
-        Inner { #[pin] future: Instrumented<F> },
+        Inner {
+            #[pin] future: Instrumented<F>,
+            // Where the handle records its writes' read-your-writes token.
+            written: Option<crate::db::WrittenSlot>,
+        },
         Rejected { response: Option<Response<B>> },
     }
 }
 
 impl<F, B> ResponseFuture<F, B> {
-    pub(super) fn inner(future: F, span: tracing::Span) -> Self {
+    pub(super) fn inner(
+        future: F,
+        span: tracing::Span,
+        written: Option<crate::db::WrittenSlot>,
+    ) -> Self {
         ResponseFuture {
             kind: Kind::Inner {
                 future: future.instrument(span),
+                written,
             },
         }
     }
@@ -51,7 +60,20 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner { future } => future.poll(cx),
+            KindProj::Inner { future, written } => {
+                let mut result = std::task::ready!(future.poll(cx));
+                if let (Ok(response), Some(slot)) = (&mut result, written.as_ref()) {
+                    let token = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    if let Some(value) =
+                        token.and_then(|t| http::HeaderValue::from_str(&t.to_string()).ok())
+                    {
+                        response
+                            .headers_mut()
+                            .insert(crate::TOKEN_HEADER, value);
+                    }
+                }
+                Poll::Ready(result)
+            }
             KindProj::Rejected { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }

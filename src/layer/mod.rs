@@ -209,7 +209,16 @@ where
                 });
             }
         };
-        let db = self.router.resolve(tenant);
+        let mut db = self.router.resolve(tenant);
+        if let Some(value) = parts.headers.get(crate::TOKEN_HEADER) {
+            // The client's last write: replicas serve it only once past it. A
+            // token that cannot be read sends its reads to the primary.
+            db = match value.to_str().ok().and_then(|v| v.parse().ok()) {
+                Some(token) => db.with_token(token),
+                None => db.read_primary(),
+            };
+        }
+        let written = db.written_slot();
         let span = tracing::info_span!(
             "tenant_request",
             tenant = %db.tenant(),
@@ -222,6 +231,6 @@ where
             let _entered = span.enter();
             self.inner.call(req)
         };
-        ResponseFuture::inner(future, span)
+        ResponseFuture::inner(future, span, written)
     }
 }

@@ -136,9 +136,93 @@ pub struct Shard {
     admin: Option<(String, crate::pg::Endpoint)>,
     weight: u32,
     pool: PoolSettings,
+    replicas: Vec<Replica>,
+    max_replica_lag: Duration,
+}
+
+/// A streaming replica of a shard (`replicas = [{ url = "...", weight = 1 }]`),
+/// which serves the shard's reads while its lag is within the shard's
+/// `max_replica_lag_ms`.
+#[derive(Clone)]
+pub struct Replica {
+    url: String,
+    pub(crate) endpoint: crate::pg::Endpoint,
+    weight: u32,
+    pool: PoolSettings,
+}
+
+impl Replica {
+    /// The connection URL. It may hold a password: print
+    /// [`Replica::redacted_url`] instead.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"\nreplicas = [{ url = \"postgres://r1/db\" }]").unwrap();
+    /// assert_eq!(map.shards()[0].replicas()[0].url(), "postgres://r1/db");
+    /// ```
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL with any password replaced by `***`.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"\nreplicas = [{ url = \"postgres://u:pw@r1/db\" }]").unwrap();
+    /// assert_eq!(map.shards()[0].replicas()[0].redacted_url(), "postgres://u:***@r1/db");
+    /// ```
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// Its share of the shard's replica reads, relative to the other replicas
+    /// (`weight`, default 1; 0 takes none).
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"\nreplicas = [{ url = \"postgres://r1/db\", weight = 3 }]").unwrap();
+    /// assert_eq!(map.shards()[0].replicas()[0].weight(), 3);
+    /// ```
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// Its pool settings (`pool`, as for a shard).
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"\nreplicas = [{ url = \"postgres://r1/db\", pool = { max_size = 4 } }]").unwrap();
+    /// assert_eq!(map.shards()[0].replicas()[0].pool().max_size, 4);
+    /// ```
+    pub fn pool(&self) -> &PoolSettings {
+        &self.pool
+    }
 }
 
 impl Shard {
+    /// The shard's streaming replicas (`replicas`), in the order written.
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert!(map.shards()[0].replicas().is_empty());
+    /// ```
+    pub fn replicas(&self) -> &[Replica] {
+        &self.replicas
+    }
+
+    /// How far behind its primary a replica may be and still serve reads
+    /// (`max_replica_lag_ms`, default 1000).
+    ///
+    /// ```
+    /// # use shard_router::map::MapLoader;
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/db\"").unwrap();
+    /// assert_eq!(map.shards()[0].max_replica_lag().as_millis(), 1000);
+    /// ```
+    pub fn max_replica_lag(&self) -> Duration {
+        self.max_replica_lag
+    }
+
     /// The shard's name, as written under `[shards.NAME]`.
     ///
     /// ```
@@ -239,7 +323,10 @@ impl Shard {
 
     /// Whether a router can keep this shard's pool when moving from `self` to `other`.
     pub(crate) fn same_connection(&self, other: &Shard) -> bool {
-        self.url == other.url && self.pool == other.pool
+        self.url == other.url
+            && self.pool == other.pool
+            && self.replicas == other.replicas
+            && self.max_replica_lag == other.max_replica_lag
     }
 }
 
@@ -250,9 +337,28 @@ impl PartialEq for Shard {
             && self.admin_url() == other.admin_url()
             && self.weight == other.weight
             && self.pool == other.pool
+            && self.replicas == other.replicas
+            && self.max_replica_lag == other.max_replica_lag
     }
 }
 impl Eq for Shard {}
+
+impl PartialEq for Replica {
+    fn eq(&self, other: &Self) -> bool {
+        self.url == other.url && self.weight == other.weight && self.pool == other.pool
+    }
+}
+impl Eq for Replica {}
+
+impl fmt::Debug for Replica {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Replica")
+            .field("url", &self.redacted_url())
+            .field("weight", &self.weight)
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
 
 impl fmt::Debug for Shard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -262,6 +368,8 @@ impl fmt::Debug for Shard {
             .field("admin_url", &self.admin_url().map(redact_url))
             .field("weight", &self.weight)
             .field("pool", &self.pool)
+            .field("replicas", &self.replicas)
+            .field("max_replica_lag", &self.max_replica_lag)
             .finish()
     }
 }

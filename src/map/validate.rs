@@ -9,7 +9,8 @@ use serde::Deserialize;
 use super::pins::PinIndex;
 use super::placement::Ring;
 use super::{
-    MovePhase, MoveRoute, PoolSettings, Shard, ShardIndex, ShardMap, TenantCase, DEFAULT_VNODES,
+    MovePhase, MoveRoute, PoolSettings, Replica, Shard, ShardIndex, ShardMap, TenantCase,
+    DEFAULT_VNODES,
 };
 use crate::tenant::validate as validate_tenant;
 
@@ -127,6 +128,17 @@ pub(super) struct RawShard {
     admin_url: Option<String>,
     weight: Option<i64>,
     pool: Option<RawPool>,
+    #[serde(default)]
+    replicas: Vec<RawReplica>,
+    max_replica_lag_ms: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplica {
+    url: Option<String>,
+    weight: Option<i64>,
+    pool: Option<RawPool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -232,6 +244,7 @@ impl RawMap {
             };
             set(&mut shard.url, o.url);
             set(&mut shard.weight, o.weight);
+            set(&mut shard.max_replica_lag_ms, o.max_replica_lag_ms);
             if let Some(pool) = o.pool {
                 let target = shard.pool.get_or_insert_with(Default::default);
                 set(&mut target.max_size, pool.max_size);
@@ -374,59 +387,49 @@ impl RawMap {
                     });
             let weight =
                 problems.ranged(&format!("{field}.weight"), raw.weight, 1, 0, 10_000) as u32;
-            let pool = raw.pool.as_ref();
-            let defaults = PoolSettings::default();
-            let max_size = problems.ranged(
-                &format!("{field}.pool.max_size"),
-                pool.and_then(|p| p.max_size),
-                defaults.max_size as i64,
+            let pool = pool_settings(&mut problems, &field, raw.pool.as_ref());
+            let max_replica_lag_ms = problems.ranged(
+                &format!("{field}.max_replica_lag_ms"),
+                raw.max_replica_lag_ms,
+                1000,
                 1,
-                10_000,
-            ) as usize;
-            let wait_ms = problems.ranged(
-                &format!("{field}.pool.wait_timeout_ms"),
-                pool.and_then(|p| p.wait_timeout_ms),
-                defaults.wait_timeout.as_millis() as i64,
-                1,
-                600_000,
+                3_600_000,
             ) as u64;
-            let connect_ms = problems.ranged(
-                &format!("{field}.pool.connect_timeout_ms"),
-                pool.and_then(|p| p.connect_timeout_ms),
-                defaults.connect_timeout.as_millis() as i64,
-                1,
-                600_000,
-            ) as u64;
-            let tenant_max = pool.and_then(|p| p.tenant_max_connections).map(|n| {
-                problems.ranged(
-                    &format!("{field}.pool.tenant_max_connections"),
-                    Some(n),
-                    1,
-                    1,
-                    max_size as i64,
-                ) as usize
-            });
-            // 0: never close idle connections.
-            let idle_ms = problems.ranged(
-                &format!("{field}.pool.idle_timeout_ms"),
-                pool.and_then(|p| p.idle_timeout_ms),
-                defaults.idle_timeout.map_or(0, |d| d.as_millis() as i64),
-                0,
-                86_400_000,
-            ) as u64;
+            let mut replicas = Vec::with_capacity(raw.replicas.len());
+            for (i, replica) in raw.replicas.iter().enumerate() {
+                let at = format!("{field}.replicas[{i}]");
+                let (url, endpoint) = match &replica.url {
+                    None => {
+                        problems.add(format!("{at}.url"), "is missing");
+                        (String::new(), unparsed())
+                    }
+                    Some(url) => match crate::pg::Endpoint::parse(url) {
+                        Ok(endpoint) => (url.clone(), endpoint),
+                        Err(reason) => {
+                            problems.add(format!("{at}.url"), reason);
+                            (url.clone(), unparsed())
+                        }
+                    },
+                };
+                let weight =
+                    problems.ranged(&format!("{at}.weight"), replica.weight, 1, 0, 10_000) as u32;
+                let pool = pool_settings(&mut problems, &at, replica.pool.as_ref());
+                replicas.push(Replica {
+                    url,
+                    endpoint,
+                    weight,
+                    pool,
+                });
+            }
             shards.push(Shard {
                 name: name.clone(),
                 url,
                 endpoint,
                 admin,
                 weight,
-                pool: PoolSettings {
-                    max_size,
-                    wait_timeout: Duration::from_millis(wait_ms),
-                    connect_timeout: Duration::from_millis(connect_ms),
-                    tenant_max_connections: tenant_max,
-                    idle_timeout: (idle_ms > 0).then(|| Duration::from_millis(idle_ms)),
-                },
+                pool,
+                replicas,
+                max_replica_lag: Duration::from_millis(max_replica_lag_ms),
             });
         }
         // BTreeMap iteration already sorted the shards by name, which ShardIndex relies on.
@@ -548,6 +551,57 @@ impl RawMap {
     }
 }
 
+/// A `pool` table (a shard's or a replica's) with defaults, problems reported
+/// under `field`.
+fn pool_settings(problems: &mut Problems, field: &str, pool: Option<&RawPool>) -> PoolSettings {
+    let defaults = PoolSettings::default();
+    let max_size = problems.ranged(
+        &format!("{field}.pool.max_size"),
+        pool.and_then(|p| p.max_size),
+        defaults.max_size as i64,
+        1,
+        10_000,
+    ) as usize;
+    let wait_ms = problems.ranged(
+        &format!("{field}.pool.wait_timeout_ms"),
+        pool.and_then(|p| p.wait_timeout_ms),
+        defaults.wait_timeout.as_millis() as i64,
+        1,
+        600_000,
+    ) as u64;
+    let connect_ms = problems.ranged(
+        &format!("{field}.pool.connect_timeout_ms"),
+        pool.and_then(|p| p.connect_timeout_ms),
+        defaults.connect_timeout.as_millis() as i64,
+        1,
+        600_000,
+    ) as u64;
+    let tenant_max = pool.and_then(|p| p.tenant_max_connections).map(|n| {
+        problems.ranged(
+            &format!("{field}.pool.tenant_max_connections"),
+            Some(n),
+            1,
+            1,
+            max_size as i64,
+        ) as usize
+    });
+    // 0: never close idle connections.
+    let idle_ms = problems.ranged(
+        &format!("{field}.pool.idle_timeout_ms"),
+        pool.and_then(|p| p.idle_timeout_ms),
+        defaults.idle_timeout.map_or(0, |d| d.as_millis() as i64),
+        0,
+        86_400_000,
+    ) as u64;
+    PoolSettings {
+        max_size,
+        wait_timeout: Duration::from_millis(wait_ms),
+        connect_timeout: Duration::from_millis(connect_ms),
+        tenant_max_connections: tenant_max,
+        idle_timeout: (idle_ms > 0).then(|| Duration::from_millis(idle_ms)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::map::{MapError, MapLoader};
@@ -577,6 +631,10 @@ mod tests {
             ("version = 1\n[shards.A]\nurl = \"postgres://h/a\"", "shards.A: shard names are"),
             ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[tenants]\n\"x y\" = \"a\"", "tenants.x y: not a valid tenant id"),
             ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\npool = { idle_timeout_ms = -1 }", "shards.a.pool.idle_timeout_ms: must be between 0"),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\nreplicas = [{ weight = 1 }]", "shards.a.replicas[0].url: is missing"),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\nreplicas = [{ url = \"mysql://r/a\" }]", "shards.a.replicas[0].url: not a valid Postgres URL"),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\nreplicas = [{ url = \"postgres://r/a\", pool = { max_size = 0 } }]", "shards.a.replicas[0].pool.max_size: must be between 1"),
+            ("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\nmax_replica_lag_ms = 0", "shards.a.max_replica_lag_ms: must be between 1"),
             ("version = 1\ntenant_case = \"upper\"\n[shards.a]\nurl = \"postgres://h/a\"", "tenant_case: must be \"exact\" or \"lower\""),
             ("version = 1\ntenant_case = \"lower\"\n[shards.a]\nurl = \"postgres://h/a\"\n[tenants]\nACME = \"a\"", "tenants.ACME: tenant_case = \"lower\" lowercases every tenant id"),
             ("version = 1\ntenant_case = \"lower\"\n[shards.a]\nurl = \"postgres://h/a\"\n[shards.b]\nurl = \"postgres://h/b\"\n[moves.Acme]\nfrom = \"a\"\nto = \"b\"", "moves.Acme: tenant_case"),

@@ -1,0 +1,394 @@
+//! Read replicas: per-shard replica pools, background lag probes, the choice
+//! of where a read goes, and the read-your-writes token.
+//!
+//! A replica's lag is measured without touching the request path: a probe
+//! (every quarter of the shard's `max_replica_lag_ms`, between 50 ms and 1 s)
+//! records the primary's WAL position with the time, then reads the replica's
+//! replay position. A replica that has replayed what the primary had at time
+//! `t` is at most `now - t` behind; that bound is its lag. A replica that
+//! cannot be reached, is not in recovery, or lags past the bound serves no
+//! reads until a later probe finds it caught up.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+
+use crate::map::Shard;
+
+/// A WAL position (`pg_lsn`), as a number.
+pub(crate) type Lsn = u64;
+
+/// The `pg_lsn` text form of `lsn` (`16/B374D848`).
+pub(crate) fn lsn_text(lsn: Lsn) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// The reads of one shard's replicas, and how each replica is doing.
+pub(crate) struct ShardReplicas {
+    pub(crate) replicas: Vec<ReplicaState>,
+    max_lag: Duration,
+    /// The primary's WAL position at recent probes, oldest first.
+    samples: Mutex<VecDeque<(Instant, Lsn)>>,
+    /// Spreads reads over the replicas by weight.
+    next: AtomicUsize,
+}
+
+/// One replica: its pool and what the last probe found.
+pub(crate) struct ReplicaState {
+    pub(crate) pool: Pool,
+    pub(crate) redacted_url: String,
+    weight: u32,
+    healthy: AtomicBool,
+    /// Milliseconds behind (an upper bound); `u64::MAX` until known.
+    lag_ms: AtomicU64,
+    replay: AtomicU64,
+    reads: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// What `GET /_router` shows of a replica.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ReplicaStatus {
+    /// The replica's URL, password redacted.
+    pub url: String,
+    /// Serving reads: reachable, in recovery, and within the lag bound.
+    pub healthy: bool,
+    /// How far behind its primary, at most, at the last probe (None: unknown).
+    pub lag_ms: Option<u64>,
+    /// Reads it has served.
+    pub reads: u64,
+    /// Why the last probe failed, if it did.
+    pub error: Option<String>,
+}
+
+impl ShardReplicas {
+    /// The replica pools of `shard`, or `None` when it lists no replica.
+    pub(crate) fn build(shard: &Shard) -> Result<Option<ShardReplicas>, String> {
+        if shard.replicas().is_empty() {
+            return Ok(None);
+        }
+        let mut replicas = Vec::with_capacity(shard.replicas().len());
+        for replica in shard.replicas() {
+            let connector = replica.endpoint.tls.connector()?;
+            let pool =
+                crate::router::pool_for(&replica.endpoint.config, replica.pool(), connector, false)?;
+            replicas.push(ReplicaState {
+                pool,
+                redacted_url: replica.redacted_url(),
+                weight: replica.weight(),
+                healthy: AtomicBool::new(false),
+                lag_ms: AtomicU64::new(u64::MAX),
+                replay: AtomicU64::new(0),
+                reads: AtomicU64::new(0),
+                last_error: Mutex::new(None),
+            });
+        }
+        Ok(Some(ShardReplicas {
+            replicas,
+            max_lag: shard.max_replica_lag(),
+            samples: Mutex::new(VecDeque::new()),
+            next: AtomicUsize::new(0),
+        }))
+    }
+
+    /// How often to probe: a quarter of the lag bound, between 50 ms and 1 s.
+    pub(crate) fn probe_interval(&self) -> Duration {
+        (self.max_lag / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// A replica to read from: healthy, within the lag bound, and (when the
+    /// reader carries a token) known to have replayed past `min_lsn`. Spread
+    /// by weight. `None`: read from the primary.
+    pub(crate) fn pick(&self, min_lsn: Option<Lsn>) -> Option<usize> {
+        let eligible = |r: &ReplicaState| {
+            r.weight > 0
+                && r.healthy.load(Ordering::Acquire)
+                && min_lsn.is_none_or(|min| r.replay.load(Ordering::Acquire) >= min)
+        };
+        let total: u64 = self
+            .replicas
+            .iter()
+            .filter(|r| eligible(r))
+            .map(|r| r.weight as u64)
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let mut ticket = self.next.fetch_add(1, Ordering::Relaxed) as u64 % total;
+        for (i, replica) in self.replicas.iter().enumerate() {
+            if !eligible(replica) {
+                continue;
+            }
+            if ticket < replica.weight as u64 {
+                return Some(i);
+            }
+            ticket -= replica.weight as u64;
+        }
+        None
+    }
+
+    /// Any replica healthy and within bound, whatever it has replayed.
+    pub(crate) fn any_healthy(&self) -> Option<usize> {
+        self.replicas
+            .iter()
+            .position(|r| r.weight > 0 && r.healthy.load(Ordering::Acquire))
+    }
+
+    /// Counts a read served by replica `i`.
+    pub(crate) fn served(&self, i: usize) {
+        self.replicas[i].reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A read found replica `i` unreachable: no more reads until a probe
+    /// finds it back.
+    pub(crate) fn failed(&self, i: usize, why: String) {
+        let replica = &self.replicas[i];
+        replica.healthy.store(false, Ordering::Release);
+        *replica.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// One probe: the primary's position, then every replica's.
+    pub(crate) async fn probe(&self, primary: &Pool) {
+        let now = Instant::now();
+        match position(primary, POSITION_ON_PRIMARY).await {
+            Ok(Some(lsn)) => {
+                let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+                samples.push_back((now, lsn));
+                // Enough history to tell any lag up to the bound, and more.
+                let keep = self.max_lag * 2 + Duration::from_secs(1);
+                while samples
+                    .front()
+                    .is_some_and(|(at, _)| now.duration_since(*at) > keep)
+                {
+                    samples.pop_front();
+                }
+            }
+            // Without the primary's position no lag is known: keep the last
+            // verdicts (the primary being down is the shard's problem, not
+            // the replicas').
+            _ => return,
+        }
+        for replica in &self.replicas {
+            let result = position(&replica.pool, POSITION_ON_REPLICA).await;
+            let verdict = match result {
+                Ok(Some(replay)) => {
+                    replica.replay.store(replay, Ordering::Release);
+                    match self.lag_of(replay, Instant::now()) {
+                        Some(lag) if lag <= self.max_lag => Ok(lag),
+                        Some(lag) => Err(format!(
+                            "{} ms behind, over the bound of {} ms",
+                            lag.as_millis(),
+                            self.max_lag.as_millis()
+                        )),
+                        None => Err("further behind than the probes remember".to_owned()),
+                    }
+                }
+                Ok(None) => Err("not in recovery: not a streaming replica".to_owned()),
+                Err(e) => Err(e),
+            };
+            match verdict {
+                Ok(lag) => {
+                    replica
+                        .lag_ms
+                        .store(lag.as_millis() as u64, Ordering::Release);
+                    *replica.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    replica.healthy.store(true, Ordering::Release);
+                }
+                Err(why) => {
+                    if replica.healthy.swap(false, Ordering::AcqRel) {
+                        tracing::warn!(replica = %replica.redacted_url, reason = %why, "replica excluded from reads");
+                    }
+                    *replica.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                }
+            }
+        }
+    }
+
+    /// How far behind a replica that replayed up to `replay` is at most: the
+    /// time since the newest probe at which the primary had nothing beyond
+    /// it. Zero when it has everything the primary had at the last probe.
+    fn lag_of(&self, replay: Lsn, now: Instant) -> Option<Duration> {
+        let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, newest) = samples.back()?;
+        if replay >= *newest {
+            return Some(Duration::ZERO);
+        }
+        samples
+            .iter()
+            .rev()
+            .find(|(_, lsn)| *lsn <= replay)
+            .map(|(at, _)| now.duration_since(*at))
+    }
+
+    /// What `/_router` shows.
+    pub(crate) fn status(&self) -> Vec<ReplicaStatus> {
+        self.replicas
+            .iter()
+            .map(|r| {
+                let lag = r.lag_ms.load(Ordering::Acquire);
+                ReplicaStatus {
+                    url: r.redacted_url.clone(),
+                    healthy: r.healthy.load(Ordering::Acquire),
+                    lag_ms: (lag != u64::MAX).then_some(lag),
+                    reads: r.reads.load(Ordering::Relaxed),
+                    error: r
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The primary's WAL position: after a commit on the same connection, past
+/// that commit.
+pub(crate) const POSITION_ON_PRIMARY: &str = "SELECT (pg_current_wal_lsn() - '0/0')::bigint";
+/// NULL on a server that is not in recovery.
+const POSITION_ON_REPLICA: &str = "SELECT (pg_last_wal_replay_lsn() - '0/0')::bigint";
+
+/// Runs one of the position queries on a pooled connection, within a second.
+async fn position(pool: &Pool, sql: &str) -> Result<Option<Lsn>, String> {
+    let run = async {
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        let row = client
+            .query_one(sql, &[])
+            .await
+            .map_err(|e| crate::pg::error_text(&e))?;
+        Ok(row.get::<_, Option<i64>>(0).map(|lsn| lsn as Lsn))
+    };
+    match tokio::time::timeout(Duration::from_secs(1), run).await {
+        Ok(result) => result,
+        Err(_) => Err("no answer within 1 s".to_owned()),
+    }
+}
+
+/// Proof that a write committed, for reading it back from a replica: the
+/// primary's WAL position after the commit, scoped to one tenant on one
+/// shard. The layer returns it in the `x-shard-router-token` response header
+/// (gRPC: metadata) and honours it on later requests; a job can carry it too
+/// ([`crate::TenantDb::with_token`]).
+///
+/// Its text form is `v1.<shard>.<position in hex>.<tenant>`.
+///
+/// ```
+/// let token: shard_router::ReadToken = "v1.a.16B374D848.acme".parse().unwrap();
+/// assert_eq!((token.shard(), token.tenant()), ("a", "acme"));
+/// assert_eq!(token.to_string(), "v1.a.16B374D848.acme");
+/// assert!("v2.a.1.acme".parse::<shard_router::ReadToken>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadToken {
+    shard: String,
+    lsn: Lsn,
+    tenant: String,
+}
+
+/// The name of the header (and gRPC metadata key) that carries a [`ReadToken`].
+pub const TOKEN_HEADER: &str = "x-shard-router-token";
+
+impl ReadToken {
+    pub(crate) fn new(shard: &str, lsn: Lsn, tenant: &str) -> Self {
+        ReadToken {
+            shard: shard.to_owned(),
+            lsn,
+            tenant: tenant.to_owned(),
+        }
+    }
+
+    /// The shard the write committed on.
+    ///
+    /// ```
+    /// let token: shard_router::ReadToken = "v1.b.10.acme".parse().unwrap();
+    /// assert_eq!(token.shard(), "b");
+    /// ```
+    pub fn shard(&self) -> &str {
+        &self.shard
+    }
+
+    /// The tenant that wrote.
+    ///
+    /// ```
+    /// let token: shard_router::ReadToken = "v1.b.10.acme.eu".parse().unwrap();
+    /// assert_eq!(token.tenant(), "acme.eu");
+    /// ```
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    pub(crate) fn lsn(&self) -> Lsn {
+        self.lsn
+    }
+
+    /// The later of two tokens of the same tenant and shard.
+    pub(crate) fn max(self, other: ReadToken) -> ReadToken {
+        if other.shard == self.shard && other.lsn > self.lsn {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+impl fmt::Display for ReadToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v1.{}.{:X}.{}", self.shard, self.lsn, self.tenant)
+    }
+}
+
+/// A token that could not be read; requests carrying one read from primaries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a shard-router token (expected v1.<shard>.<hex position>.<tenant>)")]
+pub struct BadToken;
+
+impl FromStr for ReadToken {
+    type Err = BadToken;
+    fn from_str(s: &str) -> Result<Self, BadToken> {
+        let mut parts = s.splitn(4, '.');
+        let (Some("v1"), Some(shard), Some(lsn), Some(tenant)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(BadToken);
+        };
+        let lsn = Lsn::from_str_radix(lsn, 16).map_err(|_| BadToken)?;
+        if shard.is_empty() || tenant.is_empty() {
+            return Err(BadToken);
+        }
+        Ok(ReadToken::new(shard, lsn, tenant))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_is_postgres_form() {
+        assert_eq!(lsn_text(0x16_B374_D848), "16/B374D848");
+        assert_eq!(lsn_text(0), "0/0");
+    }
+
+    #[test]
+    fn tokens_round_trip_and_refuse_garbage() {
+        let token = ReadToken::new("a", 0xABC, "acme.eu");
+        assert_eq!(token.to_string().parse::<ReadToken>().unwrap(), token);
+        for bad in ["", "v1", "v1.a.zz.acme", "v1.a.10", "v1..10.acme", "v1.a.10."] {
+            assert!(bad.parse::<ReadToken>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_later_token_wins_on_one_shard() {
+        let early = ReadToken::new("a", 5, "t");
+        let late = ReadToken::new("a", 9, "t");
+        assert_eq!(early.clone().max(late.clone()), late);
+        assert_eq!(late.clone().max(early), late);
+    }
+}
