@@ -76,8 +76,12 @@ impl ShardReplicas {
         let mut replicas = Vec::with_capacity(shard.replicas().len());
         for replica in shard.replicas() {
             let connector = replica.endpoint.tls.connector()?;
-            let pool =
-                crate::router::pool_for(&replica.endpoint.config, replica.pool(), connector, false)?;
+            let pool = crate::router::pool_for(
+                &replica.endpoint.config,
+                replica.pool(),
+                connector,
+                false,
+            )?;
             replicas.push(ReplicaState {
                 pool,
                 redacted_url: replica.redacted_url(),
@@ -379,7 +383,14 @@ mod tests {
     fn tokens_round_trip_and_refuse_garbage() {
         let token = ReadToken::new("a", 0xABC, "acme.eu");
         assert_eq!(token.to_string().parse::<ReadToken>().unwrap(), token);
-        for bad in ["", "v1", "v1.a.zz.acme", "v1.a.10", "v1..10.acme", "v1.a.10."] {
+        for bad in [
+            "",
+            "v1",
+            "v1.a.zz.acme",
+            "v1.a.10",
+            "v1..10.acme",
+            "v1.a.10.",
+        ] {
             assert!(bad.parse::<ReadToken>().is_err(), "{bad}");
         }
     }

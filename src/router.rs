@@ -141,7 +141,10 @@ impl RoutingTable {
     }
 
     /// The read replicas of shard `index`, if it has any.
-    pub(crate) fn read_replicas(&self, index: ShardIndex) -> Option<&crate::replicas::ShardReplicas> {
+    pub(crate) fn read_replicas(
+        &self,
+        index: ShardIndex,
+    ) -> Option<&crate::replicas::ShardReplicas> {
         self.shard_state[index.get()].read_replicas.as_deref()
     }
 

@@ -462,7 +462,10 @@ impl TenantDb {
                 (pool, None)
             }
             Source::ReadReplica(i) => {
-                let replicas = self.table.read_replicas(shard).ok_or_else(|| unavailable(PoolError::Closed))?;
+                let replicas = self
+                    .table
+                    .read_replicas(shard)
+                    .ok_or_else(|| unavailable(PoolError::Closed))?;
                 (&replicas.replicas[i].pool, None)
             }
             Source::Primary => (self.table.pool(shard), self.table.limiter(shard)),
@@ -1391,7 +1394,8 @@ async fn position_of(client: &TenantClient) -> Option<crate::replicas::Lsn> {
         .await
         .ok()?;
     let row = client.raw().query_one(&statement, &[]).await.ok()?;
-    row.get::<_, Option<i64>>(0).map(|lsn| lsn as crate::replicas::Lsn)
+    row.get::<_, Option<i64>>(0)
+        .map(|lsn| lsn as crate::replicas::Lsn)
 }
 
 /// The fence trigger refused the statement.

@@ -67,9 +67,7 @@ where
                     if let Some(value) =
                         token.and_then(|t| http::HeaderValue::from_str(&t.to_string()).ok())
                     {
-                        response
-                            .headers_mut()
-                            .insert(crate::TOKEN_HEADER, value);
+                        response.headers_mut().insert(crate::TOKEN_HEADER, value);
                     }
                 }
                 Poll::Ready(result)
