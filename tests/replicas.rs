@@ -167,13 +167,15 @@ impl Drop for ReplicaPair {
     }
 }
 
-/// Waits until the router's probe finds the replica healthy.
+/// Waits until the router's probes find every replica healthy (or not).
 async fn replica_healthy(router: &ShardRouter, healthy: bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
-        if router.status().shards[0]
-            .replicas
+        if router
+            .status()
+            .shards
             .iter()
+            .flat_map(|s| &s.replicas)
             .all(|r| r.healthy == healthy)
         {
             return true;
@@ -343,4 +345,98 @@ async fn replicas_serve_reads_never_stale_for_the_writer_and_fall_back_when_stop
         .resolve(TenantId::new("globex").unwrap())
         .with_token(token);
     assert!(count_notes(other).await.unwrap().starts_with("0 "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_completes_only_once_the_targets_replica_holds_the_rows() {
+    use shard_router::control::{ControlPlane, PublishOptions};
+    use shard_router::moves::{self, MoveError, MoveOptions};
+
+    let pair = ReplicaPair::create();
+    let (a, b) = (pair.database().await, pair.database().await);
+    let control_db = common::Shards::create(1).await;
+    let mut control = ControlPlane::connect(&control_db.url(0)).await.unwrap();
+    control.init().await.unwrap();
+    let shard = |name: &str, db: &str| {
+        format!(
+            "[shards.{name}]\nurl = \"{}\"\nreplicas = [{{ url = \"{}\" }}]\n",
+            pair.primary_url(db),
+            pair.standby_url(db)
+        )
+    };
+    let toml = format!(
+        "version = 1\n{}{}[tenants]\nacme = \"a\"\n",
+        shard("a", &a),
+        shard("b", &b)
+    );
+    control
+        .publish(&toml, &PublishOptions::default())
+        .await
+        .unwrap();
+    common::connect(&pair.primary_url(&a))
+        .await
+        .batch_execute(
+            "INSERT INTO notes (tenant_id, id, body) SELECT 'acme', gen_random_uuid(), 'n' || g FROM generate_series(1, 50) g",
+        )
+        .await
+        .unwrap();
+
+    // The standby stops replaying: the move runs up to complete, and there
+    // waits for b's replica to hold what b's primary holds, then gives up.
+    let standby = pair.standby_admin(&b).await;
+    standby
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    let tenant = TenantId::new("acme").unwrap();
+    let mut options = MoveOptions::default();
+    options.wait = Duration::from_secs(1);
+    options.lease = Duration::from_millis(1500);
+    let err = moves::start(&mut control, &tenant, "b", &options, |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, MoveError::ReplicasBehind { shard, .. } if shard == "b"),
+        "{err}"
+    );
+    let map = control.latest().await.unwrap().load().unwrap();
+    assert!(
+        map.move_of(&tenant).is_some(),
+        "reads stay with the move (on primaries) until the replica catches up"
+    );
+
+    // Replay resumes: the move completes, and b's replica serves every row.
+    standby
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    let mut done = None;
+    for _ in 0..50 {
+        match moves::resume(&mut control, &tenant, &options, |_| {}).await {
+            Err(MoveError::LeaseHeld { .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => {
+                done = Some(other);
+                break;
+            }
+        }
+    }
+    done.expect("the lease ran out").unwrap();
+    let router = ShardRouter::new(control.latest().await.unwrap().load().unwrap()).unwrap();
+    assert!(
+        replica_healthy(&router, true).await,
+        "{:?}",
+        router.status()
+    );
+    let db = router.resolve(tenant.clone());
+    assert_eq!(db.shard(), "b");
+    let client = db.read().await.unwrap();
+    assert!(client.on_replica());
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM notes WHERE tenant_id = 'acme'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50);
 }

@@ -1283,13 +1283,16 @@ impl TenantWriter {
             drop(secondary.client.take()); // committed: back to the pool
             let primary = self.primary_side();
             let shard = primary.shard;
-            if let Err(e) = primary.end("COMMIT").await {
-                let err = self.db.query_error_on(shard, e);
-                self.db.table.report_move_failure(
-                    tenant.as_str(),
-                    format!("committed on one shard only: {err}"),
-                );
-                return Err(err);
+            match primary.commit(self.db.wants_position()).await {
+                Ok(position) => self.db.wrote(position),
+                Err(e) => {
+                    let err = self.db.query_error_on(shard, e);
+                    self.db.table.report_move_failure(
+                        tenant.as_str(),
+                        format!("committed on one shard only: {err}"),
+                    );
+                    return Err(err);
+                }
             }
             return Ok(());
         }
@@ -1299,10 +1302,14 @@ impl TenantWriter {
         // 3. The target (primary) commits, then the source holding the lock.
         let (first, last) = (self.primary_side(), secondary);
         let (first_shard, last_shard) = (first.shard, last.shard);
-        if let Err(e) = first.end("COMMIT").await {
-            // `last` rolls back when dropped: neither side has the write.
-            drop(last);
-            return Err(self.db.query_error_on(first_shard, e));
+        match first.commit(self.db.wants_position()).await {
+            // The reader's token: the primary, which serves reads, has it.
+            Ok(position) => self.db.wrote(position),
+            Err(e) => {
+                // `last` rolls back when dropped: neither side has the write.
+                drop(last);
+                return Err(self.db.query_error_on(first_shard, e));
+            }
         }
         if let Err(e) = last.end("COMMIT").await {
             let err = self.db.query_error_on(last_shard, e);

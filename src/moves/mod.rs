@@ -263,6 +263,17 @@ pub enum MoveError {
         /// The routers still behind.
         laggards: Vec<String>,
     },
+    /// A read replica of the shard that reads switch to did not replay the
+    /// move's rows in time; the move stays where it was.
+    #[error("replica {replica} of shard {shard} did not catch up within {waited:?}; reads stay on the primary, resume when it has")]
+    ReplicasBehind {
+        /// The shard.
+        shard: String,
+        /// The replica, password redacted.
+        replica: String,
+        /// How long it waited.
+        waited: Duration,
+    },
     /// Verify found differences; cutover is refused.
     #[error("verify failed for tenant {tenant}; cutover refused: {}", mismatches.iter().map(|m| format!("{} (source {} rows, target {} rows{})", m.table, m.source_rows, m.target_rows, if m.checksums_differ { ", contents differ" } else { "" })).collect::<Vec<_>>().join("; "))]
     VerifyFailed {
@@ -886,6 +897,13 @@ impl<'a> Mover<'a> {
     }
 
     async fn complete(&mut self) -> Result<(), MoveError> {
+        {
+            // Reads leave the target's primary for its replicas: they must
+            // hold everything the move brought first.
+            let (map, _source, target) = self.shards().await?;
+            self.replicas_caught_up(shard_named(&map, &self.to)?, &target)
+                .await?;
+        }
         let version = self.route(MapChange::PinTo(Side::Target)).await?;
         let (map, source, target) = self.shards().await?;
         fence::settle(&target, &source, self.tenant.as_str()).await?;
@@ -908,6 +926,58 @@ impl<'a> Mover<'a> {
             )
             .await?;
             self.note(json!({ "purged": true })).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every reachable read replica of `shard` has replayed what
+    /// its primary (`primary`) holds now, so that reads switching to them
+    /// (the tenant leaving the move) never see its rows older than the move.
+    /// A replica that cannot be reached is skipped: the routers' probes keep
+    /// it out of reads until it catches up.
+    async fn replicas_caught_up(&self, shard: &Shard, primary: &Client) -> Result<(), MoveError> {
+        if shard.replicas().is_empty() {
+            return Ok(());
+        }
+        let position: String = primary
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(MoveError::db)?
+            .get(0);
+        let started = Instant::now();
+        for replica in shard.replicas() {
+            let client = match replica.endpoint.connect(Duration::from_secs(2)).await {
+                Ok((client, connection)) => {
+                    tokio::spawn(connection);
+                    client
+                }
+                Err(reason) => {
+                    tracing::warn!(shard = shard.name(), replica = %replica.redacted_url(), %reason, "replica unreachable; not waited for");
+                    continue;
+                }
+            };
+            loop {
+                let replayed: bool = client
+                    .query_one(
+                        "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, true)",
+                        &[&position],
+                    )
+                    .await
+                    .map_err(MoveError::db)?
+                    .get(0);
+                if replayed {
+                    break;
+                }
+                if started.elapsed() >= self.options.wait {
+                    return Err(MoveError::ReplicasBehind {
+                        shard: shard.name().to_owned(),
+                        replica: replica.redacted_url(),
+                        waited: self.options.wait,
+                    });
+                }
+                self.renew().await?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         Ok(())
     }
@@ -994,6 +1064,11 @@ impl<'a> Mover<'a> {
         // A move stopped while starting may not have published its map yet.
         let shows_move = map.move_of(&self.tenant).is_some();
         let pinned = if recorded.phase != "starting" || shows_move || recorded.intent.is_some() {
+            // Reads leave the source's primary for its replicas: they must
+            // hold the row images the move applied there.
+            let (map, source, _target) = self.shards().await?;
+            self.replicas_caught_up(shard_named(&map, &self.from)?, &source)
+                .await?;
             Some(self.route(MapChange::PinTo(Side::Source)).await?)
         } else {
             None
