@@ -7,6 +7,12 @@
 //! curl -H 'x-tenant-id: acme' localhost:3000/notes
 //! ```
 //!
+//! With replicas in the map (`replicas = [{ url = "..." }]` under a shard),
+//! `GET /notes` reads from a replica, and `POST /notes` answers with an
+//! `x-shard-router-token` header: send it back on the next request and that
+//! request reads the note it just wrote (the layer does both; the handlers do
+//! nothing for it).
+//!
 //! The tenant comes from the `x-tenant-id` header. With `--map`, the file is
 //! reloaded when it changes and on SIGHUP; with `--control`, the router follows
 //! the control database. `GET /_router` on the admin listener (`--admin-listen`,

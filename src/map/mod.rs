@@ -889,6 +889,28 @@ mod redaction_tests {
     use super::redact_url;
 
     #[test]
+    fn a_replica_password_shows_nowhere_in_a_map_or_the_router_status() {
+        let map = super::MapLoader::without_env()
+            .load_str(
+                "version = 1\n[shards.a]\nurl = \"postgres://app@db/a\"\n\
+                 replicas = [{ url = \"postgres://app:s3cret@replica/a\" }]",
+            )
+            .unwrap();
+        assert!(!format!("{map:?}").contains("s3cret"));
+        assert!(format!("{map:?}").contains("postgres://app:***@replica/a"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let router = crate::ShardRouter::new(map).unwrap();
+            let status = serde_json::to_string(&router.status()).unwrap();
+            assert!(!status.contains("s3cret"), "{status}");
+            assert!(status.contains("***@replica"), "{status}");
+        });
+    }
+
+    #[test]
     fn every_form_of_a_password_is_redacted() {
         for (url, want) in [
             ("postgres://app:s3cret@db/a", "postgres://app:***@db/a"),
