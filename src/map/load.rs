@@ -17,8 +17,10 @@ pub const DEFAULT_ENV_PREFIX: &str = "SHARD_ROUTER";
 /// An override is `{PREFIX}__{PATH}` with `__` between path parts, upper or lower
 /// case: `SHARD_ROUTER__SHARDS__A__URL=postgres://app:secret@db-a/app` sets
 /// `shards.a.url`. Overrides may set `version`, `tenant_column`,
-/// `tenant_setting`, `tenant_case`, `placement.vnodes` and the settings of shards the file declares; they never
-/// add a shard, pins or moves. A variable under the prefix that names anything
+/// `tenant_setting`, `tenant_case`, `placement.vnodes` and the settings of
+/// shards the file declares (`admin_url`, and replicas by position:
+/// `SHARD_ROUTER__SHARDS__A__REPLICAS__0__URL`); they never add a shard, a
+/// replica, pins or moves. A variable under the prefix that names anything
 /// else is refused, so a typo is an error rather than silently ignored.
 ///
 /// # Example
@@ -245,6 +247,38 @@ mod tests {
         .unwrap();
         assert_eq!(map.shards()[0].url(), "postgres://other/a");
         assert_eq!(map.shards()[0].weight(), 3);
+    }
+
+    #[test]
+    fn environment_overrides_reach_admin_urls_and_declared_replicas_only() {
+        let file = "version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n\
+                    replicas = [{ url = \"postgres://r0/a\" }, { url = \"postgres://r1/a\" }]\n";
+        let map = MapLoader::with_env_vars(
+            "SR",
+            vars(&[
+                ("SR__SHARDS__A__ADMIN_URL", "postgres://admin:pw@h/a"),
+                (
+                    "SR__SHARDS__A__REPLICAS__1__URL",
+                    "postgres://app:s3cret@r1/a",
+                ),
+                ("SR__SHARDS__A__REPLICAS__1__POOL__MAX_SIZE", "4"),
+                ("SR__SHARDS__A__REPLICAS__7__URL", "postgres://nowhere/a"),
+                ("SR__SHARDS__A__MAX_REPLICA_LAG_MS", "250"),
+            ]),
+        )
+        .load_str(file)
+        .unwrap();
+        let shard = &map.shards()[0];
+        assert_eq!(shard.admin_url(), Some("postgres://admin:pw@h/a"));
+        assert_eq!(
+            shard.replicas().len(),
+            2,
+            "an override never adds a replica"
+        );
+        assert_eq!(shard.replicas()[0].url(), "postgres://r0/a");
+        assert_eq!(shard.replicas()[1].url(), "postgres://app:s3cret@r1/a");
+        assert_eq!(shard.replicas()[1].pool().max_size, 4);
+        assert_eq!(shard.max_replica_lag().as_millis(), 250);
     }
 
     #[test]

@@ -112,7 +112,21 @@ pub(super) struct RawOverrides {
     tenant_case: Option<String>,
     placement: Option<RawPlacement>,
     #[serde(default)]
-    shards: BTreeMap<String, RawShard>,
+    shards: BTreeMap<String, RawShardOverride>,
+}
+
+/// A shard's settings from the environment: as in the file, with replicas
+/// addressed by their position (`SHARD_ROUTER__SHARDS__A__REPLICAS__0__URL`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShardOverride {
+    url: Option<String>,
+    admin_url: Option<String>,
+    weight: Option<i64>,
+    pool: Option<RawPool>,
+    #[serde(default)]
+    replicas: BTreeMap<String, RawReplica>,
+    max_replica_lag_ms: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +153,25 @@ struct RawReplica {
     url: Option<String>,
     weight: Option<i64>,
     pool: Option<RawPool>,
+}
+
+impl RawPool {
+    /// Sets in `target` what this (an override) sets.
+    fn lay_over(self, target: &mut RawPool) {
+        let set = |target: &mut Option<i64>, value: Option<i64>| {
+            if value.is_some() {
+                *target = value;
+            }
+        };
+        set(&mut target.max_size, self.max_size);
+        set(&mut target.wait_timeout_ms, self.wait_timeout_ms);
+        set(&mut target.connect_timeout_ms, self.connect_timeout_ms);
+        set(&mut target.idle_timeout_ms, self.idle_timeout_ms);
+        set(
+            &mut target.tenant_max_connections,
+            self.tenant_max_connections,
+        );
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -243,18 +276,31 @@ impl RawMap {
                 continue;
             };
             set(&mut shard.url, o.url);
+            set(&mut shard.admin_url, o.admin_url);
             set(&mut shard.weight, o.weight);
             set(&mut shard.max_replica_lag_ms, o.max_replica_lag_ms);
             if let Some(pool) = o.pool {
-                let target = shard.pool.get_or_insert_with(Default::default);
-                set(&mut target.max_size, pool.max_size);
-                set(&mut target.wait_timeout_ms, pool.wait_timeout_ms);
-                set(&mut target.connect_timeout_ms, pool.connect_timeout_ms);
-                set(&mut target.idle_timeout_ms, pool.idle_timeout_ms);
-                set(
-                    &mut target.tenant_max_connections,
-                    pool.tenant_max_connections,
-                );
+                pool.lay_over(shard.pool.get_or_insert_with(Default::default));
+            }
+            for (position, o) in o.replicas {
+                // Like shards: an override never adds a replica.
+                let Some(replica) = position
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| shard.replicas.get_mut(i))
+                else {
+                    tracing::warn!(
+                        shard = %name,
+                        replica = %position,
+                        "environment override for a replica this map does not declare; ignored"
+                    );
+                    continue;
+                };
+                set(&mut replica.url, o.url);
+                set(&mut replica.weight, o.weight);
+                if let Some(pool) = o.pool {
+                    pool.lay_over(replica.pool.get_or_insert_with(Default::default));
+                }
             }
         }
         Ok(())
