@@ -296,10 +296,14 @@ async fn a_known_password_appears_on_no_output_surface() {
     let mut toml = String::from("version = 1\n");
     for i in 0..2 {
         toml += &format!(
-            "[shards.{}]\nurl = \"{}?application_name=x&password={SECRET}\"\nadmin_url = \"host=127.0.0.1 user=postgres password='{SECRET}' dbname={}\"\n",
+            "[shards.{}]\nurl = \"{}?application_name=x&password={SECRET}\"\nadmin_url = \"host=127.0.0.1 user=postgres password='{SECRET}' dbname={}\"\n\
+             replicas = [{{ url = \"{}\" }}]\n",
             common::shard_name(i),
             with_password(shards.url(i)).split('?').next().unwrap(),
-            shards.names[i]
+            shards.names[i],
+            // Not a standby (the probe keeps it out of reads), but its URL
+            // carries the password to every surface that shows replicas.
+            with_password(shards.url(i)),
         );
     }
     let mut control = ControlPlane::connect(&control_url).await.unwrap();

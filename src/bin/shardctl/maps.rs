@@ -268,6 +268,17 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
     }
 }
 
+/// A pool's settings as `map show --json` prints them.
+fn pool_json(pool: &shard_router::map::PoolSettings) -> serde_json::Value {
+    json!({
+        "max_size": pool.max_size,
+        "wait_timeout_ms": pool.wait_timeout.as_millis() as u64,
+        "connect_timeout_ms": pool.connect_timeout.as_millis() as u64,
+        "tenant_max_connections": pool.tenant_max_connections,
+        "idle_timeout_ms": pool.idle_timeout.map(|d| d.as_millis() as u64),
+    })
+}
+
 /// `tenant` as the live map names it (`tenant_case`), so that `ACME` and
 /// `acme` are one tenant for shardctl when they are one for the routers.
 async fn as_named_by_map(control: &ControlPlane, tenant: TenantId) -> Result<TenantId, String> {
@@ -574,12 +585,13 @@ fn show(map: &ShardMap, json: bool) {
                     "admin_url": s.admin_url().map(shard_router::map::redact_url),
                     "sslmode": s.ssl_mode().as_str(),
                     "weight": s.weight(),
-                    "pool": {
-                        "max_size": s.pool().max_size,
-                        "wait_timeout_ms": s.pool().wait_timeout.as_millis() as u64,
-                        "connect_timeout_ms": s.pool().connect_timeout.as_millis() as u64,
-                        "tenant_max_connections": s.pool().tenant_max_connections,
-                    },
+                    "pool": pool_json(s.pool()),
+                    "replicas": s.replicas().iter().map(|r| json!({
+                        "url": r.redacted_url(),
+                        "weight": r.weight(),
+                        "pool": pool_json(r.pool()),
+                    })).collect::<Vec<_>>(),
+                    "max_replica_lag_ms": s.max_replica_lag().as_millis() as u64,
                 })
             })
             .collect();
