@@ -234,7 +234,7 @@ impl From<&ExtractError> for Rejection {
     fn from(err: &ExtractError) -> Self {
         match err {
             ExtractError::Missing { .. } => Rejection::MissingTenant,
-            ExtractError::Invalid(_) => Rejection::InvalidTenant,
+            ExtractError::Invalid(_) | ExtractError::Ambiguous { .. } => Rejection::InvalidTenant,
         }
     }
 }

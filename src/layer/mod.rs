@@ -171,6 +171,54 @@ pub struct ShardRouterService<S, E> {
     protocol: Protocol,
 }
 
+impl<S, E> ShardRouterService<S, E> {
+    /// The wrapped service.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter, ShardRouterLayer, tenant::HeaderExtractor};
+    /// # use tower::Layer;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// let service = ShardRouterLayer::new(router, HeaderExtractor::default()).layer(7_u32);
+    /// assert_eq!(*service.get_ref(), 7);
+    /// # }
+    /// ```
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter, ShardRouterLayer, tenant::HeaderExtractor};
+    /// # use tower::Layer;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// let mut service = ShardRouterLayer::new(router, HeaderExtractor::default()).layer(7_u32);
+    /// *service.get_mut() += 1;
+    /// assert_eq!(*service.get_ref(), 8);
+    /// # }
+    /// ```
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter, ShardRouterLayer, tenant::HeaderExtractor};
+    /// # use tower::Layer;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
+    /// let service = ShardRouterLayer::new(router, HeaderExtractor::default()).layer(7_u32);
+    /// assert_eq!(service.into_inner(), 7);
+    /// # }
+    /// ```
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
 impl<S: Clone, E> Clone for ShardRouterService<S, E> {
     fn clone(&self) -> Self {
         ShardRouterService {
