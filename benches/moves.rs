@@ -31,6 +31,12 @@ fn rows() -> i64 {
     })
 }
 
+/// Rows for the fence figures and the throttle rounds: `BENCH_ROWS`, at most
+/// 100,000 (a large `BENCH_ROWS` is for the backfill figures).
+fn fence_rows() -> i64 {
+    rows().min(100_000)
+}
+
 async fn connect(db: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(&format!("{SERVER}/{db}"), NoTls)
         .await
@@ -149,7 +155,7 @@ async fn run(names: Vec<String>) {
     let insert = format!(
         "INSERT INTO items (tenant_id, id, n, body) \
          SELECT $1, gen_random_uuid(), g, 'row ' || g FROM generate_series(1, {}) g",
-        rows()
+        fence_rows()
     );
     let timed = |tenant: &'static str| {
         let (insert, source) = (insert.clone(), &source);
@@ -186,8 +192,8 @@ async fn run(names: Vec<String>) {
         .unwrap();
     let unfenced = timed("bystander").await; // trigger runs, tenant has no fence row
     let fenced = timed("probe").await; // trigger runs, tenant fenced, version allowed
-    let per_row = |d: Duration| (d.as_nanos() as f64 - bare.as_nanos() as f64) / rows() as f64;
-    println!("fence: {} server-side inserts, median of 5", rows());
+    let per_row = |d: Duration| (d.as_nanos() as f64 - bare.as_nanos() as f64) / fence_rows() as f64;
+    println!("fence: {} server-side inserts, median of 5", fence_rows());
     println!("  without trigger:              {bare:?}");
     println!(
         "  trigger, tenant not fenced:   {unfenced:?} (+{:.0} ns per row)",
@@ -240,6 +246,7 @@ async fn run(names: Vec<String>) {
         .await
         .unwrap();
     let started = Instant::now();
+    let mut copied_bytes = 0usize;
     {
         let out = source
             .copy_out(
@@ -254,7 +261,9 @@ async fn run(names: Vec<String>) {
         pin_mut!(out);
         pin_mut!(sink);
         while let Some(chunk) = out.next().await {
-            sink.send(chunk.unwrap()).await.unwrap();
+            let chunk = chunk.unwrap();
+            copied_bytes += chunk.len();
+            sink.send(chunk).await.unwrap();
         }
         sink.close().await.unwrap();
     }
@@ -285,14 +294,18 @@ async fn run(names: Vec<String>) {
     let backfill = mover.join().unwrap();
     let rate = |d: Duration| rows() as f64 / d.as_secs_f64();
     println!("backfill of {} rows (5 columns, ~100 bytes each):", rows());
+    let mb = |d: Duration| copied_bytes as f64 / 1e6 / d.as_secs_f64();
     println!(
-        "  raw COPY (binary), one stream:       {copy:?} ({:.0} rows/s)",
-        rate(copy)
+        "  raw COPY (binary), one stream:       {copy:?} ({:.0} rows/s, {:.1} MB/s of COPY data)",
+        rate(copy),
+        mb(copy)
     );
     println!(
-        "  move start + backfill (1000-row batches under the tenant lock): {backfill:?} ({:.0} rows/s, {:.2}x COPY's time)",
+        "  move start + backfill (1000-row batches under the tenant lock): {backfill:?} ({:.0} rows/s, {:.1} MB/s, {:.2}x COPY's time, {:.2}x its throughput)",
         rate(backfill),
-        backfill.as_secs_f64() / copy.as_secs_f64()
+        mb(backfill),
+        backfill.as_secs_f64() / copy.as_secs_f64(),
+        copy.as_secs_f64() / backfill.as_secs_f64()
     );
     let (q50, q99) = (percentile(quiet.clone(), 0.5), percentile(quiet, 0.99));
     let (d50, d99) = (percentile(during.clone(), 0.5), percentile(during, 0.99));
@@ -316,7 +329,7 @@ async fn run(names: Vec<String>) {
         map.move_of(&id).is_none() && map.shard(map.locate(&id).shard).name() == "a"
     });
     for throttle in [None, Some(20_000u64), Some(5_000)] {
-        let rows_each = throttle.map_or(rows(), |t| (t as i64 * 3).min(rows()));
+        let rows_each = throttle.map_or(fence_rows(), |t| (t as i64 * 3).min(fence_rows()));
         let mut ratios = Vec::new();
         let mut rates = Vec::new();
         let mut p99s = Vec::new();

@@ -45,9 +45,22 @@ async fn notes_over_grpc_land_on_their_shards_and_failures_are_grpc_statuses() {
         &shards,
         "[shards.down]\nurl = \"postgres://postgres@127.0.0.1:1/down\"\nweight = 0\n\
          pool = { wait_timeout_ms = 500, connect_timeout_ms = 500 }\n\
-         [tenants]\nacme = \"b\"\nunlucky = \"down\"\n",
+         [tenants]\nacme = \"b\"\nunlucky = \"down\"\nbeta = \"a\"\n",
+    )
+    // Shard a lists a "replica" that is its own primary: never healthy (not
+    // in recovery), so reads stay on the primary, but writes there return a
+    // read-your-writes token in the response metadata.
+    .replacen(
+        &format!("url = \"{}\"\n", shards.url(0)),
+        &format!(
+            "url = \"{}\"\nreplicas = [{{ url = \"{}\" }}]\n",
+            shards.url(0),
+            shards.url(0)
+        ),
+        1,
     );
     let map = MapLoader::without_env().load_str(&toml).unwrap();
+    assert_eq!(map.shards()[0].replicas().len(), 1);
     let migrations =
         Migrations::load(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/notes")).unwrap();
     let reachable = MapLoader::without_env()
@@ -151,6 +164,41 @@ async fn notes_over_grpc_land_on_their_shards_and_failures_are_grpc_statuses() {
             );
         }
     }
+
+    // The read-your-writes token travels as gRPC metadata: returned by a write
+    // on a shard with replicas, honoured when sent back.
+    let created = client
+        .create_note(with_tenant(
+            "beta",
+            pb::CreateNoteRequest { body: "b".into() },
+        ))
+        .await
+        .unwrap();
+    let token = created
+        .metadata()
+        .get(shard_router::TOKEN_HEADER)
+        .expect("a token in the response metadata")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let parsed: shard_router::ReadToken = token.parse().unwrap();
+    assert_eq!((parsed.shard(), parsed.tenant()), ("a", "beta"));
+    let mut request = with_tenant("beta", pb::ListNotesRequest {});
+    request
+        .metadata_mut()
+        .insert(shard_router::TOKEN_HEADER, token.parse().unwrap());
+    assert_eq!(client.list_notes(request).await.unwrap().into_inner().notes.len(), 1);
+    // A shard without replicas returns none.
+    let on_b = tenants
+        .iter()
+        .filter(|t| t.as_str() != "acme")
+        .find(|t| map.locate(&TenantId::new(t).unwrap()).shard.get() == 1)
+        .unwrap();
+    let plain = client
+        .create_note(with_tenant(on_b, pb::CreateNoteRequest { body: "c".into() }))
+        .await
+        .unwrap();
+    assert!(plain.metadata().get(shard_router::TOKEN_HEADER).is_none());
 
     // A shard that is down: UNAVAILABLE within its wait; others unaffected.
     let started = Instant::now();

@@ -16,9 +16,35 @@ use crate::TenantId;
 /// replica mode when it writes row images (no triggers, no foreign-key checks
 /// on the copy: the rows are the primary's, already checked there).
 pub(crate) async fn begin(client: &Client, version: u64, replica: bool) -> Result<(), MoveError> {
+    begin_with(client, version, replica, "").await
+}
+
+/// [`begin`] for one backfill batch: its statements walk a key range in key
+/// order, and must do so through the key's index whatever the table's
+/// statistics say. Freshly loaded or freshly copied rows are not analyzed yet,
+/// and with the range's bounds unknown at planning time the planner would
+/// otherwise scan (and sort) everything after the range's start on every
+/// batch, which makes a backfill quadratic in the tenant's size.
+async fn begin_batch(client: &Client, version: u64, replica: bool) -> Result<(), MoveError> {
+    begin_with(
+        client,
+        version,
+        replica,
+        "; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+         SET LOCAL enable_sort = off",
+    )
+    .await
+}
+
+async fn begin_with(
+    client: &Client,
+    version: u64,
+    replica: bool,
+    more: &str,
+) -> Result<(), MoveError> {
     client
         .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL READ COMMITTED; {}{}",
+            "BEGIN ISOLATION LEVEL READ COMMITTED; {}{}{more}",
             declare_version_sql(version),
             if replica {
                 "; SET LOCAL session_replication_role = replica"
@@ -166,8 +192,8 @@ impl Copy<'_> {
         loop {
             super::record::renew(self.lease.0, self.tenant, self.lease.1).await?;
             let (a, b) = tokio::join!(
-                begin(from, self.version, false),
-                begin(to, self.version, true)
+                begin_batch(from, self.version, false),
+                begin_batch(to, self.version, true)
             );
             if let Err(e) = a.and(b) {
                 let _ = tokio::join!(to.batch_execute("ROLLBACK"), from.batch_execute("ROLLBACK"));
