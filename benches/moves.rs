@@ -192,7 +192,8 @@ async fn run(names: Vec<String>) {
         .unwrap();
     let unfenced = timed("bystander").await; // trigger runs, tenant has no fence row
     let fenced = timed("probe").await; // trigger runs, tenant fenced, version allowed
-    let per_row = |d: Duration| (d.as_nanos() as f64 - bare.as_nanos() as f64) / fence_rows() as f64;
+    let per_row =
+        |d: Duration| (d.as_nanos() as f64 - bare.as_nanos() as f64) / fence_rows() as f64;
     println!("fence: {} server-side inserts, median of 5", fence_rows());
     println!("  without trigger:              {bare:?}");
     println!(

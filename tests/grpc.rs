@@ -45,22 +45,9 @@ async fn notes_over_grpc_land_on_their_shards_and_failures_are_grpc_statuses() {
         &shards,
         "[shards.down]\nurl = \"postgres://postgres@127.0.0.1:1/down\"\nweight = 0\n\
          pool = { wait_timeout_ms = 500, connect_timeout_ms = 500 }\n\
-         [tenants]\nacme = \"b\"\nunlucky = \"down\"\nbeta = \"a\"\n",
-    )
-    // Shard a lists a "replica" that is its own primary: never healthy (not
-    // in recovery), so reads stay on the primary, but writes there return a
-    // read-your-writes token in the response metadata.
-    .replacen(
-        &format!("url = \"{}\"\n", shards.url(0)),
-        &format!(
-            "url = \"{}\"\nreplicas = [{{ url = \"{}\" }}]\n",
-            shards.url(0),
-            shards.url(0)
-        ),
-        1,
+         [tenants]\nacme = \"b\"\nunlucky = \"down\"\n",
     );
     let map = MapLoader::without_env().load_str(&toml).unwrap();
-    assert_eq!(map.shards()[0].replicas().len(), 1);
     let migrations =
         Migrations::load(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/notes")).unwrap();
     let reachable = MapLoader::without_env()
@@ -69,37 +56,7 @@ async fn notes_over_grpc_land_on_their_shards_and_failures_are_grpc_statuses() {
     for report in shard_router::migrate::migrate(&reachable, &migrations, |_, _| {}).await {
         report.outcome.unwrap();
     }
-    let dir = std::env::temp_dir().join(format!("grpc-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let map_path = dir.join("shard-map.toml");
-    std::fs::write(&map_path, &toml).unwrap();
-
-    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let _server = common::Server(
-        Command::new(common::example_binary("tonic_app"))
-            .args([
-                "--map",
-                map_path.to_str().unwrap(),
-                "--listen",
-                &addr.to_string(),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut client = None;
-    for _ in 0..200 {
-        if let Ok(c) = NotesClient::connect(format!("http://{addr}")).await {
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut client = client.expect("the gRPC example listens");
+    let (_server, mut client) = serve(&toml, "main").await;
 
     // Missing or invalid tenant: INVALID_ARGUMENT, and no query (no connection opened).
     let missing = client
@@ -165,6 +122,82 @@ async fn notes_over_grpc_land_on_their_shards_and_failures_are_grpc_statuses() {
         }
     }
 
+    // A shard that is down: UNAVAILABLE within its wait; others unaffected.
+    let started = Instant::now();
+    let down = client
+        .list_notes(with_tenant("unlucky", pb::ListNotesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(down.code(), tonic::Code::Unavailable);
+    assert!(started.elapsed() < Duration::from_millis(500) + Duration::from_secs(2));
+    assert!(
+        !down.message().contains("127.0.0.1"),
+        "no internal detail leaks: {}",
+        down.message()
+    );
+    let fine = client
+        .list_notes(with_tenant("acme", pb::ListNotesRequest {}))
+        .await
+        .unwrap();
+    assert_eq!(fine.into_inner().notes.len(), 2);
+}
+
+/// The tonic example on `toml`, and a client of it.
+async fn serve(toml: &str, tag: &str) -> (common::Server, NotesClient<tonic::transport::Channel>) {
+    let dir = std::env::temp_dir().join(format!("grpc-test-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let map_path = dir.join("shard-map.toml");
+    std::fs::write(&map_path, toml).unwrap();
+
+    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let server = common::Server(
+        Command::new(common::example_binary("tonic_app"))
+            .args([
+                "--map",
+                map_path.to_str().unwrap(),
+                "--listen",
+                &addr.to_string(),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..200 {
+        if let Ok(client) = NotesClient::connect(format!("http://{addr}")).await {
+            return (server, client);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the gRPC example does not listen");
+}
+
+#[tokio::test]
+async fn a_write_returns_its_read_token_as_metadata_and_the_token_is_honoured() {
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(common::NOTES_SCHEMA).await;
+    // Shard a lists a "replica" that is its own primary: never healthy (not
+    // in recovery), so reads stay on the primary, but writes there return a
+    // read-your-writes token.
+    let toml = common::map_toml(1, &shards, "[tenants]\nbeta = \"a\"\ngamma = \"b\"\n").replacen(
+        &format!("url = \"{}\"\n", shards.url(0)),
+        &format!(
+            "url = \"{}\"\nreplicas = [{{ url = \"{}\" }}]\n",
+            shards.url(0),
+            shards.url(0)
+        ),
+        1,
+    );
+    assert_eq!(
+        MapLoader::without_env().load_str(&toml).unwrap().shards()[0]
+            .replicas()
+            .len(),
+        1
+    );
+    let (_server, mut client) = serve(&toml, "token").await;
     // The read-your-writes token travels as gRPC metadata: returned by a write
     // on a shard with replicas, honoured when sent back.
     let created = client
@@ -187,35 +220,23 @@ async fn notes_over_grpc_land_on_their_shards_and_failures_are_grpc_statuses() {
     request
         .metadata_mut()
         .insert(shard_router::TOKEN_HEADER, token.parse().unwrap());
-    assert_eq!(client.list_notes(request).await.unwrap().into_inner().notes.len(), 1);
+    assert_eq!(
+        client
+            .list_notes(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .notes
+            .len(),
+        1
+    );
     // A shard without replicas returns none.
-    let on_b = tenants
-        .iter()
-        .filter(|t| t.as_str() != "acme")
-        .find(|t| map.locate(&TenantId::new(t).unwrap()).shard.get() == 1)
-        .unwrap();
     let plain = client
-        .create_note(with_tenant(on_b, pb::CreateNoteRequest { body: "c".into() }))
+        .create_note(with_tenant(
+            "gamma",
+            pb::CreateNoteRequest { body: "c".into() },
+        ))
         .await
         .unwrap();
     assert!(plain.metadata().get(shard_router::TOKEN_HEADER).is_none());
-
-    // A shard that is down: UNAVAILABLE within its wait; others unaffected.
-    let started = Instant::now();
-    let down = client
-        .list_notes(with_tenant("unlucky", pb::ListNotesRequest {}))
-        .await
-        .unwrap_err();
-    assert_eq!(down.code(), tonic::Code::Unavailable);
-    assert!(started.elapsed() < Duration::from_millis(500) + Duration::from_secs(2));
-    assert!(
-        !down.message().contains("127.0.0.1"),
-        "no internal detail leaks: {}",
-        down.message()
-    );
-    let fine = client
-        .list_notes(with_tenant("acme", pb::ListNotesRequest {}))
-        .await
-        .unwrap();
-    assert_eq!(fine.into_inner().notes.len(), 2);
 }
