@@ -15,7 +15,7 @@ pub(crate) fn run(command: ControlCommand, json: bool) -> Result<(), String> {
     match command {
         ControlCommand::Init(arg) => block_on(async {
             let mut control = connect(&arg.control).await?;
-            let applied = control.init().await.map_err(|e| format!("error: {e}"))?;
+            let applied = control.init().await.map_err(|e| format!("{e}"))?;
             if json {
                 println!("{}", json!({"control": control.url(), "applied": applied}));
             } else if applied.is_empty() {
@@ -34,7 +34,7 @@ pub(crate) fn run(command: ControlCommand, json: bool) -> Result<(), String> {
 pub(crate) fn routers(arg: &ControlArg, json: bool) -> Result<(), String> {
     block_on(async {
         let control = connect(&arg.control).await?;
-        let routers = control.routers().await.map_err(|e| format!("error: {e}"))?;
+        let routers = control.routers().await.map_err(|e| format!("{e}"))?;
         let newest = control.latest().await.ok().map(|m| m.version);
         if json {
             let rows: Vec<_> = routers

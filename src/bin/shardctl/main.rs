@@ -73,9 +73,9 @@ impl MapSourceArgs {
                     .latest()
                     .await
                     .and_then(|stored| stored.load())
-                    .map_err(|e| format!("error: {e}"))
+                    .map_err(|e| format!("{e}"))
             }),
-            (None, None) => Err("error: give --map FILE or --control URL".to_owned()),
+            (None, None) => Err("give --map FILE or --control URL".to_owned()),
         }
     }
 }
@@ -93,8 +93,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
+            // Empty: the command printed its own report (per-shard results).
             if !message.is_empty() {
-                eprintln!("{message}");
+                eprintln!("error: {message}");
             }
             ExitCode::from(1)
         }
@@ -103,9 +104,7 @@ fn main() -> ExitCode {
 
 /// Loads a map file with the environment's overrides.
 pub(crate) fn load(file: &PathBuf) -> Result<ShardMap, String> {
-    MapLoader::new()
-        .load_file(file)
-        .map_err(|e| format!("error: {e}"))
+    MapLoader::new().load_file(file).map_err(|e| format!("{e}"))
 }
 
 /// Runs `future` on a single-threaded runtime.
@@ -118,7 +117,5 @@ pub(crate) fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
 }
 
 pub(crate) async fn connect(url: &str) -> Result<ControlPlane, String> {
-    ControlPlane::connect(url)
-        .await
-        .map_err(|e| format!("error: {e}"))
+    ControlPlane::connect(url).await.map_err(|e| format!("{e}"))
 }

@@ -152,13 +152,13 @@ pub(crate) fn run(command: MapCommand, json: bool) -> Result<(), String> {
                         Some(v) => control
                             .get(v)
                             .await
-                            .map_err(|e| format!("error: {e}"))?
-                            .ok_or_else(|| format!("error: version {v} was never published"))?,
-                        None => control.latest().await.map_err(|e| format!("error: {e}"))?,
+                            .map_err(|e| format!("{e}"))?
+                            .ok_or_else(|| format!("version {v} was never published"))?,
+                        None => control.latest().await.map_err(|e| format!("{e}"))?,
                     };
-                    stored.load().map_err(|e| format!("error: {e}"))
+                    stored.load().map_err(|e| format!("{e}"))
                 })?,
-                (None, None) => return Err("error: give FILE or --control URL".into()),
+                (None, None) => return Err("give FILE or --control URL".into()),
             };
             show(&map, json);
             Ok(())
@@ -169,7 +169,7 @@ pub(crate) fn run(command: MapCommand, json: bool) -> Result<(), String> {
             options,
         } => {
             let toml = std::fs::read_to_string(&file)
-                .map_err(|e| format!("error: cannot read {}: {e}", file.display()))?;
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
             publish(&control.control, &options, json, |c, o| {
                 Box::pin(async move { c.publish(&toml, o).await })
             })
@@ -190,14 +190,14 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
     match command {
         TenantCommand::Locate { tenant, source } => locate(&tenant, &source, json),
         TenantCommand::MoveStatus { tenant, control } => {
-            let tenant = TenantId::new(&tenant).map_err(|e| format!("error: {tenant:?}: {e}"))?;
+            let tenant = TenantId::new(&tenant).map_err(|e| format!("{tenant:?}: {e}"))?;
             block_on(async {
                 let control = connect(&control.control).await?;
                 let tenant = as_named_by_map(&control, tenant).await?;
                 let status = moves::status(&control, &tenant)
                     .await
-                    .map_err(|e| format!("error: {e}"))?
-                    .ok_or_else(|| format!("error: tenant {tenant} has never moved"))?;
+                    .map_err(|e| format!("{e}"))?
+                    .ok_or_else(|| format!("tenant {tenant} has never moved"))?;
                 print_move(&status, json);
                 Ok(())
             })
@@ -215,10 +215,10 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
             purge_grace,
             max_rows_per_sec,
         } => {
-            let tenant = TenantId::new(&tenant).map_err(|e| format!("error: {tenant:?}: {e}"))?;
+            let tenant = TenantId::new(&tenant).map_err(|e| format!("{tenant:?}: {e}"))?;
             let mut options = MoveOptions::default();
             options.until = Step::parse(&until).ok_or_else(|| {
-                format!("error: --until {until:?}: expected start, backfill, verify, cutover or complete")
+                format!("--until {until:?}: expected start, backfill, verify, cutover or complete")
             })?;
             options.purge_source = purge_source;
             options.wait = Duration::from_secs(wait);
@@ -258,7 +258,7 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
                     let to = to.expect("clap requires --to");
                     moves::start(&mut control, &tenant, &to, &options, progress).await
                 };
-                outcome.map_err(|e| format!("error: {e}"))
+                outcome.map_err(|e| format!("{e}"))
             });
             bar.finish_and_clear();
             let status = result?;
@@ -284,11 +284,8 @@ fn pool_json(pool: &shard_router::map::PoolSettings) -> serde_json::Value {
 async fn as_named_by_map(control: &ControlPlane, tenant: TenantId) -> Result<TenantId, String> {
     match control.latest().await {
         Err(ControlError::NoMap) => Ok(tenant),
-        Err(e) => Err(format!("error: {e}")),
-        Ok(stored) => Ok(stored
-            .load()
-            .map_err(|e| format!("error: {e}"))?
-            .tenant_id(tenant)),
+        Err(e) => Err(format!("{e}")),
+        Ok(stored) => Ok(stored.load().map_err(|e| format!("{e}"))?.tenant_id(tenant)),
     }
 }
 
@@ -369,7 +366,7 @@ fn publish(
         let mut control = connect(url).await?;
         let published = action(&mut control, &options)
             .await
-            .map_err(|e| format!("error: {e}"))?;
+            .map_err(|e| format!("{e}"))?;
         if !json {
             match &published.diff {
                 Some(diff) => print!("{diff}"),
@@ -392,7 +389,7 @@ fn publish(
                 control
                     .wait_for(published.version, Duration::from_secs(secs))
                     .await
-                    .map_err(|e| format!("error: {e}"))?,
+                    .map_err(|e| format!("{e}"))?,
             ),
             _ => None,
         };
@@ -412,7 +409,7 @@ fn publish(
         }
         match rollout {
             Some(r) if !r.laggards.is_empty() => Err(format!(
-                "error: not applied within {}s by: {}",
+                "not applied within {}s by: {}",
                 args.wait.unwrap_or_default(),
                 r.laggards
                     .iter()
@@ -478,7 +475,7 @@ fn diff_json(diff: &MapDiff) -> serde_json::Value {
 fn history(url: &str, json: bool) -> Result<(), String> {
     block_on(async {
         let control = connect(url).await?;
-        let versions = control.history().await.map_err(|e| format!("error: {e}"))?;
+        let versions = control.history().await.map_err(|e| format!("{e}"))?;
         if json {
             let rows: Vec<_> = versions
                 .iter()
@@ -511,14 +508,14 @@ fn diff(a: &str, b: &str, control: Option<&str>, json: bool) -> Result<(), Strin
             async move {
                 match spec.parse::<u64>() {
                     Ok(version) => {
-                        let control = control.ok_or("error: version numbers need --control URL")?;
+                        let control = control.ok_or("version numbers need --control URL")?;
                         control
                             .get(version)
                             .await
-                            .map_err(|e| format!("error: {e}"))?
-                            .ok_or_else(|| format!("error: version {version} was never published"))?
+                            .map_err(|e| format!("{e}"))?
+                            .ok_or_else(|| format!("version {version} was never published"))?
                             .load()
-                            .map_err(|e| format!("error: {e}"))
+                            .map_err(|e| format!("{e}"))
                     }
                     Err(_) => load(&PathBuf::from(spec)),
                 }
@@ -561,14 +558,15 @@ fn validate(file: &Path, json: bool) -> Result<(), String> {
                 println!("{}", json!({"valid": false, "problems": list}));
                 Err(String::new())
             } else {
+                // One `error:` line per problem (main prefixes the first).
                 Err(problems
                     .iter()
-                    .map(|p| format!("error: {p}"))
+                    .map(|p| format!("{p}"))
                     .collect::<Vec<_>>()
-                    .join("\n"))
+                    .join("\nerror: "))
             }
         }
-        Err(other) => Err(format!("error: {other}")),
+        Err(other) => Err(format!("{other}")),
     }
 }
 
@@ -660,7 +658,7 @@ fn show(map: &ShardMap, json: bool) {
 }
 
 fn locate(tenant: &str, source: &MapSourceArgs, json: bool) -> Result<(), String> {
-    let tenant = TenantId::new(tenant).map_err(|e| format!("error: {tenant:?}: {e}"))?;
+    let tenant = TenantId::new(tenant).map_err(|e| format!("{tenant:?}: {e}"))?;
     let map = source.load()?;
     let tenant = map.tenant_id(tenant);
     let location = map.locate(&tenant);

@@ -49,14 +49,14 @@ pub(crate) fn run(args: &MigrateArgs, json: bool) -> Result<(), String> {
         None => (
             &args.source,
             args.dir.as_ref().ok_or(
-                "error: --dir PATH is required: the migrations folder (files named V{version}__{name}.sql)",
+                "--dir PATH is required: the migrations folder (files named V{version}__{name}.sql)",
             )?,
             args.dry_run,
         ),
     };
     let map = source.load()?;
     let migrations = Migrations::load(dir)
-        .map_err(|e| format!("error: {e}"))?
+        .map_err(|e| format!("{e}"))?
         .lock_timeout(
             std::time::Duration::from_millis(args.lock_timeout_ms),
             args.lock_attempts,
@@ -166,7 +166,7 @@ pub(crate) fn run(args: &MigrateArgs, json: bool) -> Result<(), String> {
     } else if json {
         Err(String::new())
     } else {
-        Err(format!("error: not migrated: {}", failed.join(", ")))
+        Err(format!("not migrated: {}", failed.join(", ")))
     }
 }
 
