@@ -93,9 +93,9 @@ pub(crate) enum TenantCommand {
         to: Option<String>,
         #[command(flatten)]
         control: ControlArg,
-        /// Stop after this step: start, backfill, verify, cutover or complete.
-        #[arg(long, default_value = "complete")]
-        until: String,
+        /// Stop after this step.
+        #[arg(long, value_enum, default_value_t = Until::Complete)]
+        until: Until,
         /// Delete the tenant's rows from the source after complete.
         #[arg(long)]
         purge_source: bool,
@@ -217,9 +217,7 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
         } => {
             let tenant = TenantId::new(&tenant).map_err(|e| format!("{tenant:?}: {e}"))?;
             let mut options = MoveOptions::default();
-            options.until = Step::parse(&until).ok_or_else(|| {
-                format!("--until {until:?}: expected start, backfill, verify, cutover or complete")
-            })?;
+            options.until = until.into();
             options.purge_source = purge_source;
             options.wait = Duration::from_secs(wait);
             options.lease = Duration::from_secs(lease);
@@ -264,6 +262,28 @@ pub(crate) fn run_tenant(command: TenantCommand, json: bool) -> Result<(), Strin
             let status = result?;
             print_move(&status, json);
             Ok(())
+        }
+    }
+}
+
+/// The steps `--until` takes (clap lists and checks them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Until {
+    Start,
+    Backfill,
+    Verify,
+    Cutover,
+    Complete,
+}
+
+impl From<Until> for Step {
+    fn from(until: Until) -> Step {
+        match until {
+            Until::Start => Step::Start,
+            Until::Backfill => Step::Backfill,
+            Until::Verify => Step::Verify,
+            Until::Cutover => Step::Cutover,
+            Until::Complete => Step::Complete,
         }
     }
 }
