@@ -117,6 +117,7 @@ impl From<tokio_postgres::Error> for ControlError {
 
 /// A published map version.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoredMap {
     /// Its version.
     pub version: u64,
@@ -150,6 +151,7 @@ impl StoredMap {
 
 /// A router as its heartbeats show it.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct RouterRow {
     /// Its instance id.
     pub instance_id: String,
@@ -170,19 +172,42 @@ pub struct RouterRow {
 impl RouterRow {
     /// True when the router missed its lease (stopped, or cut off from the control database).
     ///
-    /// ```
-    /// # use shard_router::control::RouterRow;
-    /// let row = RouterRow { instance_id: "r1".into(), host: "h".into(), applied_version: 3,
-    ///                       last_seen_ms: 5_000, lease_ms: 3_000, known: true };
-    /// assert!(row.is_stale());
+    /// ```no_run
+    /// # async fn f(control: shard_router::control::ControlPlane) -> Result<(), shard_router::control::ControlError> {
+    /// for row in control.routers().await? {
+    ///     if row.is_stale() {
+    ///         println!("{} missed its lease", row.instance_id);
+    ///     }
+    /// }
+    /// # Ok(()) }
     /// ```
     pub fn is_stale(&self) -> bool {
         self.last_seen_ms > self.lease_ms
     }
 }
 
+#[cfg(test)]
+mod router_row_tests {
+    use super::RouterRow;
+
+    #[test]
+    fn a_router_is_stale_only_past_its_lease() {
+        let row = |last_seen_ms| RouterRow {
+            instance_id: "r1".into(),
+            host: "h".into(),
+            applied_version: 3,
+            last_seen_ms,
+            lease_ms: 3_000,
+            known: true,
+        };
+        assert!(row(5_000).is_stale());
+        assert!(!row(3_000).is_stale());
+    }
+}
+
 /// How a rollout ended: routers that applied the version, and stale ones not waited for.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Rollout {
     /// Live routers at or past the version.
     pub applied: Vec<RouterRow>,

@@ -436,6 +436,7 @@ impl MoveRoute {
 
 /// The phase of a move, as the map states it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum MovePhase {
     /// `dual_write`: reads from the source; writes go to both shards.
     DualWrite,
@@ -469,6 +470,7 @@ pub struct Location {
 
 /// Why a tenant is on its shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Reason {
     /// `[tenants]` pins it.
     Pin,

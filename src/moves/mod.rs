@@ -50,6 +50,7 @@ use crate::{ShardMap, TenantId};
 
 /// The steps of a move, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum Step {
     /// Dual writes on: the map names the move, the target is cleared, the fence is up.
     Start,
