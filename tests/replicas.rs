@@ -18,18 +18,7 @@ use shard_router::{DbError, ShardRouter, ShardRouterLayer, TenantDb, TenantId, T
 use tower::ServiceExt;
 use uuid::Uuid;
 
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::run_command as run;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -27,17 +27,7 @@ struct TlsCluster {
     dir: PathBuf,
 }
 
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::run_command as run;
 
 /// A CA (`{name}.pem`, `{name}.key`) made with openssl.
 fn make_ca(dir: &Path, name: &str) {

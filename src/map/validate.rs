@@ -404,23 +404,7 @@ impl RawMap {
                     "shard names are 1-63 lowercase letters, digits and _, starting with a letter",
                 );
             }
-            let unparsed = || crate::pg::Endpoint {
-                config: tokio_postgres::Config::new(),
-                tls: Default::default(),
-            };
-            let (url, endpoint) = match &raw.url {
-                None => {
-                    problems.add(format!("{field}.url"), "is missing");
-                    (String::new(), unparsed())
-                }
-                Some(url) => match crate::pg::Endpoint::parse(url) {
-                    Ok(endpoint) => (url.clone(), endpoint),
-                    Err(reason) => {
-                        problems.add(format!("{field}.url"), reason);
-                        (url.clone(), unparsed())
-                    }
-                },
-            };
+            let (url, endpoint) = required_url(&mut problems, &field, raw.url.as_ref());
             let admin =
                 raw.admin_url
                     .as_ref()
@@ -444,19 +428,7 @@ impl RawMap {
             let mut replicas = Vec::with_capacity(raw.replicas.len());
             for (i, replica) in raw.replicas.iter().enumerate() {
                 let at = format!("{field}.replicas[{i}]");
-                let (url, endpoint) = match &replica.url {
-                    None => {
-                        problems.add(format!("{at}.url"), "is missing");
-                        (String::new(), unparsed())
-                    }
-                    Some(url) => match crate::pg::Endpoint::parse(url) {
-                        Ok(endpoint) => (url.clone(), endpoint),
-                        Err(reason) => {
-                            problems.add(format!("{at}.url"), reason);
-                            (url.clone(), unparsed())
-                        }
-                    },
-                };
+                let (url, endpoint) = required_url(&mut problems, &at, replica.url.as_ref());
                 let weight =
                     problems.ranged(&format!("{at}.weight"), replica.weight, 1, 0, 10_000) as u32;
                 let pool = pool_settings(&mut problems, &at, replica.pool.as_ref());
@@ -594,6 +566,32 @@ impl RawMap {
             moves,
             ring,
         })
+    }
+}
+
+/// The `url` under `field` (a shard's or a replica's), parsed; a missing or
+/// malformed one is a problem, and an empty endpoint stands in for it.
+fn required_url(
+    problems: &mut Problems,
+    field: &str,
+    url: Option<&String>,
+) -> (String, crate::pg::Endpoint) {
+    let unparsed = || crate::pg::Endpoint {
+        config: tokio_postgres::Config::new(),
+        tls: Default::default(),
+    };
+    match url {
+        None => {
+            problems.add(format!("{field}.url"), "is missing");
+            (String::new(), unparsed())
+        }
+        Some(url) => match crate::pg::Endpoint::parse(url) {
+            Ok(endpoint) => (url.clone(), endpoint),
+            Err(reason) => {
+                problems.add(format!("{field}.url"), reason);
+                (url.clone(), unparsed())
+            }
+        },
     }
 }
 

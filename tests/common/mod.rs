@@ -267,3 +267,18 @@ pub async fn shardctl(control_url: &str, args: &[&str]) -> std::process::Output 
         .await
         .unwrap()
 }
+
+/// Runs `program` with `args`, panicking with its output if it fails (for
+/// tests that set up clusters with `pg_createcluster`, `openssl` and the like).
+pub fn run_command(program: &str, args: &[&str]) {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
