@@ -854,3 +854,27 @@ async fn a_new_tenant_case_that_would_rename_a_tenant_with_data_is_refused() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn control_and_move_errors_keep_the_driver_error_as_their_source() {
+    use shard_router::control::ControlError;
+    use shard_router::moves::MoveError;
+    use std::error::Error as _;
+    let client = common::connect(&common::db_url("postgres")).await;
+    let failed = || async { client.query_one("SELECT 1/0", &[]).await.unwrap_err() };
+    let control = ControlError::from(failed().await);
+    let ControlError::Database { cause } = &control else {
+        panic!("expected Database, got {control:?}");
+    };
+    assert_eq!(
+        cause.code(),
+        Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+    );
+    assert!(control.source().is_some());
+    assert!(
+        control.to_string().contains("division by zero"),
+        "{control}"
+    );
+    let moved = MoveError::from(ControlError::from(failed().await));
+    assert!(moved.source().is_some(), "{moved}");
+}

@@ -430,8 +430,8 @@ impl Follower {
     ) -> Result<T, ControlError> {
         match tokio::time::timeout(self.options.lease, query).await {
             Ok(result) => result.map_err(ControlError::from),
-            Err(_) => Err(ControlError::Database {
-                cause: format!("no answer within {:?}", self.options.lease),
+            Err(_) => Err(ControlError::Timeout {
+                waited: self.options.lease,
             }),
         }
     }

@@ -74,9 +74,22 @@ pub enum ControlError {
         cause: String,
     },
     /// A statement failed.
-    #[error("control database: {cause}")]
+    #[error("control database: {}", crate::pg::error_text(.cause))]
     Database {
-        /// The database's error.
+        /// The driver's error: its SQLSTATE through `cause.code()`.
+        #[source]
+        cause: tokio_postgres::Error,
+    },
+    /// The control database did not answer in time.
+    #[error("control database: no answer within {waited:?}")]
+    Timeout {
+        /// How long the router waited.
+        waited: std::time::Duration,
+    },
+    /// Creating or upgrading the control schema failed.
+    #[error("control database: schema migration failed: {cause}")]
+    Schema {
+        /// What the migration reported.
         cause: String,
     },
     /// The control schema is missing: run `shardctl control init`.
@@ -109,9 +122,7 @@ impl From<tokio_postgres::Error> for ControlError {
         {
             return ControlError::NotInitialized;
         }
-        ControlError::Database {
-            cause: crate::pg::error_text(&e),
-        }
+        ControlError::Database { cause: e }
     }
 }
 
@@ -279,7 +290,7 @@ impl ControlPlane {
             &mut |_, _| {},
         )
         .await
-        .map_err(|e| ControlError::Database {
+        .map_err(|e| ControlError::Schema {
             cause: e.to_string(),
         })?;
         Ok(applied)

@@ -213,10 +213,11 @@ pub enum MoveError {
     #[error(transparent)]
     Shard(#[from] ShardError),
     /// A statement failed on a shard.
-    #[error("move: {cause}")]
+    #[error("move: {}", error_text(.cause))]
     Database {
-        /// The database's error.
-        cause: String,
+        /// The driver's error: its SQLSTATE through `cause.code()`.
+        #[source]
+        cause: tokio_postgres::Error,
     },
     /// A tenant table has no primary key, so rows cannot be copied in key order.
     #[error("tenant table {table} has no primary key; moves copy in key order and need one")]
@@ -343,9 +344,7 @@ pub enum MoveError {
 
 impl MoveError {
     fn db(e: tokio_postgres::Error) -> MoveError {
-        MoveError::Database {
-            cause: error_text(&e),
-        }
+        MoveError::Database { cause: e }
     }
 }
 
