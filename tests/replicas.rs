@@ -20,13 +20,7 @@ use uuid::Uuid;
 
 use common::run_command as run;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::free_port;
 
 /// A primary and its streaming standby, on ports of their own.
 struct ReplicaPair {

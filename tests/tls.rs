@@ -128,11 +128,7 @@ impl TlsCluster {
         run("chmod", &["755", dir.to_str().unwrap()]);
         run("chmod", &["600", &path("server.key")]);
 
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         run(
             "pg_createcluster",
             &[

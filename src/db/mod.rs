@@ -334,15 +334,12 @@ impl TenantDb {
         // and the statement goes again below, declaring the handle's version.
         // The pool's connections default to READ COMMITTED, so the trigger
         // sees a fence raised after the statement took its snapshot.
-        let (result, position) = if self.wants_position() {
-            // After the statement commits: where a replica must have replayed
-            // to show it. Pipelined, so no extra round trip.
-            let (result, position) =
-                tokio::join!(run(&client, &statement, params, rows), position_of(&client));
-            (result, position)
-        } else {
-            (run(&client, &statement, params, rows).await, None)
-        };
+        // After the statement commits: where a replica must have replayed to
+        // show it. Pipelined, so no extra round trip.
+        let (result, position) = tokio::join!(
+            run(&client, &statement, params, rows),
+            position_of(&client, self.wants_position())
+        );
         match result {
             Ok(out) => {
                 self.wrote(position);
@@ -370,17 +367,11 @@ impl TenantDb {
         // Pipelined: BEGIN, the declaration, the statement and COMMIT all go
         // out before any answer comes back. A failed statement turns the
         // COMMIT into a rollback.
-        let wants_position = self.wants_position();
         let result = after_begin(client, version, async {
             let (out, committed, position) = tokio::join!(
                 run(client, &statement, params, rows),
                 client.raw().batch_execute("COMMIT"),
-                async {
-                    match wants_position {
-                        true => position_of(client).await,
-                        false => None,
-                    }
-                }
+                position_of(client, self.wants_position())
             );
             out.and_then(|out| committed.map(|()| (out, position)))
         })
@@ -715,7 +706,7 @@ impl Side {
         self.clean = false;
         let client = self.client();
         let (committed, position) =
-            tokio::join!(client.batch_execute("COMMIT"), position_of(client));
+            tokio::join!(client.batch_execute("COMMIT"), position_of(client, true));
         committed?;
         self.clean = true;
         drop(self.client.take()); // back to the pool, no transaction open
@@ -1394,8 +1385,12 @@ async fn after_begin<T>(
 }
 
 /// The primary's WAL position, read on `client` (after whatever it ran
-/// before); `None` if it could not be read, which only costs a replica read.
-async fn position_of(client: &TenantClient) -> Option<crate::replicas::Lsn> {
+/// before) when `wanted` (the shard has replicas); `None` if not wanted or
+/// not readable, which only costs a replica read.
+async fn position_of(client: &TenantClient, wanted: bool) -> Option<crate::replicas::Lsn> {
+    if !wanted {
+        return None;
+    }
     let statement = client
         .prepare_cached(crate::replicas::POSITION_ON_PRIMARY)
         .await
