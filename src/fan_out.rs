@@ -63,11 +63,13 @@ pub struct ShardResult<T> {
 }
 
 /// Why one shard of a [`FanOut`] has no answer. The others are unaffected.
+/// As with [`crate::DbError`], the pool's or driver's error is the `source()`,
+/// not part of the message.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FanOutError {
     /// No connection within the shard's wait (down, or its pool exhausted).
-    #[error("shard {shard} unavailable (map version {map_version}): {cause}")]
+    #[error("shard {shard} unavailable (map version {map_version})")]
     Unavailable {
         /// The shard.
         shard: String,
@@ -78,7 +80,7 @@ pub enum FanOutError {
         cause: PoolError,
     },
     /// The work returned an error.
-    #[error("query failed on shard {shard} (map version {map_version}): {}", crate::pg::error_text(.cause))]
+    #[error("query failed on shard {shard} (map version {map_version})")]
     Query {
         /// The shard.
         shard: String,

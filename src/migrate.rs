@@ -425,12 +425,13 @@ impl Migrations {
 #[non_exhaustive]
 pub enum ShardError {
     /// The shard cannot be reached; nothing ran there.
-    #[error("shard {shard} is unreachable: {cause}")]
+    #[error("shard {shard} is unreachable: {}", error_text(&**.cause))]
     Unreachable {
         /// The shard.
         shard: String,
-        /// The connection error.
-        cause: String,
+        /// The connection error (the driver's, or the TLS setup's).
+        #[source]
+        cause: BoxError,
     },
     /// A file applied on the shard has changed since; nothing ran there.
     #[error("shard {shard}: {file} changed after it was applied (checksum {applied} on the shard, {current} now); restore the file or add a new migration")]
@@ -453,7 +454,7 @@ pub enum ShardError {
         file: String,
     },
     /// A file failed; its transaction rolled back, the shard stays at `version`.
-    #[error("shard {shard}: {file} failed and was rolled back; the shard stays at version {version}: {cause}")]
+    #[error("shard {shard}: {file} failed and was rolled back; the shard stays at version {version}: {}", error_text(&**.cause))]
     Failed {
         /// The shard.
         shard: String,
@@ -461,8 +462,10 @@ pub enum ShardError {
         file: String,
         /// The shard's version now.
         version: u32,
-        /// The database's error.
-        cause: String,
+        /// The migration runner's error; its chain ends in the driver's
+        /// (see [`ShardError::sqlstate`]).
+        #[source]
+        cause: BoxError,
     },
     /// Row-level security hides rows of these tenant tables from the role
     /// that administrative work connects as: checks, copies and deletes would
@@ -478,7 +481,7 @@ pub enum ShardError {
     },
     /// A file waited for a table lock longer than the lock timeout on every
     /// attempt (a long transaction holds the table); each attempt rolled back.
-    #[error("shard {shard}: {file} waited more than {timeout_ms} ms for a table lock on each of {attempts} attempts and was rolled back; the shard stays at version {version}: end the long transaction holding the table ({cause}), or raise --lock-timeout-ms")]
+    #[error("shard {shard}: {file} waited more than {timeout_ms} ms for a table lock on each of {attempts} attempts and was rolled back; the shard stays at version {version}: end the long transaction holding the table ({}), or raise --lock-timeout-ms", error_text(&**.cause))]
     LockTimeout {
         /// The shard.
         shard: String,
@@ -490,8 +493,9 @@ pub enum ShardError {
         attempts: u32,
         /// The lock timeout of each attempt.
         timeout_ms: u64,
-        /// The database's error.
-        cause: String,
+        /// The last attempt's error (SQLSTATE 55P03 through [`ShardError::sqlstate`]).
+        #[source]
+        cause: BoxError,
     },
     /// Tenants of the shard are moving: a table created or altered now would
     /// miss the move's fence and row capture. Nothing ran there.
@@ -502,14 +506,55 @@ pub enum ShardError {
         /// The moving tenants.
         tenants: Vec<String>,
     },
-    /// Reading the shard's history failed.
-    #[error("shard {shard}: {cause}")]
+    /// A statement failed, or reading the shard's history did.
+    #[error("shard {shard}: {}", error_text(&**.cause))]
     Database {
         /// The shard.
         shard: String,
-        /// The database's error.
-        cause: String,
+        /// The driver's error, or the migration runner's wrapping it
+        /// (see [`ShardError::sqlstate`]).
+        #[source]
+        cause: BoxError,
     },
+}
+
+/// A cause kept whole, so its chain (and the driver's SQLSTATE) stays reachable.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl ShardError {
+    /// The SQLSTATE the shard answered, found anywhere in the cause's chain;
+    /// `None` when the failure was not the database's (a changed file, an
+    /// unreachable host).
+    ///
+    /// ```
+    /// use shard_router::migrate::ShardError;
+    ///
+    /// let err = ShardError::Missing { shard: "a".into(), file: "V3__x".into() };
+    /// assert!(err.sqlstate().is_none());
+    /// ```
+    pub fn sqlstate(&self) -> Option<&tokio_postgres::error::SqlState> {
+        let mut next = std::error::Error::source(self);
+        while let Some(err) = next {
+            if let Some(db) = err.downcast_ref::<tokio_postgres::error::DbError>() {
+                return Some(db.code());
+            }
+            if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>() {
+                if let Some(code) = pg.code() {
+                    return Some(code);
+                }
+            }
+            next = err.source();
+        }
+        None
+    }
+
+    /// Wraps a driver error for `shard`.
+    pub(crate) fn database(shard: &str, cause: impl Into<BoxError>) -> ShardError {
+        ShardError::Database {
+            shard: shard.to_owned(),
+            cause: cause.into(),
+        }
+    }
 }
 
 /// Where one shard stands.
@@ -555,21 +600,17 @@ async fn shard_status(
     client: &mut Client,
     migrations: &Migrations,
 ) -> Result<ShardStatus, ShardError> {
-    let database = |e: &(dyn std::error::Error + 'static)| ShardError::Database {
-        shard: shard.to_owned(),
-        cause: error_text(e),
-    };
     let exists: bool = client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&migrations.table])
         .await
-        .map_err(|e| database(&e))?
+        .map_err(|e| ShardError::database(shard, e))?
         .get(0);
     let applied = if exists {
         migrations
             .runner(migrations.latest())
             .get_applied_migrations_async(client)
             .await
-            .map_err(|e| database(&e))?
+            .map_err(|e| ShardError::database(shard, e))?
     } else {
         Vec::new()
     };
@@ -697,21 +738,17 @@ pub(crate) async fn apply_pending(
     applied: &mut Vec<u32>,
     on_applied: &mut impl FnMut(&str, &MigrationFile),
 ) -> Result<u32, ShardError> {
-    let database = |e: &(dyn std::error::Error + 'static)| ShardError::Database {
-        shard: shard.to_owned(),
-        cause: error_text(e),
-    };
     // Held for the whole shard: a concurrent run waits here, then finds nothing pending.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&lock_keys::migrate()])
         .await
-        .map_err(|e| database(&e))?;
+        .map_err(|e| ShardError::database(shard, e))?;
     let result = async {
         let status = shard_status(shard, client, migrations).await?;
         if !status.pending.is_empty() {
             let tenants = crate::moves::fence::moving_tenants(client)
                 .await
-                .map_err(|e| database(&e))?;
+                .map_err(|e| ShardError::database(shard, e))?;
             if !tenants.is_empty() {
                 return Err(ShardError::MoveInFlight {
                     shard: shard.to_owned(),
@@ -724,7 +761,7 @@ pub(crate) async fn apply_pending(
         client
             .batch_execute(&format!("SET lock_timeout = {timeout_ms}"))
             .await
-            .map_err(|e| database(&e))?;
+            .map_err(|e| ShardError::database(shard, e))?;
         for target in status.pending {
             let file = &migrations.files[target as usize - 1];
             let mut attempt = 1;
@@ -734,7 +771,7 @@ pub(crate) async fn apply_pending(
                         shard: shard.to_owned(),
                         file: file.label(),
                         version,
-                        cause: error_text(&e),
+                        cause: e.into(),
                     });
                 }
                 if attempt == migrations.lock_attempts {
@@ -744,7 +781,7 @@ pub(crate) async fn apply_pending(
                         version,
                         attempts: attempt,
                         timeout_ms,
-                        cause: error_text(&e),
+                        cause: e.into(),
                     });
                 }
                 tracing::warn!(shard, file = %file.label(), attempt, "lock timeout; rolled back, trying again");

@@ -217,12 +217,7 @@ impl RejectionBody for tonic::body::Body {
 #[cfg(feature = "grpc")]
 impl From<DbError> for tonic::Status {
     fn from(err: DbError) -> Self {
-        let rejection = Rejection::from(&err);
-        if rejection == Rejection::ShardUnavailable {
-            tracing::warn!(error = %err, "shard unavailable");
-        } else {
-            tracing::error!(error = %err, "database error");
-        }
+        let rejection = log(&err);
         tonic::Status::new(
             tonic::Code::from_i32(rejection.grpc_code()),
             rejection.grpc_message(),
@@ -259,12 +254,18 @@ impl axum_core::response::IntoResponse for Rejection {
 /// tenant, shard and map version, and the client gets the fixed response.
 impl axum_core::response::IntoResponse for DbError {
     fn into_response(self) -> axum_core::response::Response {
-        let rejection = Rejection::from(&self);
-        if rejection == Rejection::ShardUnavailable {
-            tracing::warn!(error = %self, "shard unavailable");
-        } else {
-            tracing::error!(error = %self, "database error");
-        }
-        Rejection::into_response(rejection)
+        Rejection::into_response(log(&self))
     }
+}
+
+/// Logs a handler's error with its cause (the one place a [`DbError`]'s
+/// cause is printed) and says how the client is answered.
+fn log(err: &DbError) -> Rejection {
+    let rejection = Rejection::from(err);
+    if rejection == Rejection::ShardUnavailable {
+        tracing::warn!(error = %err.report(), "shard unavailable");
+    } else {
+        tracing::error!(error = %err.report(), "database error");
+    }
+    rejection
 }

@@ -220,14 +220,14 @@ async fn a_broken_file_stops_its_shard_at_the_last_good_version() {
         assert_eq!(report.applied, [1]);
         let err = report.outcome.as_ref().unwrap_err();
         match err {
-            ShardError::Failed {
-                file,
-                version,
-                cause,
-                ..
-            } => {
+            ShardError::Failed { file, version, .. } => {
                 assert_eq!((file.as_str(), *version), ("V2__broken", 1));
-                assert!(cause.contains("syntax error"), "{cause}");
+                assert!(err.to_string().contains("syntax error"), "{err}");
+                // The driver's error stays reachable through the runner's.
+                assert_eq!(
+                    err.sqlstate(),
+                    Some(&shard_router::tokio_postgres::error::SqlState::SYNTAX_ERROR)
+                );
             }
             other => panic!("expected Failed, got {other}"),
         }

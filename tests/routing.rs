@@ -582,7 +582,23 @@ async fn a_one_round_trip_write_that_fails_commits_nothing_and_leaves_a_clean_co
         .execute_returning(insert, &[&"acme", &id])
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("duplicate key"), "{err}");
+    // The message says where; the driver's words come once, through source().
+    let message = err.to_string();
+    assert!(
+        message.contains("shard a") && message.contains("tenant acme"),
+        "{message}"
+    );
+    assert!(!message.contains("duplicate key"), "{message}");
+    let source = std::error::Error::source(&err).expect("the driver's error");
+    assert!(
+        source.is::<shard_router::tokio_postgres::Error>(),
+        "{source:?}"
+    );
+    let report = err.report().to_string();
+    assert!(
+        report.starts_with(&message) && report.contains("duplicate key"),
+        "{report}"
+    );
     assert!(!err.is_unavailable());
     assert_eq!(err.kind(), shard_router::DbErrorKind::UniqueViolation);
     assert_eq!(err.sqlstate().map(|s| s.code()), Some("23505"));

@@ -66,12 +66,13 @@ fn control_migrations() -> Migrations {
 #[non_exhaustive]
 pub enum ControlError {
     /// The control database cannot be reached.
-    #[error("control database {url} is unreachable: {cause}")]
+    #[error("control database {url} is unreachable: {}", crate::pg::error_text(&**.cause))]
     Unreachable {
         /// The URL, password redacted.
         url: String,
-        /// Why.
-        cause: String,
+        /// Why: the driver's error, or what is wrong with the URL.
+        #[source]
+        cause: crate::migrate::BoxError,
     },
     /// A statement failed.
     #[error("control database: {}", crate::pg::error_text(.cause))]
@@ -543,12 +544,12 @@ pub(crate) fn checksum(toml: &str) -> String {
 
 /// A connection to the control database; the caller drives the connection.
 pub(crate) async fn open(url: &str) -> Result<(Client, ControlConnection), ControlError> {
-    let unreachable = |cause: String| ControlError::Unreachable {
+    let unreachable = |cause| ControlError::Unreachable {
         url: redact_url(url),
         cause,
     };
     crate::pg::Endpoint::parse(url)
-        .map_err(unreachable)?
+        .map_err(|e| unreachable(e.into()))?
         .connect(Duration::from_secs(5))
         .await
         .map_err(unreachable)

@@ -148,7 +148,7 @@ impl<'a> Scan<'a> {
                 &[&column],
             )
             .await
-            .map_err(|e| database(shard.name(), &e))?;
+            .map_err(|e| ShardError::database(shard.name(), e))?;
         let tables = rows
             .iter()
             .map(|r| TenantTable {
@@ -184,7 +184,7 @@ impl<'a> Scan<'a> {
                 .client
                 .query(&sql, &[&left])
                 .await
-                .map_err(|e| database(self.shard, &e))?;
+                .map_err(|e| ShardError::database(self.shard, e))?;
             let here: BTreeSet<String> = rows.iter().map(|r| r.get(0)).collect();
             left.retain(|t| !here.contains(*t));
             found.extend(here);
@@ -205,16 +205,9 @@ impl<'a> Scan<'a> {
                     &[],
                 )
                 .await
-                .map_err(|e| database(self.shard, &e))?;
+                .map_err(|e| ShardError::database(self.shard, e))?;
             tenants.extend(rows.iter().map(|r| r.get::<_, String>(0)));
         }
         Ok(tenants)
-    }
-}
-
-fn database(shard: &str, e: &tokio_postgres::Error) -> ShardError {
-    ShardError::Database {
-        shard: shard.to_owned(),
-        cause: crate::pg::error_text(e),
     }
 }

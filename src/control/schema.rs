@@ -75,9 +75,6 @@ async fn columns(shard: &crate::map::Shard) -> Result<BTreeSet<String>, ShardErr
             &[],
         )
         .await
-        .map_err(|e| ShardError::Database {
-            shard: shard.name().to_owned(),
-            cause: crate::pg::error_text(&e),
-        })?;
+        .map_err(|e| ShardError::database(shard.name(), e))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }

@@ -1523,6 +1523,11 @@ impl fmt::Debug for TenantWriter {
 /// A database failure while serving a tenant. Carries tenant, shard and map
 /// version; converts to a response with [`crate::Rejection`].
 ///
+/// Its `Display` says what failed and where; the driver's or the pool's error
+/// is the [`source`](std::error::Error::source), never repeated in the
+/// message, so error reporters that walk the chain print it once.
+/// [`DbError::report`] renders both on one line, as the router's own logs do.
+///
 /// ```
 /// # use shard_router::{DbError, Rejection};
 /// # fn status(err: &DbError) -> http::StatusCode { Rejection::from(err).status() }
@@ -1531,9 +1536,7 @@ impl fmt::Debug for TenantWriter {
 #[non_exhaustive]
 pub enum DbError {
     /// The shard could not give a connection in time, or cannot be reached. 503.
-    #[error(
-        "shard {shard} is unavailable for tenant {tenant} (map version {map_version}): {cause}"
-    )]
+    #[error("shard {shard} is unavailable for tenant {tenant} (map version {map_version})")]
     Unavailable {
         /// The tenant.
         tenant: TenantId,
@@ -1542,13 +1545,11 @@ pub enum DbError {
         /// The map version of the request.
         map_version: u64,
         /// What the pool said: a timeout, or the connection error.
+        #[source]
         cause: Box<PoolError>,
     },
     /// A statement failed. 503 if the connection broke, 500 otherwise.
-    #[error(
-        "query failed on shard {shard} for tenant {tenant} (map version {map_version}): {}",
-        crate::pg::error_text(cause)
-    )]
+    #[error("query failed on shard {shard} for tenant {tenant} (map version {map_version})")]
     Query {
         /// The tenant.
         tenant: TenantId,
@@ -1557,6 +1558,7 @@ pub enum DbError {
         /// The map version of the request.
         map_version: u64,
         /// The driver's error; `cause.as_db_error()` gives the SQLSTATE.
+        #[source]
         cause: tokio_postgres::Error,
     },
     /// The shard's fence refused the write: this router's map is older than the
@@ -1638,7 +1640,34 @@ pub enum DbErrorKind {
     Other,
 }
 
+/// A [`DbError`] with its cause, on one line: see [`DbError::report`].
+#[derive(Debug, Clone, Copy)]
+pub struct DbErrorReport<'a>(&'a DbError);
+
+impl std::fmt::Display for DbErrorReport<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        if let Some(cause) = std::error::Error::source(self.0) {
+            write!(f, ": {}", crate::pg::error_text(cause))?;
+        }
+        Ok(())
+    }
+}
+
 impl DbError {
+    /// The message and its cause on one line (the database's own words for a
+    /// failed statement: `query failed on shard a for tenant acme (map version
+    /// 3): relation "notez" does not exist`), for logs.
+    ///
+    /// ```
+    /// # fn log(err: &shard_router::DbError) {
+    /// tracing::error!(error = %err.report(), "could not list notes");
+    /// # }
+    /// ```
+    pub fn report(&self) -> DbErrorReport<'_> {
+        DbErrorReport(self)
+    }
+
     /// The kind of failure, for an application that answers some kinds
     /// itself; the router's own answer ([`crate::Rejection`]) is 503 for
     /// `Unavailable` and `Fenced` and 500 for the rest.

@@ -79,15 +79,15 @@ impl Endpoint {
     }
 
     /// Connects, giving up after `timeout` unless the string sets its own.
-    pub(crate) async fn connect(&self, timeout: Duration) -> Result<(Client, Connection), String> {
+    pub(crate) async fn connect(
+        &self,
+        timeout: Duration,
+    ) -> Result<(Client, Connection), crate::migrate::BoxError> {
         let mut config = self.config.clone();
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(timeout);
         }
-        config
-            .connect(self.tls.connector()?)
-            .await
-            .map_err(|e| error_text(&e))
+        Ok(config.connect(self.tls.connector()?).await?)
     }
 }
 
@@ -267,10 +267,7 @@ pub(crate) async fn refuse_hidden_rows(
             &[&column],
         )
         .await
-        .map_err(|e| crate::migrate::ShardError::Database {
-            shard: shard.to_owned(),
-            cause: error_text(&e),
-        })?;
+        .map_err(|e| crate::migrate::ShardError::database(shard, e))?;
     let tables: Vec<String> = row.get(1);
     if tables.is_empty() {
         return Ok(());
