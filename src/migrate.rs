@@ -522,6 +522,29 @@ pub enum ShardError {
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ShardError {
+    /// A stable word for the failure, for scripts: `unreachable`, `drift`,
+    /// `missing`, `failed`, `row_security`, `lock_timeout`,
+    /// `move_in_flight` or `database`.
+    ///
+    /// ```
+    /// use shard_router::migrate::ShardError;
+    ///
+    /// let err = ShardError::Missing { shard: "a".into(), file: "V3__x".into() };
+    /// assert_eq!(err.kind(), "missing");
+    /// ```
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ShardError::Unreachable { .. } => "unreachable",
+            ShardError::Drift { .. } => "drift",
+            ShardError::Missing { .. } => "missing",
+            ShardError::Failed { .. } => "failed",
+            ShardError::RowSecurity { .. } => "row_security",
+            ShardError::LockTimeout { .. } => "lock_timeout",
+            ShardError::MoveInFlight { .. } => "move_in_flight",
+            ShardError::Database { .. } => "database",
+        }
+    }
+
     /// The SQLSTATE the shard answered, found anywhere in the cause's chain;
     /// `None` when the failure was not the database's (a changed file, an
     /// unreachable host).
@@ -558,7 +581,7 @@ impl ShardError {
 }
 
 /// Where one shard stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ShardStatus {
     /// The shard.
     pub shard: String,
@@ -577,6 +600,33 @@ pub struct ShardReport {
     pub applied: Vec<u32>,
     /// The shard's version at the end, or what stopped it.
     pub outcome: Result<u32, ShardError>,
+}
+
+/// As `shardctl --json migrate` prints it: `shard`, `applied`, and `version`
+/// or `error` with its [`ShardError::kind`].
+impl serde::Serialize for ShardReport {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut report = serializer.serialize_struct("ShardReport", 5)?;
+        report.serialize_field("shard", &self.shard)?;
+        report.serialize_field("applied", &self.applied)?;
+        report.serialize_field("version", &self.outcome.as_ref().ok())?;
+        let err = self.outcome.as_ref().err();
+        report.serialize_field("error", &err.map(ToString::to_string))?;
+        report.serialize_field("kind", &err.map(ShardError::kind))?;
+        report.end()
+    }
+}
+
+/// `{"kind": ..., "error": message}`: the [`ShardError::kind`] and the text.
+impl serde::Serialize for ShardError {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut err = serializer.serialize_struct("ShardError", 2)?;
+        err.serialize_field("kind", self.kind())?;
+        err.serialize_field("error", &self.to_string())?;
+        err.end()
+    }
 }
 
 /// Connects for administrative work (the shard's `admin_url` if set, else its

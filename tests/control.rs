@@ -133,8 +133,18 @@ async fn wait_names_a_stopped_router_stale_and_a_live_one_that_lags() {
         String::from_utf8_lossy(&out.stderr)
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["rollout"]["applied"], serde_json::json!(["r1"]));
-    assert_eq!(json["rollout"]["stale"], serde_json::json!(["r2"]));
+    let ids = |rows: &serde_json::Value| -> Vec<String> {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["instance_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&json["rollout"]["applied"]), ["r1"]);
+    assert_eq!(ids(&json["rollout"]["stale"]), ["r2"]);
+    assert_eq!(json["rollout"]["stale"][0]["stale"], true);
+    assert_eq!(json["version"], 2);
+    assert_eq!(json["diff"]["pins_added"][0]["tenant"], "x");
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // A router that is alive but stays behind makes --wait fail and is named.

@@ -127,13 +127,15 @@ impl From<tokio_postgres::Error> for ControlError {
     }
 }
 
-/// A published map version.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A published map version. Serializes without its TOML (as `shardctl --json
+/// map history` prints it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct StoredMap {
     /// Its version.
     pub version: u64,
     /// The TOML as published.
+    #[serde(skip)]
     pub toml: String,
     /// SipHash-1-3 (keys 0) of the TOML, hex.
     pub checksum: String,
@@ -181,6 +183,22 @@ pub struct RouterRow {
     pub known: bool,
 }
 
+/// As `shardctl --json routers` prints it: the fields, and `stale`.
+impl serde::Serialize for RouterRow {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut row = serializer.serialize_struct("RouterRow", 7)?;
+        row.serialize_field("instance_id", &self.instance_id)?;
+        row.serialize_field("host", &self.host)?;
+        row.serialize_field("applied_version", &self.applied_version)?;
+        row.serialize_field("last_seen_ms", &self.last_seen_ms)?;
+        row.serialize_field("lease_ms", &self.lease_ms)?;
+        row.serialize_field("stale", &self.is_stale())?;
+        row.serialize_field("known", &self.known)?;
+        row.end()
+    }
+}
+
 impl RouterRow {
     /// True when the router missed its lease (stopped, or cut off from the control database).
     ///
@@ -218,7 +236,7 @@ mod router_row_tests {
 }
 
 /// How a rollout ended: routers that applied the version, and stale ones not waited for.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Rollout {
     /// Live routers at or past the version.

@@ -33,8 +33,9 @@ impl PublishOptions {
     }
 }
 
-/// What a publish did (or, on a dry run, would do).
-#[derive(Debug, Clone)]
+/// What a publish did (or, on a dry run, would do). Serializes without the
+/// TOML, as `shardctl --json map publish` prints it.
+#[derive(Debug, Clone, serde::Serialize)]
 #[non_exhaustive]
 pub struct Published {
     /// The version.
@@ -46,6 +47,7 @@ pub struct Published {
     /// False on a dry run.
     pub published: bool,
     /// The TOML stored (with the added pins).
+    #[serde(skip)]
     pub toml: String,
 }
 

@@ -7,7 +7,7 @@ use crate::migrate::{self, ShardError};
 use crate::{ShardMap, TenantId};
 
 /// A tenant with data that a new map would place on another shard.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Rehomed {
     /// The tenant.
     pub tenant: String,
@@ -51,7 +51,8 @@ pub async fn tenants_rehomed(old: &ShardMap, new: &ShardMap) -> Result<Vec<Rehom
         // Only named tenants can change shard: look them up per old shard, one
         // connection and one query per tenant table for all of them.
         let mut by_shard: BTreeMap<ShardIndex, BTreeMap<String, String>> = BTreeMap::new();
-        for (tenant, _from, to) in MapDiff::between(old, new).named_tenants_moved {
+        for change in MapDiff::between(old, new).named_tenants_moved {
+            let (tenant, to) = (change.tenant, change.to);
             let Ok(id) = TenantId::new(&tenant) else {
                 continue;
             };

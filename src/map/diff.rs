@@ -17,10 +17,12 @@ use super::{MovePhase, ShardMap};
 ///     &load(2, "[shards.b]\nurl = \"postgres://h/b\"\n[tenants]\nacme = \"b\""),
 /// );
 /// assert_eq!(diff.shards_added, ["b"]);
-/// assert_eq!(diff.pins_added, [("acme".to_owned(), "b".to_owned())]);
+/// assert_eq!((diff.pins_added[0].tenant.as_str(), diff.pins_added[0].shard.as_str()), ("acme", "b"));
 /// assert!(diff.ring_moved > 0.3 && diff.ring_moved < 0.7); // about half the ring moves to b
+/// // `shardctl --json map diff` prints this serialization.
+/// assert_eq!(serde_json::to_value(&diff).unwrap()["pins_added"][0]["tenant"], "acme");
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct MapDiff {
     /// The older map's version.
@@ -31,21 +33,75 @@ pub struct MapDiff {
     pub shards_added: Vec<String>,
     /// Shards only in the older map.
     pub shards_removed: Vec<String>,
-    /// Shards in both whose settings differ, with what differs (`url`, `weight`, `pool`).
-    pub shards_changed: Vec<(String, Vec<&'static str>)>,
-    /// Pins only in the newer map: (tenant, shard).
-    pub pins_added: Vec<(String, String)>,
-    /// Pins only in the older map: (tenant, shard).
-    pub pins_removed: Vec<(String, String)>,
-    /// Pins to another shard: (tenant, old shard, new shard).
-    pub pins_changed: Vec<(String, String, String)>,
-    /// Moves that started, changed phase or ended: (tenant, before, after).
-    pub moves_changed: Vec<(String, String, String)>,
+    /// Shards in both whose settings differ, with what differs.
+    pub shards_changed: Vec<ShardChange>,
+    /// Pins only in the newer map.
+    pub pins_added: Vec<Pin>,
+    /// Pins only in the older map.
+    pub pins_removed: Vec<Pin>,
+    /// Pins to another shard.
+    pub pins_changed: Vec<TenantShardChange>,
+    /// Moves that started, changed phase or ended.
+    pub moves_changed: Vec<MoveChange>,
     /// Share of the ring's hash space (0 to 1) whose shard changes: roughly the
     /// share of unpinned tenants that would change shard.
     pub ring_moved: f64,
-    /// Tenants named by pins or moves in either map whose shard changes: (tenant, old, new).
-    pub named_tenants_moved: Vec<(String, String, String)>,
+    /// Tenants named by pins or moves in either map whose shard changes.
+    #[serde(rename = "tenants_changing_shard")]
+    pub named_tenants_moved: Vec<TenantShardChange>,
+}
+
+/// A shard in both maps whose settings differ.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ShardChange {
+    /// The shard.
+    pub shard: String,
+    /// What differs: `url`, `admin_url`, `weight`, `pool`.
+    pub changed: Vec<&'static str>,
+}
+
+/// A tenant pinned to a shard.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Pin {
+    /// The tenant.
+    pub tenant: String,
+    /// Its shard.
+    pub shard: String,
+}
+
+/// A tenant whose shard differs between the maps.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct TenantShardChange {
+    /// The tenant.
+    pub tenant: String,
+    /// Its shard in the older map.
+    pub from: String,
+    /// Its shard in the newer map.
+    pub to: String,
+}
+
+/// A move that started, changed phase or ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct MoveChange {
+    /// The tenant.
+    pub tenant: String,
+    /// `a -> b (dual_write)`, or `not moving`.
+    pub before: String,
+    /// The same, in the newer map.
+    pub after: String,
+}
+
+/// The three-string record of a tenant and two shards.
+fn switch(tenant: &str, from: String, to: String) -> TenantShardChange {
+    TenantShardChange {
+        tenant: tenant.to_owned(),
+        from,
+        to,
+    }
 }
 
 impl MapDiff {
@@ -88,7 +144,10 @@ impl MapDiff {
                         what.push("pool");
                     }
                     if !what.is_empty() {
-                        diff.shards_changed.push((shard.name().to_owned(), what));
+                        diff.shards_changed.push(ShardChange {
+                            shard: shard.name().to_owned(),
+                            changed: what,
+                        });
                     }
                 }
             }
@@ -104,21 +163,24 @@ impl MapDiff {
         let name = |map: &ShardMap, i| map.shard(i).name().to_owned();
         for (tenant, shard) in &new_pins {
             match old_pins.binary_search_by(|(t, _)| t.cmp(tenant)) {
-                Err(_) => diff
-                    .pins_added
-                    .push((tenant.to_string(), name(new, *shard))),
+                Err(_) => diff.pins_added.push(Pin {
+                    tenant: tenant.to_string(),
+                    shard: name(new, *shard),
+                }),
                 Ok(at) => {
                     let (before, after) = (name(old, old_pins[at].1), name(new, *shard));
                     if before != after {
-                        diff.pins_changed.push((tenant.to_string(), before, after));
+                        diff.pins_changed.push(switch(tenant, before, after));
                     }
                 }
             }
         }
         for (tenant, shard) in &old_pins {
             if new_pins.binary_search_by(|(t, _)| t.cmp(tenant)).is_err() {
-                diff.pins_removed
-                    .push((tenant.to_string(), name(old, *shard)));
+                diff.pins_removed.push(Pin {
+                    tenant: tenant.to_string(),
+                    shard: name(old, *shard),
+                });
             }
         }
 
@@ -139,11 +201,11 @@ impl MapDiff {
         for tenant in &moving {
             let (before, after) = (describe(old, tenant), describe(new, tenant));
             if before != after {
-                diff.moves_changed.push((
-                    tenant.to_string(),
-                    before.unwrap_or_else(|| "not moving".into()),
-                    after.unwrap_or_else(|| "not moving".into()),
-                ));
+                diff.moves_changed.push(MoveChange {
+                    tenant: tenant.to_string(),
+                    before: before.unwrap_or_else(|| "not moving".into()),
+                    after: after.unwrap_or_else(|| "not moving".into()),
+                });
             }
         }
 
@@ -160,8 +222,7 @@ impl MapDiff {
                 name(new, new.locate(&id).shard),
             );
             if before != after {
-                diff.named_tenants_moved
-                    .push((tenant.to_owned(), before, after));
+                diff.named_tenants_moved.push(switch(tenant, before, after));
             }
         }
         diff
@@ -226,20 +287,20 @@ impl fmt::Display for MapDiff {
         for s in &self.shards_removed {
             writeln!(f, "  - shard {s}")?;
         }
-        for (s, what) in &self.shards_changed {
-            writeln!(f, "  ~ shard {s}: {}", what.join(", "))?;
+        for c in &self.shards_changed {
+            writeln!(f, "  ~ shard {}: {}", c.shard, c.changed.join(", "))?;
         }
-        for (t, s) in &self.pins_added {
-            writeln!(f, "  + pin {t} = {s}")?;
+        for p in &self.pins_added {
+            writeln!(f, "  + pin {} = {}", p.tenant, p.shard)?;
         }
-        for (t, s) in &self.pins_removed {
-            writeln!(f, "  - pin {t} = {s}")?;
+        for p in &self.pins_removed {
+            writeln!(f, "  - pin {} = {}", p.tenant, p.shard)?;
         }
-        for (t, a, b) in &self.pins_changed {
-            writeln!(f, "  ~ pin {t}: {a} -> {b}")?;
+        for c in &self.pins_changed {
+            writeln!(f, "  ~ pin {}: {} -> {}", c.tenant, c.from, c.to)?;
         }
-        for (t, a, b) in &self.moves_changed {
-            writeln!(f, "  ~ move {t}: {a} => {b}")?;
+        for c in &self.moves_changed {
+            writeln!(f, "  ~ move {}: {} => {}", c.tenant, c.before, c.after)?;
         }
         if self.ring_moved > 0.0 {
             writeln!(
@@ -248,8 +309,12 @@ impl fmt::Display for MapDiff {
                 self.ring_moved * 100.0
             )?;
         }
-        for (t, a, b) in &self.named_tenants_moved {
-            writeln!(f, "  tenant {t} changes shard: {a} -> {b}")?;
+        for c in &self.named_tenants_moved {
+            writeln!(
+                f,
+                "  tenant {} changes shard: {} -> {}",
+                c.tenant, c.from, c.to
+            )?;
         }
         Ok(())
     }
@@ -289,13 +354,24 @@ mod tests {
         let old = load("version = 1\n[shards.a]\nurl = \"postgres://h/a\"\n[shards.b]\nurl = \"postgres://h/b\"\n[tenants]\nacme = \"a\"\ninitech = \"a\"\n");
         let new = load("version = 2\n[shards.a]\nurl = \"postgres://h/a\"\n[shards.b]\nurl = \"postgres://h/b2\"\n[tenants]\nacme = \"b\"\n[moves.globex]\nfrom = \"a\"\nto = \"b\"\n");
         let diff = MapDiff::between(&old, &new);
-        assert_eq!(diff.shards_changed, [("b".to_owned(), vec!["url"])]);
-        assert_eq!(diff.pins_changed, [("acme".into(), "a".into(), "b".into())]);
-        assert_eq!(diff.pins_removed, [("initech".into(), "a".into())]);
-        assert_eq!(diff.moves_changed[0].0, "globex");
+        let changed = ShardChange {
+            shard: "b".into(),
+            changed: vec!["url"],
+        };
+        assert_eq!(diff.shards_changed, [changed]);
+        assert_eq!(diff.pins_changed, [switch("acme", "a".into(), "b".into())]);
+        let initech = Pin {
+            tenant: "initech".into(),
+            shard: "a".into(),
+        };
+        assert_eq!(diff.pins_removed, [initech]);
+        assert_eq!(diff.moves_changed[0].tenant, "globex");
         assert!(diff
             .named_tenants_moved
-            .contains(&("acme".into(), "a".into(), "b".into())));
+            .contains(&switch("acme", "a".into(), "b".into())));
+        let json = serde_json::to_value(&diff).unwrap();
+        assert_eq!(json["pins_changed"][0]["to"], "b");
+        assert_eq!(json["tenants_changing_shard"][0]["tenant"], "acme");
         let text = diff.to_string();
         assert!(text.contains("~ pin acme: a -> b"), "{text}");
     }

@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
-pub use diff::MapDiff;
+pub use diff::{MapDiff, MoveChange, Pin, ShardChange, TenantShardChange};
 pub use document::MapDocument;
 pub use load::{MapLoader, DEFAULT_ENV_PREFIX};
 pub use validate::{MapError, Problem};

@@ -348,8 +348,9 @@ impl MoveError {
     }
 }
 
-/// A move as the control database records it.
-#[derive(Debug, Clone, PartialEq)]
+/// A move as the control database records it (and as `shardctl --json tenant
+/// move-status` prints it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct MoveStatus {
     /// The tenant.

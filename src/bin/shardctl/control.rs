@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use crate::{block_on, connect, ControlArg};
+use crate::{block_on, connect, print_json, ControlArg};
 
 #[derive(Subcommand)]
 pub(crate) enum ControlCommand {
@@ -37,15 +37,7 @@ pub(crate) fn routers(arg: &ControlArg, json: bool) -> Result<(), String> {
         let routers = control.routers().await.map_err(|e| format!("{e}"))?;
         let newest = control.latest().await.ok().map(|m| m.version);
         if json {
-            let rows: Vec<_> = routers
-                .iter()
-                .map(|r| {
-                    json!({"instance_id": r.instance_id, "host": r.host, "applied_version": r.applied_version,
-                           "last_seen_ms": r.last_seen_ms, "lease_ms": r.lease_ms, "stale": r.is_stale(),
-                           "known": r.known})
-                })
-                .collect();
-            println!("{}", json!({"newest_version": newest, "routers": rows}));
+            print_json(&json!({"newest_version": newest, "routers": routers}));
             return Ok(());
         }
         println!(

@@ -4,10 +4,11 @@
 //! printed); 2 bad command-line usage.
 
 mod control;
-mod maps;
+mod map;
 mod migrate;
+mod tenant;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -30,10 +31,10 @@ struct Cli {
 enum Command {
     /// Shard maps: validate, show, publish, history, diff, rollback.
     #[command(subcommand)]
-    Map(maps::MapCommand),
+    Map(map::MapCommand),
     /// Tenants.
     #[command(subcommand)]
-    Tenant(maps::TenantCommand),
+    Tenant(tenant::TenantCommand),
     /// Apply the migrations folder to every shard (`migrate status` to look only).
     Migrate(migrate::MigrateArgs),
     /// The control database.
@@ -67,14 +68,7 @@ impl MapSourceArgs {
     pub(crate) fn load(&self) -> Result<ShardMap, String> {
         match (&self.map, &self.control) {
             (Some(file), _) => load(file),
-            (None, Some(url)) => block_on(async {
-                let control = connect(url).await?;
-                control
-                    .latest()
-                    .await
-                    .and_then(|stored| stored.load())
-                    .map_err(|e| format!("{e}"))
-            }),
+            (None, Some(url)) => block_on(async { stored(&connect(url).await?, None).await }),
             (None, None) => Err("give --map FILE or --control URL".to_owned()),
         }
     }
@@ -84,8 +78,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
     let result = match cli.command {
-        Command::Map(command) => maps::run(command, json),
-        Command::Tenant(command) => maps::run_tenant(command, json),
+        Command::Map(command) => map::run(command, json),
+        Command::Tenant(command) => tenant::run(command, json),
         Command::Migrate(args) => migrate::run(&args, json),
         Command::Control(command) => control::run(command, json),
         Command::Routers(arg) => control::routers(&arg, json),
@@ -102,9 +96,36 @@ fn main() -> ExitCode {
     }
 }
 
+// Every command reads maps through these two: a file with the environment's
+// overrides, or a published version with them.
+
 /// Loads a map file with the environment's overrides.
-pub(crate) fn load(file: &PathBuf) -> Result<ShardMap, String> {
+pub(crate) fn load(file: &Path) -> Result<ShardMap, String> {
     MapLoader::new().load_file(file).map_err(|e| format!("{e}"))
+}
+
+/// Loads a published version (`None`: the newest) with the environment's overrides.
+pub(crate) async fn stored(
+    control: &ControlPlane,
+    version: Option<u64>,
+) -> Result<ShardMap, String> {
+    let stored = match version {
+        Some(v) => control
+            .get(v)
+            .await
+            .map_err(|e| format!("{e}"))?
+            .ok_or_else(|| format!("version {v} was never published"))?,
+        None => control.latest().await.map_err(|e| format!("{e}"))?,
+    };
+    stored.load().map_err(|e| format!("{e}"))
+}
+
+/// Prints `value` as one line of JSON (`--json`), from the library's own serialization.
+pub(crate) fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string(value).expect("library types serialize to JSON")
+    );
 }
 
 /// Runs `future` on a single-threaded runtime.

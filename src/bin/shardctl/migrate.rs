@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use serde_json::json;
-use shard_router::migrate::{self, Migrations, ShardError};
+use shard_router::migrate::{self, Migrations, ShardError, ShardStatus};
 
-use crate::{block_on, MapSourceArgs};
+use crate::{block_on, print_json, MapSourceArgs};
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -65,13 +65,23 @@ pub(crate) fn run(args: &MigrateArgs, json: bool) -> Result<(), String> {
     let statuses = block_on(migrate::status(&map, &migrations));
 
     if status_only {
+        /// A shard's row in `--json migrate status`.
+        #[derive(serde::Serialize)]
+        #[serde(untagged)]
+        enum Row<'a> {
+            Ok(&'a ShardStatus),
+            Failed {
+                shard: &'a str,
+                #[serde(flatten)]
+                error: &'a ShardError,
+            },
+        }
         let mut failed = false;
         let mut rows = Vec::new();
         for (shard, status) in &statuses {
             match status {
                 Ok(s) => {
-                    rows.push(json!({"shard": shard, "version": s.version,
-                        "pending": s.pending.iter().map(|v| label(*v)).collect::<Vec<_>>(), "error": null}));
+                    rows.push(Row::Ok(s));
                     if !json {
                         let pending: Vec<String> = s.pending.iter().map(|v| label(*v)).collect();
                         let verb = if args.dry_run {
@@ -92,8 +102,7 @@ pub(crate) fn run(args: &MigrateArgs, json: bool) -> Result<(), String> {
                 }
                 Err(e) => {
                     failed = true;
-                    rows.push(json!({"shard": shard, "version": null, "pending": null,
-                        "error": e.to_string(), "kind": kind(e)}));
+                    rows.push(Row::Failed { shard, error: e });
                     if !json {
                         println!("{shard:<12} {}", e);
                     }
@@ -101,9 +110,8 @@ pub(crate) fn run(args: &MigrateArgs, json: bool) -> Result<(), String> {
             }
         }
         if json {
-            println!(
-                "{}",
-                json!({"latest": migrations.latest(), "dry_run": args.dry_run, "shards": rows})
+            print_json(
+                &json!({"latest": migrations.latest(), "dry_run": args.dry_run, "shards": rows}),
             );
         }
         return if failed { Err(String::new()) } else { Ok(()) };
@@ -127,39 +135,29 @@ pub(crate) fn run(args: &MigrateArgs, json: bool) -> Result<(), String> {
         bar.inc(1);
     }));
     bar.finish_and_clear();
-    let mut failed = Vec::new();
-    let mut rows = Vec::new();
-    for report in &reports {
-        let applied: Vec<String> = report.applied.iter().map(|v| label(*v)).collect();
-        match &report.outcome {
-            Ok(version) => {
-                rows.push(json!({"shard": report.shard, "version": version, "applied": applied, "error": null}));
-                if !json {
-                    println!(
-                        "{:<12} version {version:<4} {}",
-                        report.shard,
-                        if applied.is_empty() {
-                            "already up to date".to_owned()
-                        } else {
-                            format!("applied: {}", applied.join(", "))
-                        }
-                    );
-                }
-            }
-            Err(e) => {
-                failed.push(report.shard.clone());
-                rows.push(
-                    json!({"shard": report.shard, "version": null, "applied": applied,
-                    "error": e.to_string(), "kind": kind(e)}),
-                );
-                if !json {
-                    println!("{:<12} FAILED {e}", report.shard);
-                }
+    let failed: Vec<&str> = reports
+        .iter()
+        .filter(|r| r.outcome.is_err())
+        .map(|r| r.shard.as_str())
+        .collect();
+    if json {
+        print_json(&json!({"latest": migrations.latest(), "shards": reports}));
+    } else {
+        for report in &reports {
+            let applied: Vec<String> = report.applied.iter().map(|v| label(*v)).collect();
+            match &report.outcome {
+                Ok(version) => println!(
+                    "{:<12} version {version:<4} {}",
+                    report.shard,
+                    if applied.is_empty() {
+                        "already up to date".to_owned()
+                    } else {
+                        format!("applied: {}", applied.join(", "))
+                    }
+                ),
+                Err(e) => println!("{:<12} FAILED {e}", report.shard),
             }
         }
-    }
-    if json {
-        println!("{}", json!({"latest": migrations.latest(), "shards": rows}));
     }
     if failed.is_empty() {
         Ok(())
@@ -167,16 +165,5 @@ pub(crate) fn run(args: &MigrateArgs, json: bool) -> Result<(), String> {
         Err(String::new())
     } else {
         Err(format!("not migrated: {}", failed.join(", ")))
-    }
-}
-
-/// A stable word for each shard failure, for `--json` consumers.
-fn kind(err: &ShardError) -> &'static str {
-    match err {
-        ShardError::Unreachable { .. } => "unreachable",
-        ShardError::Drift { .. } => "drift",
-        ShardError::Missing { .. } => "missing",
-        ShardError::Failed { .. } => "failed",
-        _ => "database",
     }
 }
