@@ -72,7 +72,7 @@ pub enum ControlError {
         url: String,
         /// Why: the driver's error, or what is wrong with the URL.
         #[source]
-        cause: crate::migrate::BoxError,
+        cause: crate::pg::BoxError,
     },
     /// A statement failed.
     #[error("control database: {}", crate::pg::error_text(.cause))]

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::map::{MapDiff, Shard, ShardIndex};
-use crate::migrate::{self, ShardError};
+use crate::pg::{self, ShardError};
 use crate::{ShardMap, TenantId};
 
 /// A tenant with data that a new map would place on another shard.
@@ -132,7 +132,7 @@ impl<'a> Scan<'a> {
     /// Connects for administrative work, refuses a role that row-level security
     /// blinds, and reads the tenant tables.
     async fn open(shard: &'a Shard, column: &str) -> Result<Scan<'a>, ShardError> {
-        let client = migrate::connect(shard).await?;
+        let client = pg::connect_admin(shard).await?;
         crate::pg::refuse_hidden_rows(&client, shard.name(), column).await?;
         let rows = client
             .query(

@@ -667,18 +667,6 @@ impl ShardMap {
         }
     }
 
-    /// The shard the ring alone would give `tenant`, ignoring pins and moves.
-    ///
-    /// ```
-    /// # use shard_router::map::MapLoader;
-    /// # use shard_router::TenantId;
-    /// # let map = MapLoader::without_env().load_str("version = 4\n[shards.a]\nurl = \"postgres://h/a\"").unwrap();
-    /// assert_eq!(map.ring_shard(&TenantId::new("x").unwrap()).get(), 0);
-    /// ```
-    pub fn ring_shard(&self, tenant: &TenantId) -> ShardIndex {
-        self.ring.locate(tenant.as_str()).unwrap_or(ShardIndex(0))
-    }
-
     /// The move of `tenant`, if it is in flight.
     ///
     /// ```

@@ -44,8 +44,8 @@ pub use catalog::TenantTable;
 
 use crate::control::{ControlError, ControlPlane, PublishError, PublishOptions};
 use crate::map::Shard;
-use crate::migrate::{self, ShardError};
 use crate::pg::error_text;
+use crate::pg::{self, ShardError};
 use crate::{ShardMap, TenantId};
 
 /// The steps of a move, in order.
@@ -433,7 +433,7 @@ pub async fn start(
     // Refuse what a move cannot do before anything is recorded or changed.
     for name in [from.as_str(), to] {
         let shard = shard_named(&map, name)?;
-        let client = migrate::connect(shard).await?;
+        let client = pg::connect_admin(shard).await?;
         crate::pg::refuse_hidden_rows(&client, name, map.tenant_column()).await?;
         let tables = catalog::tenant_tables(&client, map.tenant_column()).await?;
         if let Some((table, column)) =
@@ -713,8 +713,8 @@ impl<'a> Mover<'a> {
     /// Both shards' clients, and the newest map.
     async fn shards(&self) -> Result<(ShardMap, Client, Client), MoveError> {
         let map = self.control.latest().await?.load()?;
-        let source = migrate::connect(shard_named(&map, &self.from)?).await?;
-        let target = migrate::connect(shard_named(&map, &self.to)?).await?;
+        let source = pg::connect_admin(shard_named(&map, &self.from)?).await?;
+        let target = pg::connect_admin(shard_named(&map, &self.to)?).await?;
         // Every step checks: a role's rights can change while a move is parked.
         crate::pg::refuse_hidden_rows(&source, &self.from, map.tenant_column()).await?;
         crate::pg::refuse_hidden_rows(&target, &self.to, map.tenant_column()).await?;

@@ -1,6 +1,7 @@
 //! Postgres plumbing shared by every part that talks to a database: parsing a
 //! connection string (with libpq's TLS modes), connecting, error text, and
-//! the one list of advisory-lock keys.
+//! the one list of advisory-lock keys, and [`ShardError`] (what went wrong on one
+//! shard) with the one way to connect for administrative work.
 //!
 //! Connection strings are URLs (`postgres://user:pw@host:5432/db?sslmode=verify-full`)
 //! or key=value strings (`host=h dbname=db sslmode=require`). Besides what
@@ -14,6 +15,7 @@
 //! Client certificates (`sslcert`, `sslkey`) are refused by name: they are not
 //! supported yet.
 
+mod shard_error;
 mod tls;
 
 use std::net::IpAddr;
@@ -27,6 +29,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::map::placement;
 use crate::tenant::TenantId;
 
+pub(crate) use shard_error::connect_admin;
+pub use shard_error::{BoxError, ShardError};
 pub use tls::SslMode;
 pub(crate) use tls::TlsSettings;
 
@@ -82,7 +86,7 @@ impl Endpoint {
     pub(crate) async fn connect(
         &self,
         timeout: Duration,
-    ) -> Result<(Client, Connection), crate::migrate::BoxError> {
+    ) -> Result<(Client, Connection), BoxError> {
         let mut config = self.config.clone();
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(timeout);
@@ -251,7 +255,7 @@ pub(crate) async fn refuse_hidden_rows(
     client: &Client,
     shard: &str,
     column: &str,
-) -> Result<(), crate::migrate::ShardError> {
+) -> Result<(), ShardError> {
     // Superusers and BYPASSRLS roles see everything; a table's owner does too
     // unless the table forces row security on its owner.
     let row = client
@@ -267,12 +271,12 @@ pub(crate) async fn refuse_hidden_rows(
             &[&column],
         )
         .await
-        .map_err(|e| crate::migrate::ShardError::database(shard, e))?;
+        .map_err(|e| ShardError::database(shard, e))?;
     let tables: Vec<String> = row.get(1);
     if tables.is_empty() {
         return Ok(());
     }
-    Err(crate::migrate::ShardError::RowSecurity {
+    Err(ShardError::RowSecurity {
         shard: shard.to_owned(),
         role: row.get(0),
         tables,
