@@ -103,6 +103,14 @@ async fn handle_writes(router: &ShardRouter, tenant: &str, n: usize) -> Vec<Dura
 const SCHEMA: &str = "CREATE TABLE items (tenant_id text NOT NULL, id uuid PRIMARY KEY, \
                       n bigint NOT NULL, body text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
 
+/// Rows per backfill batch: `BATCH_ROWS`, default the move's default.
+fn batch_rows() -> usize {
+    std::env::var("BATCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MoveOptions::default().batch_rows)
+}
+
 /// Moves `tenant` to shard b up to the end of backfill on a thread of its own
 /// (as `shardctl` would, in a process of its own); the thread returns how long
 /// that took.
@@ -122,6 +130,7 @@ fn move_on_own_thread(
             let mut options = MoveOptions::default();
             options.until = Step::Backfill;
             options.max_rows_per_sec = max_rows_per_sec;
+            options.batch_rows = batch_rows();
             let started = Instant::now();
             moves::start(&mut control, &tenant, "b", &options, |_| {})
                 .await
@@ -294,6 +303,7 @@ async fn run(names: Vec<String>) {
     let during = writes_until_done(&router, &mover).await;
     let backfill = mover.join().unwrap();
     let rate = |d: Duration| rows() as f64 / d.as_secs_f64();
+    let batch_rows = batch_rows();
     println!("backfill of {} rows (5 columns, ~100 bytes each):", rows());
     let mb = |d: Duration| copied_bytes as f64 / 1e6 / d.as_secs_f64();
     println!(
@@ -302,7 +312,7 @@ async fn run(names: Vec<String>) {
         mb(copy)
     );
     println!(
-        "  move start + backfill (1000-row batches under the tenant lock): {backfill:?} ({:.0} rows/s, {:.1} MB/s, {:.2}x COPY's time, {:.2}x its throughput)",
+        "  move start + backfill ({batch_rows}-row batches under the tenant lock): {backfill:?} ({:.0} rows/s, {:.1} MB/s, {:.2}x COPY's time, {:.2}x its throughput)",
         rate(backfill),
         mb(backfill),
         backfill.as_secs_f64() / copy.as_secs_f64(),

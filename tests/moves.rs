@@ -589,7 +589,8 @@ async fn a_router_on_the_old_map_is_refused_by_the_fence_on_both_shards() {
                 .await
                 .unwrap_err();
             assert!(err.is_fenced(), "{err}");
-            assert!(err.to_string().contains("need map version"), "{err}");
+            let report = err.report().to_string();
+            assert!(report.contains("need map version"), "{report}");
             assert_eq!(shard_router::Rejection::from(&err).status(), 503);
             writer.rollback().await.unwrap();
             // The one-round-trip write is fenced the same way: a row it

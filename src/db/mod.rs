@@ -1266,7 +1266,7 @@ impl TenantWriter {
             // The write fails and nothing commits; the move hears of it.
             self.db
                 .table
-                .report_move_failure(tenant.as_str(), err.to_string());
+                .report_move_failure(tenant.as_str(), err.report().to_string());
             self.state = WriterState::Failed;
             return Err(err);
         }
@@ -1280,7 +1280,7 @@ impl TenantWriter {
                     let err = self.db.query_error_on(shard, e);
                     self.db.table.report_move_failure(
                         tenant.as_str(),
-                        format!("committed on one shard only: {err}"),
+                        format!("committed on one shard only: {}", err.report()),
                     );
                     return Err(err);
                 }
@@ -1306,7 +1306,7 @@ impl TenantWriter {
             let err = self.db.query_error_on(last_shard, e);
             self.db.table.report_move_failure(
                 tenant.as_str(),
-                format!("committed on one shard only: {err}"),
+                format!("committed on one shard only: {}", err.report()),
             );
             return Err(err);
         }

@@ -165,7 +165,7 @@ impl TenantDb {
                 Some(client)
             }
             Err(e) => {
-                replicas.failed(i, e.to_string());
+                replicas.failed(i, e.report().to_string());
                 None
             }
         }

@@ -88,8 +88,9 @@ pub(crate) struct Copy<'a> {
     pub(crate) column: &'a str,
     pub(crate) version: u64,
     pub(crate) batch_rows: usize,
-    /// The move's lease, renewed before every batch: a mover that lost it
-    /// stops before it copies more.
+    /// The move's lease, renewed before a batch once 250 ms (or a twentieth
+    /// of the lease, if shorter) have passed since the last renewal: a mover
+    /// copies only while its lease surely holds, and one that lost it stops.
     pub(crate) lease: (&'a crate::control::ControlPlane, super::record::Lease),
     /// At most this many rows per second (`None`: as fast as it goes).
     pub(crate) max_rows_per_sec: Option<u64>,
@@ -189,8 +190,17 @@ impl Copy<'_> {
         let mut total = 0u64;
         let mut last: Option<String> = None;
         let started = Instant::now();
+        // The lease is checked and renewed before a batch unless that was done
+        // moments ago: a mover paused past its lease finds it lost on waking,
+        // and renewing after every short batch would add a control-database
+        // commit to each.
+        let renew_every = (self.lease.1.duration / 20).min(Duration::from_millis(250));
+        let mut renewed: Option<Instant> = None;
         loop {
-            super::record::renew(self.lease.0, self.tenant, self.lease.1).await?;
+            if renewed.is_none_or(|at| at.elapsed() >= renew_every) {
+                super::record::renew(self.lease.0, self.tenant, self.lease.1).await?;
+                renewed = Some(Instant::now());
+            }
             let (a, b) = tokio::join!(
                 begin_batch(from, self.version, false),
                 begin_batch(to, self.version, true)

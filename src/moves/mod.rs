@@ -128,7 +128,9 @@ impl Step {
 pub struct MoveOptions {
     /// How long to wait for every live router to apply each new map. Default 30 s.
     pub wait: Duration,
-    /// Rows per backfill batch (each under the tenant lock). Default 1000.
+    /// Rows per backfill batch (each under the tenant lock, so the moving
+    /// tenant's own writes wait at most one batch: about 30 ms at the
+    /// default). Default 2500.
     pub batch_rows: usize,
     /// Backfill throttle: at most this many rows per second, so a move cannot
     /// starve the source's other tenants. Batches then shrink to at most
@@ -153,7 +155,7 @@ impl Default for MoveOptions {
     fn default() -> Self {
         MoveOptions {
             wait: Duration::from_secs(30),
-            batch_rows: 1000,
+            batch_rows: 2500,
             max_rows_per_sec: None,
             purge_source: false,
             until: Step::Complete,
