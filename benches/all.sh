@@ -15,6 +15,6 @@ cargo build --release --examples
   echo "== cargo bench --bench moves";   cargo bench --bench moves 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"
   echo "== BENCH_ROWS=1000000 cargo bench --bench moves (backfill figures)"
   BENCH_ROWS=1000000 cargo bench --bench moves 2>&1 | grep -A2 "^backfill of"
-  echo "== load harness";                ./target/release/examples/load_harness --seconds 8 --connections 32 --rounds 3
+  echo "== load harness";                ./target/release/examples/load_harness --seconds 5 --connections 32 --rounds 5
 } | tee "$out"
 echo "figures written to $out"

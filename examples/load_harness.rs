@@ -477,7 +477,14 @@ async fn run_configs(
     }
     for round in 1..=args.rounds {
         for (w, workload) in workloads.iter().enumerate() {
-            for (i, (label, tenants)) in configs.iter().enumerate() {
+            // Every other round runs the configurations in reverse order, so
+            // that neither always runs first (on a warmer or colder machine).
+            let mut order: Vec<usize> = (0..configs.len()).collect();
+            if round % 2 == 0 {
+                order.reverse();
+            }
+            for i in order {
+                let (label, tenants) = &configs[i];
                 if (label.starts_with('D') && !pgbouncer_up)
                     || !args.configs.iter().any(|c| label.starts_with(c.as_str()))
                 {
@@ -574,8 +581,30 @@ async fn run_configs(
             medians.push(Some(m));
         }
         if let (Some(a), Some(b)) = (medians[0], medians[1]) {
+            // Rounds are interleaved so that each round's A and B share the
+            // machine's state: the median of the per-round ratios cancels
+            // drift between rounds, which the ratio of medians does not.
+            let (fa, fb) = (&figures[w][0], &figures[w][1]);
+            let per_round = |f: &dyn Fn(&Figures) -> f64| -> Vec<f64> {
+                fa.iter().zip(fb).map(|(a, b)| f(a) / f(b)).collect()
+            };
+            let rps = per_round(&|x| x.0);
+            let p99 = per_round(&|x| x.2.as_secs_f64());
+            let list = |v: &[f64]| {
+                v.iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             println!(
-                "  A/B: throughput {:.3}, p99 {:.3} (targets: >= 0.97, <= 1.05)",
+                "  A/B per round: throughput {} -> median {:.3}; p99 {} -> median {:.3} (targets: >= 0.97, <= 1.05)",
+                list(&rps),
+                median(rps.clone()),
+                list(&p99),
+                median(p99.clone())
+            );
+            println!(
+                "  A/B of the medians: throughput {:.3}, p99 {:.3}",
                 a.0 / b.0,
                 a.2.as_secs_f64() / b.2.as_secs_f64()
             );
