@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod accounting;
 pub mod control;
 pub mod db;
 pub mod fan_out;

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
+use crate::accounting::{ShardLoad, ShardTenants, DEFAULT_TOP_TENANTS};
 use crate::limit::TenantLimiter;
 use crate::map::{Location, Shard, ShardIndex, ShardMap};
 use crate::{TenantDb, TenantId};
@@ -72,6 +73,10 @@ pub struct RoutingTable {
     pools: Vec<Pool>,
     /// What else lives as long as each shard's pool, in the same order.
     shard_state: Vec<ShardState>,
+    /// Per-tenant load, one table per shard (in [`ShardIndex`] order), kept
+    /// across map versions by shard name.
+    loads: Vec<Arc<ShardLoad>>,
+    accounting: Arc<Accounting>,
     /// Where dual-write failures go to be recorded on their move (shared by all tables).
     move_failures: MoveFailures,
     /// How to apply row images to each (shard, table), built from the catalog
@@ -86,7 +91,44 @@ pub(crate) type MoveFailure = (String, String);
 pub(crate) type MoveFailures =
     Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<MoveFailure>>>;
 
+/// Every shard's per-tenant load table, by shard name, so that a shard's
+/// figures outlive map versions.
+#[derive(Debug)]
+struct Accounting {
+    top: usize,
+    shards: Mutex<std::collections::HashMap<String, Arc<ShardLoad>>>,
+}
+
+impl Accounting {
+    fn new(top: usize) -> Arc<Accounting> {
+        Arc::new(Accounting {
+            top,
+            shards: Mutex::new(Default::default()),
+        })
+    }
+
+    /// The tables for `map`'s shards, in its order.
+    fn for_map(&self, map: &ShardMap) -> Vec<Arc<ShardLoad>> {
+        let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        map.shards()
+            .iter()
+            .map(|shard| {
+                Arc::clone(
+                    shards
+                        .entry(shard.name().to_owned())
+                        .or_insert_with(|| Arc::new(ShardLoad::new(self.top))),
+                )
+            })
+            .collect()
+    }
+}
+
 impl RoutingTable {
+    /// Where the tenants' load on shard `index` is counted.
+    pub(crate) fn load(&self, index: ShardIndex) -> &ShardLoad {
+        &self.loads[index.get()]
+    }
+
     /// Reports a dual-write failure to be recorded on the tenant's move.
     pub(crate) fn report_move_failure(&self, tenant: &str, what: String) {
         tracing::error!(tenant, error = %what, "dual write failed");
@@ -295,7 +337,10 @@ impl ShardRouter {
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
+        let accounting = Accounting::new(DEFAULT_TOP_TENANTS);
         let table = RoutingTable {
+            loads: accounting.for_map(&map),
+            accounting,
             map: Arc::new(map),
             pools,
             shard_state,
@@ -430,6 +475,8 @@ impl ShardRouter {
         }
         let dropped = current.map.shards().len() - kept;
         let previous = self.inner.table.swap(Arc::new(RoutingTable {
+            loads: current.accounting.for_map(&map),
+            accounting: Arc::clone(&current.accounting),
             map: Arc::new(map),
             pools,
             shard_state,
@@ -465,6 +512,70 @@ impl ShardRouter {
     /// ```
     pub fn table(&self) -> Arc<RoutingTable> {
         self.inner.table.load_full()
+    }
+
+    /// Ranks `top` tenants per shard by database time instead of
+    /// [`DEFAULT_TOP_TENANTS`] (memory: about `2 × top` small entries per
+    /// shard). Counting starts again from zero.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://127.0.0.1:1/down\"").unwrap();
+    /// let router = ShardRouter::new(map).unwrap().with_top_tenants(50);
+    /// assert!(router.tenant_load()[0].tenants.is_empty());
+    /// # }
+    /// ```
+    pub fn with_top_tenants(self, top: usize) -> Self {
+        {
+            let _apply = self
+                .inner
+                .apply_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let current = self.inner.table.load_full();
+            let accounting = Accounting::new(top);
+            self.inner.table.store(Arc::new(RoutingTable {
+                loads: accounting.for_map(&current.map),
+                accounting,
+                map: Arc::clone(&current.map),
+                pools: current.pools.clone(),
+                shard_state: current.shard_state.clone(),
+                move_failures: Arc::clone(&current.move_failures),
+                appliers: Default::default(),
+            }));
+        }
+        self
+    }
+
+    /// Each shard's most expensive tenants by database time, most first, as
+    /// this router counted them (statements, rows, database time, pool wait,
+    /// errors) since it started.
+    ///
+    /// ```
+    /// # use shard_router::{map::MapLoader, ShardRouter};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let map = MapLoader::without_env().load_str("version = 1\n[shards.a]\nurl = \"postgres://127.0.0.1:1/down\"").unwrap();
+    /// # let router = ShardRouter::new(map).unwrap();
+    /// for shard in router.tenant_load() {
+    ///     for t in shard.tenants.iter().take(3) {
+    ///         println!("{} {}: {} statements, {} µs", shard.shard, t.tenant, t.statements, t.db_time_us);
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn tenant_load(&self) -> Vec<ShardTenants> {
+        let table = self.inner.table.load();
+        table
+            .map
+            .shards()
+            .iter()
+            .zip(&table.loads)
+            .map(|(shard, load)| ShardTenants {
+                shard: shard.name().to_owned(),
+                tenants: load.top(),
+            })
+            .collect()
     }
 
     /// The live map version.

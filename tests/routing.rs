@@ -842,3 +842,64 @@ async fn router_connections_run_read_committed_whatever_the_database_default() {
         .get(0);
     assert_eq!(level, "read committed");
 }
+
+#[tokio::test]
+async fn the_handle_counts_each_tenants_statements_and_ranks_the_hot_one_first() {
+    let shards = Shards::create(1).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let router = ShardRouter::new(map(1, &shards, ""))
+        .unwrap()
+        .with_top_tenants(10);
+    let count = "SELECT count(*) FROM notes WHERE tenant_id = $1";
+    let insert = "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'x')";
+    // Known shape: "hot" sends 10x the statements of each of five others.
+    let mut sent = std::collections::HashMap::new();
+    for (tenant, rounds) in [
+        ("hot", 100),
+        ("a1", 10),
+        ("a2", 10),
+        ("a3", 10),
+        ("a4", 10),
+        ("a5", 10),
+    ] {
+        let db = router.resolve(TenantId::new(tenant).unwrap());
+        for _ in 0..rounds {
+            db.execute(insert, &[&tenant, &Uuid::new_v4()])
+                .await
+                .unwrap();
+            db.read()
+                .await
+                .unwrap()
+                .query_one(count, &[&tenant])
+                .await
+                .unwrap();
+        }
+        sent.insert(tenant, 2 * rounds as u64);
+    }
+    // A failing statement is an error of its tenant.
+    let db = router.resolve(TenantId::new("a1").unwrap());
+    let failed = db
+        .read()
+        .await
+        .unwrap()
+        .query("SELECT nope FROM notes", &[])
+        .await;
+    assert!(failed.is_err());
+    let load = router.tenant_load();
+    assert_eq!(load.len(), 1);
+    let top = &load[0].tenants;
+    assert_eq!(top.len(), 6);
+    assert_eq!(top[0].tenant, "hot", "{top:?}");
+    // Six tenants in a table of up to 20 entries: nothing was dropped, so the
+    // counts are exact and nothing is overstated.
+    assert_eq!(top[0].statements, sent["hot"]);
+    assert_eq!(top[0].rows, 200, "100 inserted + 100 counted");
+    assert_eq!((top[0].errors, top[0].overstated_by_us), (0, 0));
+    assert!(top[0].db_time_us > 0);
+    let a1 = top.iter().find(|t| t.tenant == "a1").unwrap();
+    assert_eq!((a1.statements, a1.errors), (sent["a1"] + 1, 1));
+    // Checkouts count their wait (not statements) and the hot tenant's share
+    // of statements is what was sent: 200 of 300 (plus a1's failure).
+    let statements: u64 = top.iter().map(|t| t.statements).sum();
+    assert_eq!(statements, 301);
+}

@@ -14,6 +14,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub(crate) mod apply;
 mod reads;
@@ -25,6 +26,7 @@ use deadpool_postgres::{Object, PoolError};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
+use crate::accounting::Cost;
 use crate::map::{Location, MovePhase, Reason, ShardIndex};
 use crate::router::RoutingTable;
 use crate::TenantId;
@@ -322,6 +324,21 @@ impl TenantDb {
         }
         let shard = self.location.shard;
         let client = self.checkout(shard).await?;
+        let started = Instant::now();
+        let result = self.write_plain(client, sql, params, rows).await;
+        self.count(shard, started, result.as_ref().map(Outcome::size));
+        result
+    }
+
+    /// [`TenantDb::write_one`] for a tenant not moving, on a checked-out client.
+    async fn write_plain(
+        &self,
+        client: TenantClient,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        rows: bool,
+    ) -> Result<Outcome, DbError> {
+        let shard = client.shard;
         let statement = client
             .prepare_cached(sql)
             .await
@@ -424,6 +441,25 @@ impl TenantDb {
     /// A connection within the shard's wait: first the tenant's slot (when the
     /// shard caps tenants), then a pooled connection, then the tenant setting
     /// for row-level security (when the map names one).
+    /// Counts a statement of this tenant on `shard`, begun at `started`, that
+    /// returned or affected `size` rows (or failed).
+    fn count<E>(&self, shard: ShardIndex, started: Instant, size: Result<u64, &E>) {
+        let (rows, errors) = match size {
+            Ok(rows) => (rows, 0),
+            Err(_) => (0, 1),
+        };
+        self.table.load(shard).record(
+            self.tenant.as_str(),
+            Cost {
+                statements: 1,
+                rows,
+                db_time: started.elapsed(),
+                errors,
+                ..Cost::default()
+            },
+        );
+    }
+
     async fn checkout(&self, shard: ShardIndex) -> Result<TenantClient, DbError> {
         self.checkout_from(shard, Source::Primary).await
     }
@@ -461,24 +497,39 @@ impl TenantDb {
             }
             Source::Primary => (self.table.pool(shard), self.table.limiter(shard)),
         };
-        let (client, slot) = match limiter {
-            None => (pool.get().await.map_err(unavailable)?, None),
-            Some(limiter) => {
-                let started = std::time::Instant::now();
-                let slot = limiter
-                    .acquire(self.tenant.as_str(), settings.wait_timeout)
-                    .await
-                    .ok_or_else(|| {
-                        unavailable(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait))
-                    })?;
-                let mut timeouts = pool.timeouts();
-                timeouts.wait = Some(settings.wait_timeout.saturating_sub(started.elapsed()));
-                (
-                    pool.timeout_get(&timeouts).await.map_err(unavailable)?,
-                    Some(slot),
-                )
-            }
-        };
+        let waited = Instant::now();
+        let got = async {
+            Ok(match limiter {
+                None => (pool.get().await.map_err(unavailable)?, None),
+                Some(limiter) => {
+                    let started = std::time::Instant::now();
+                    let slot = limiter
+                        .acquire(self.tenant.as_str(), settings.wait_timeout)
+                        .await
+                        .ok_or_else(|| {
+                            unavailable(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait))
+                        })?;
+                    let mut timeouts = pool.timeouts();
+                    timeouts.wait = Some(settings.wait_timeout.saturating_sub(started.elapsed()));
+                    (
+                        pool.timeout_get(&timeouts).await.map_err(unavailable)?,
+                        Some(slot),
+                    )
+                }
+            })
+        }
+        .await;
+        if !matches!(source, Source::ReplicaMode) {
+            self.table.load(shard).record(
+                self.tenant.as_str(),
+                Cost {
+                    pool_wait: waited.elapsed(),
+                    errors: u64::from(got.is_err()),
+                    ..Cost::default()
+                },
+            );
+        }
+        let (client, slot) = got?;
         if let Some(setting) = self.table.map().tenant_setting() {
             // Session-wide, and set at every checkout: the previous user's tenant
             // never survives into this one.
@@ -794,11 +845,14 @@ impl TenantClient {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, DbError> {
+        let started = Instant::now();
         let result = async {
             let statement = self.client.prepare_cached(sql).await?;
             self.client.query(&statement, params).await
         }
         .await;
+        self.db
+            .count(self.shard, started, result.as_ref().map(|r| r.len() as u64));
         result.map_err(|e| self.db.query_error_on(self.shard, e))
     }
 
@@ -852,11 +906,13 @@ impl TenantClient {
     /// # Ok(()) }
     /// ```
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, DbError> {
+        let started = Instant::now();
         let result = async {
             let statement = self.client.prepare_cached(sql).await?;
             self.client.execute(&statement, params).await
         }
         .await;
+        self.db.count(self.shard, started, result.as_ref().copied());
         result.map_err(|e| self.db.query_error_on(self.shard, e))
     }
 
@@ -1030,6 +1086,14 @@ impl Outcome {
         }
     }
 
+    /// Rows returned or affected.
+    fn size(&self) -> u64 {
+        match self {
+            Outcome::Count(n) => *n,
+            Outcome::Rows(rows) => rows.len() as u64,
+        }
+    }
+
     /// It changed or returned no row.
     fn is_empty(&self) -> bool {
         match self {
@@ -1149,6 +1213,20 @@ impl TenantWriter {
         rows: bool,
     ) -> Result<Outcome, DbError> {
         self.ensure_open()?;
+        let started = Instant::now();
+        let shard = self.primary.shard;
+        let result = self.statement_counted(sql, params, rows).await;
+        self.db
+            .count(shard, started, result.as_ref().map(Outcome::size));
+        result
+    }
+
+    async fn statement_counted(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        rows: bool,
+    ) -> Result<Outcome, DbError> {
         self.primary.clean = false;
         let unbegun = std::mem::take(&mut self.primary.unbegun);
         let version = self.db.map_version();
