@@ -238,6 +238,38 @@ fn checkout(c: &mut Criterion) {
     group.finish();
 }
 
+/// A one-row statement through the handle with per-tenant counting on and
+/// off, same router settings, same connection: what the counting costs per
+/// statement. Needs the local Postgres; skipped without it.
+fn accounting(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let toml = "version = 1\n[shards.a]\nurl = \"postgres://postgres@127.0.0.1:5432/postgres\"\npool = { max_size = 1 }\n";
+    let on = ShardRouter::new(load(toml)).unwrap();
+    let off = ShardRouter::new(load(toml)).unwrap().with_top_tenants(0);
+    let tenant = TenantId::new("acme").unwrap();
+    if runtime.block_on(on.resolve(tenant.clone()).read()).is_err() {
+        println!("accounting: skipped, no Postgres at 127.0.0.1:5432");
+        return;
+    }
+    let mut group = c.benchmark_group("statement through the handle (SELECT $1::text)");
+    for (name, router) in [("counting off", &off), ("counting on", &on)] {
+        let db = router.resolve(tenant.clone());
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                runtime.block_on(async {
+                    let client = db.read().await.unwrap();
+                    black_box(client.query("SELECT $1::text", &[&"acme"]).await.unwrap())
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Resident memory of this process, from `/proc/self/statm` (Linux).
 fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -285,6 +317,7 @@ criterion_group!(
     location,
     layer,
     checkout,
+    accounting,
     big_maps,
     thousand_shards
 );

@@ -2,7 +2,8 @@
 //! pool wait and errors, per shard, for the tenants that cost the most.
 //!
 //! Memory is bounded: each shard keeps at most `2 × K` tenants (K from
-//! [`DEFAULT_TOP_TENANTS`], or set with [`ShardRouter::with_top_tenants`]).
+//! [`DEFAULT_TOP_TENANTS`], or set with [`ShardRouter::with_top_tenants`];
+//! 0 turns counting off).
 //! When the table fills, the half with the least database time is dropped, and
 //! a tenant seen after that starts from the largest time dropped (`floor`),
 //! as in the Space-Saving sketch: a tenant's time is then overstated by at most
@@ -85,16 +86,19 @@ struct Entry {
 }
 
 impl ShardLoad {
-    /// A table ranking `top` tenants (at least 1).
+    /// A table ranking `top` tenants (0: counting is off).
     pub(crate) fn new(top: usize) -> ShardLoad {
         ShardLoad {
-            top: top.max(1),
+            top,
             inner: Mutex::new(Table::default()),
         }
     }
 
     /// Adds `cost` to `tenant`.
     pub(crate) fn record(&self, tenant: &str, cost: Cost) {
+        if self.top == 0 {
+            return;
+        }
         let mut table = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = table.tenants.get_mut(tenant) {
             entry.add(cost);

@@ -516,7 +516,7 @@ impl ShardRouter {
 
     /// Ranks `top` tenants per shard by database time instead of
     /// [`DEFAULT_TOP_TENANTS`] (memory: about `2 × top` small entries per
-    /// shard). Counting starts again from zero.
+    /// shard; 0 counts nothing). Counting starts again from zero.
     ///
     /// ```
     /// # use shard_router::{map::MapLoader, ShardRouter};

@@ -888,3 +888,115 @@ async fn control_and_move_errors_keep_the_driver_error_as_their_source() {
     let moved = MoveError::from(ControlError::from(failed().await));
     assert!(moved.source().is_some(), "{moved}");
 }
+
+#[tokio::test]
+async fn tenants_top_merges_two_routers_and_ranks_the_tenant_with_ten_times_the_statements_first() {
+    use shard_router::control::LoadOrder;
+    let (control_db, shards, mut control) = setup(2).await;
+    let pins =
+        "[tenants]\nhot = \"a\"\nt1 = \"a\"\nt2 = \"b\"\nt3 = \"b\"\nt4 = \"b\"\nt5 = \"a\"\n";
+    control
+        .publish(&map_toml(1, &shards, pins), &PublishOptions::default())
+        .await
+        .unwrap();
+    let url = control_db.url(0);
+    let start = |id: &str, rows: usize| {
+        let mut o = options(id);
+        o.report_load = Duration::from_millis(150);
+        o.report_rows = rows;
+        ControlAgent::start(&url, o)
+    };
+    let (r1, _a1) = start("r1", 1000).await.unwrap();
+    let (r2, _a2) = start("r2", 4).await.unwrap();
+    // Known shape over both routers: "hot" sends 200 statements (140 through
+    // r1, 60 through r2), each other tenant 20 (10 through each).
+    let query = "SELECT count(*) FROM notes WHERE tenant_id = $1";
+    let run = |router: &ShardRouter, tenant: &str, n: usize| {
+        let db = router.resolve(TenantId::new(tenant).unwrap());
+        let tenant = tenant.to_owned();
+        async move {
+            let client = db.read().await.unwrap();
+            for _ in 0..n {
+                client.query_one(query, &[&tenant]).await.unwrap();
+            }
+        }
+    };
+    run(&r1, "hot", 140).await;
+    run(&r2, "hot", 60).await;
+    for t in ["t1", "t2", "t3", "t4", "t5"] {
+        run(&r1, t, 10).await;
+        run(&r2, t, 10).await;
+    }
+    // Merged once both routers have reported everything (r2 only its top 4).
+    let mut top = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        top = control
+            .tenants_top(None, LoadOrder::Statements, 10)
+            .await
+            .unwrap();
+        if top.first().is_some_and(|t| t.statements == 200) && top.len() == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(top[0].tenant, "hot", "{top:?}");
+    assert_eq!(
+        (top[0].statements, top[0].routers, top[0].shard.as_str()),
+        (200, 2, "a")
+    );
+    // The truth: 200 of 300 statements. r2 reports only its top 4 tenants (by
+    // time), so some of the others' statements are missing from the merge,
+    // which only raises hot's share; within 10% of the truth either way.
+    let truth = 200.0 / 300.0;
+    assert!(
+        (top[0].share - truth).abs() / truth < 0.10,
+        "share {}",
+        top[0].share
+    );
+    let r2_rows: i64 = common::connect(&url)
+        .await
+        .query_one(
+            "SELECT count(*) FROM shard_router_tenant_load WHERE instance_id = 'r2'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        r2_rows <= 4,
+        "a report holds at most report_rows rows: {r2_rows}"
+    );
+    // One shard only.
+    let on_b = control
+        .tenants_top(Some("b"), LoadOrder::Statements, 10)
+        .await
+        .unwrap();
+    assert!(
+        on_b.iter().all(|t| t.shard == "b") && !on_b.is_empty(),
+        "{on_b:?}"
+    );
+    // shardctl prints the same, and the shards' view.
+    let out = common::shardctl(&url, &["--json", "tenants", "top", "--by", "statements"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["tenant"], "hot");
+    let out = common::shardctl(&url, &["--json", "shards"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shards_seen: Vec<&str> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["shard"].as_str().unwrap())
+        .collect();
+    assert_eq!(shards_seen.len(), 2, "{json}");
+    assert_eq!(json[0]["routers"], 2);
+    let out = common::shardctl(&url, &["tenants", "top"]).await;
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    let out = common::shardctl(&url, &["shards"]).await;
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+}

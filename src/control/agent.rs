@@ -27,6 +27,12 @@ pub struct ControlOptions {
     pub poll: Duration,
     /// The longest wait between reconnection attempts. Default 5 s.
     pub max_backoff: Duration,
+    /// How often the router reports its per-tenant load and pools (for
+    /// `shardctl tenants top` and `shardctl shards`). Default 10 s; zero: never.
+    pub report_load: Duration,
+    /// The most tenant rows one report holds (the router's most expensive
+    /// tenants by database time, over all shards). Default 1,000.
+    pub report_rows: usize,
 }
 
 impl Default for ControlOptions {
@@ -47,6 +53,8 @@ impl Default for ControlOptions {
             lease: Duration::from_secs(3),
             poll: Duration::from_secs(5),
             max_backoff: Duration::from_secs(5),
+            report_load: Duration::from_secs(10),
+            report_rows: 1000,
         }
     }
 }
@@ -251,13 +259,23 @@ impl Follower {
     ) -> ControlError {
         let mut heartbeat = tokio::time::interval(self.options.heartbeat);
         let mut poll = tokio::time::interval(self.options.poll);
-        for ticker in [&mut heartbeat, &mut poll] {
+        // A zero period means never: an interval that never comes due.
+        let mut report = tokio::time::interval(if self.options.report_load.is_zero() {
+            Duration::from_secs(365 * 24 * 3600)
+        } else {
+            self.options.report_load
+        });
+        report.reset();
+        for ticker in [&mut heartbeat, &mut poll, &mut report] {
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         if let Err(e) = self.catch_up(&session.client).await {
             return e;
         }
         loop {
+            // Reporting needs the client mutably (a transaction): it runs after
+            // the select, which borrows the client in every branch.
+            let mut report_due = false;
             let result = tokio::select! {
                 signal = session.notifications.recv() => match signal {
                     None => return ControlError::Unreachable {
@@ -272,6 +290,14 @@ impl Follower {
                 _ = heartbeat.tick() => self.heartbeat(&session.client).await,
                 Some((tenant, what)) = failed_writes.recv() => self.record_failure(&session.client, &tenant, &what).await,
                 _ = poll.tick() => self.catch_up(&session.client).await,
+                _ = report.tick(), if !self.options.report_load.is_zero() => {
+                    report_due = true;
+                    Ok(())
+                }
+            };
+            let result = match result {
+                Ok(()) if report_due => self.report_load(&mut session.client).await,
+                other => other,
             };
             if let Err(e) = result {
                 return e;
@@ -401,6 +427,98 @@ impl Follower {
             s.last_confirmed = Some(SystemTime::now());
         });
         Ok(())
+    }
+
+    /// Replaces this router's rows of per-tenant load and pool figures.
+    async fn report_load(&self, client: &mut Client) -> Result<(), ControlError> {
+        let load = self.router.tenant_load();
+        let mut rows: Vec<(&str, &crate::accounting::TenantLoad)> = load
+            .iter()
+            .flat_map(|s| s.tenants.iter().map(move |t| (s.shard.as_str(), t)))
+            .collect();
+        rows.sort_by_key(|(_, t)| std::cmp::Reverse(t.db_time_us));
+        rows.truncate(self.options.report_rows);
+        let column = |f: fn(&crate::accounting::TenantLoad) -> u64| -> Vec<i64> {
+            rows.iter()
+                .map(|(_, t)| f(t).min(i64::MAX as u64) as i64)
+                .collect()
+        };
+        let shards: Vec<&str> = rows.iter().map(|(s, _)| *s).collect();
+        let tenants: Vec<&str> = rows.iter().map(|(_, t)| t.tenant.as_str()).collect();
+        let table = self.router.table();
+        let pools: Vec<_> = table
+            .shards()
+            .zip(&load)
+            .map(|((name, pool), shard)| {
+                let status = pool.status();
+                let sum = |f: fn(&crate::accounting::TenantLoad) -> u64| -> i64 {
+                    shard
+                        .tenants
+                        .iter()
+                        .map(f)
+                        .sum::<u64>()
+                        .min(i64::MAX as u64) as i64
+                };
+                (
+                    name.name().to_owned(),
+                    [
+                        status.max_size as i64,
+                        status.size as i64,
+                        status.available as i64,
+                        status.waiting as i64,
+                        shard.tenants.len() as i64,
+                        sum(|t| t.statements),
+                        sum(|t| t.db_time_us),
+                    ],
+                )
+            })
+            .collect();
+        let id = &self.options.instance_id;
+        let work = async {
+            let tx = client.transaction().await?;
+            tx.execute(
+                "DELETE FROM shard_router_tenant_load WHERE instance_id = $1",
+                &[id],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO shard_router_tenant_load \
+                   (instance_id, shard, tenant, statements, rows, db_time_us, pool_wait_us, errors) \
+                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[])",
+                &[
+                    id,
+                    &shards,
+                    &tenants,
+                    &column(|t| t.statements),
+                    &column(|t| t.rows),
+                    &column(|t| t.db_time_us),
+                    &column(|t| t.pool_wait_us),
+                    &column(|t| t.errors),
+                ],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM shard_router_shard_load WHERE instance_id = $1",
+                &[id],
+            )
+            .await?;
+            for (shard, f) in &pools {
+                tx.execute(
+                    "INSERT INTO shard_router_shard_load (instance_id, shard, pool_max, pool_size, \
+                       pool_available, pool_waiting, tenants, statements, db_time_us) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    &[id, shard, &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6]],
+                )
+                .await?;
+            }
+            tx.commit().await
+        };
+        match tokio::time::timeout(self.options.lease, work).await {
+            Ok(result) => result.map_err(ControlError::from),
+            Err(_) => Err(ControlError::Timeout {
+                waited: self.options.lease,
+            }),
+        }
     }
 
     /// Records a failed dual write on the tenant's unfinished move.

@@ -14,6 +14,7 @@
 //! overrides, so secrets such as passwords can stay out of the control database.
 
 mod agent;
+mod load;
 mod publish;
 mod rehoming;
 mod schema;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 pub use agent::{ControlAgent, ControlOptions};
+pub use load::{LoadOrder, ReportedShard, ReportedTenant};
 pub use publish::{PublishError, PublishOptions, Published};
 pub use rehoming::{tenants_rehomed, RehomeError, Rehomed};
 pub use schema::{schema_gaps, SchemaGap};
@@ -56,6 +58,10 @@ fn control_migrations() -> Migrations {
             (
                 "V4__router_checksum",
                 include_str!("../../migrations/control/V4__router_checksum.sql"),
+            ),
+            (
+                "V5__load_reports",
+                include_str!("../../migrations/control/V5__load_reports.sql"),
             ),
         ],
     )

@@ -4,6 +4,7 @@
 //! printed); 2 bad command-line usage.
 
 mod control;
+mod load;
 mod map;
 mod migrate;
 mod tenant;
@@ -42,6 +43,11 @@ enum Command {
     Control(control::ControlCommand),
     /// Running routers: instance, applied map version, last seen; stale ones marked.
     Routers(ControlArg),
+    /// Load the routers report, by tenant.
+    #[command(subcommand)]
+    Tenants(load::TenantsCommand),
+    /// Each shard's share of load, pool saturation and tenant count, as the routers report them.
+    Shards(ControlArg),
 }
 
 /// Where the control database is.
@@ -83,6 +89,8 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(&args, json),
         Command::Control(command) => control::run(command, json),
         Command::Routers(arg) => control::routers(&arg, json),
+        Command::Tenants(command) => load::tenants(command, json),
+        Command::Shards(arg) => load::shards(&arg, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
