@@ -121,6 +121,25 @@ impl ReplicaPair {
             .batch_execute(common::NOTES_SCHEMA)
             .await
             .unwrap();
+        // The standby replays the new database and its schema a moment later
+        // (longer on a loaded machine): wait for both there.
+        let standby = self.standby_url(&db);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((client, connection)) =
+                tokio_postgres::connect(&standby, tokio_postgres::NoTls).await
+            {
+                tokio::spawn(connection);
+                let table = client
+                    .query_one("SELECT to_regclass('notes') IS NOT NULL", &[])
+                    .await;
+                if table.is_ok_and(|row| row.get::<_, bool>(0)) {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "the standby never showed {db}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         db
     }
 
