@@ -16,7 +16,8 @@
 //! The tenant comes from the `x-tenant-id` header. With `--map`, the file is
 //! reloaded when it changes and on SIGHUP; with `--control`, the router follows
 //! the control database. `GET /_router` on the admin listener (`--admin-listen`,
-//! default 127.0.0.1:9090) reports the router's state. Its schema lives in
+//! default 127.0.0.1:9090) reports the router's state, `GET /metrics` its
+//! Prometheus metrics. Its schema lives in
 //! `migrations/notes/`; apply it to every shard first with
 //! `shardctl migrate --map shard-map.toml --dir migrations/notes`.
 
@@ -32,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use clap::Parser;
+use shard_router::metrics::MetricsService;
 use shard_router::status::StatusService;
 use shard_router::tenant::HeaderExtractor;
 use shard_router::{DbError, ShardRouter, ShardRouterLayer, TenantDb};
@@ -48,7 +50,8 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
     /// Address of the admin listener, which serves `GET /_router` (map
-    /// version, control source, shards' pools). Keep it off the public network.
+    /// version, control source, shards' pools) and `GET /metrics`
+    /// (Prometheus). Keep it off the public network.
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin_listen: SocketAddr,
 }
@@ -126,10 +129,12 @@ fn app(router: ShardRouter) -> Router {
         .layer(ShardRouterLayer::new(router, HeaderExtractor::default()))
 }
 
-/// The operators' side, on its own listener: the router's status (it needs no
-/// tenant, and tells more than clients should see).
+/// The operators' side, on its own listener: the router's status and metrics
+/// (they need no tenant, and tell more than clients should see).
 fn admin(router: ShardRouter) -> Router {
-    Router::new().route_service("/_router", StatusService::new(router))
+    Router::new()
+        .route_service("/_router", StatusService::new(router.clone()))
+        .route_service("/metrics", MetricsService::new(router))
 }
 
 #[tokio::main]

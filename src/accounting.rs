@@ -13,6 +13,7 @@
 //! [`ShardRouter::with_top_tenants`]: crate::ShardRouter::with_top_tenants
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -61,11 +62,31 @@ pub(crate) struct Cost {
     pub(crate) errors: u64,
 }
 
-/// The bounded per-tenant table of one shard.
+/// Upper bounds (seconds) of the checkout-wait histogram's buckets.
+pub(crate) const WAIT_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// The bounded per-tenant table of one shard, and its counters for metrics
+/// (kept whether or not tenants are counted).
 #[derive(Debug)]
 pub(crate) struct ShardLoad {
     top: usize,
     inner: Mutex<Table>,
+    pub(crate) counters: ShardCounters,
+}
+
+/// A shard's request counters, for `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct ShardCounters {
+    pub(crate) statements_ok: AtomicU64,
+    pub(crate) statements_failed: AtomicU64,
+    pub(crate) checkouts: AtomicU64,
+    pub(crate) checkouts_failed: AtomicU64,
+    pub(crate) fence_refusals: AtomicU64,
+    /// Checkouts that waited at most each of [`WAIT_BUCKETS`] (not cumulative).
+    pub(crate) wait_buckets: [AtomicU64; WAIT_BUCKETS.len()],
+    pub(crate) wait_sum_us: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -91,11 +112,37 @@ impl ShardLoad {
         ShardLoad {
             top,
             inner: Mutex::new(Table::default()),
+            counters: ShardCounters::default(),
         }
     }
 
-    /// Adds `cost` to `tenant`.
+    /// Counts a write the move fence refused.
+    pub(crate) fn fence_refused(&self) {
+        self.counters.fence_refusals.fetch_add(1, Relaxed);
+    }
+
+    /// Adds `cost` to `tenant` (a statement, or a checkout when it counts none).
     pub(crate) fn record(&self, tenant: &str, cost: Cost) {
+        let c = &self.counters;
+        if cost.statements > 0 {
+            let counter = if cost.errors > 0 {
+                &c.statements_failed
+            } else {
+                &c.statements_ok
+            };
+            counter.fetch_add(cost.statements, Relaxed);
+        } else {
+            c.checkouts.fetch_add(1, Relaxed);
+            if cost.errors > 0 {
+                c.checkouts_failed.fetch_add(1, Relaxed);
+            }
+            let waited = cost.pool_wait.as_secs_f64();
+            if let Some(i) = WAIT_BUCKETS.iter().position(|le| waited <= *le) {
+                c.wait_buckets[i].fetch_add(1, Relaxed);
+            }
+            c.wait_sum_us
+                .fetch_add(cost.pool_wait.as_micros() as u64, Relaxed);
+        }
         if self.top == 0 {
             return;
         }
@@ -119,6 +166,11 @@ impl ShardLoad {
 
     /// The top tenants by database time, most first.
     pub(crate) fn top(&self) -> Vec<TenantLoad> {
+        self.top_n(self.top)
+    }
+
+    /// The `n` top tenants by database time (at most the table's K), most first.
+    pub(crate) fn top_n(&self, n: usize) -> Vec<TenantLoad> {
         let table = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut all: Vec<TenantLoad> = table
             .tenants
@@ -139,7 +191,7 @@ impl ShardLoad {
                 .cmp(&a.db_time_us)
                 .then_with(|| a.tenant.cmp(&b.tenant))
         });
-        all.truncate(self.top);
+        all.truncate(n.min(self.top));
         all
     }
 }

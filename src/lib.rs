@@ -9,6 +9,7 @@ pub mod fan_out;
 pub mod layer;
 mod limit;
 pub mod map;
+pub mod metrics;
 pub mod migrate;
 pub mod moves;
 pub mod pg;

@@ -129,6 +129,11 @@ impl RoutingTable {
         &self.loads[index.get()]
     }
 
+    /// Every shard's load table, in [`ShardIndex`] order.
+    pub(crate) fn loads(&self) -> &[Arc<ShardLoad>] {
+        &self.loads
+    }
+
     /// Reports a dual-write failure to be recorded on the tenant's move.
     pub(crate) fn report_move_failure(&self, tenant: &str, what: String) {
         tracing::error!(tenant, error = %what, "dual write failed");

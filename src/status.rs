@@ -154,11 +154,16 @@ impl<B> Service<Request<B>> for StatusService {
 
     fn call(&mut self, _req: Request<B>) -> Self::Future {
         let body = serde_json::to_string(&self.router.status()).unwrap_or_else(|_| "{}".to_owned());
-        let mut response = Response::new(body);
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        ready(Ok(response))
+        ready(Ok(answer(body, "application/json")))
     }
+}
+
+/// A 200 response with `body` as `content_type` (the admin services' answers).
+pub(crate) fn answer(body: String, content_type: &'static str) -> Response<String> {
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    response
 }

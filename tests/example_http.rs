@@ -49,6 +49,10 @@ async fn notes_api_over_http_routes_each_tenant_to_its_shard() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap()
     };
+    let admin: SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
     let _server = common::Server(
         Command::new(common::example_binary("axum_app"))
             .args([
@@ -57,7 +61,7 @@ async fn notes_api_over_http_routes_each_tenant_to_its_shard() {
                 "--listen",
                 &addr.to_string(),
                 "--admin-listen",
-                "127.0.0.1:0",
+                &admin.to_string(),
             ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -119,6 +123,25 @@ async fn notes_api_over_http_routes_each_tenant_to_its_shard() {
     assert!(body.contains("missing_tenant"));
     let (status, _) = http(addr, "POST", Some("acme"), "{not json").await;
     assert_eq!(status, 400);
+
+    // The admin listener serves Prometheus metrics: 13 tenants made 2 POSTs
+    // and 1 GET each, a statement apiece.
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let metrics = response.split_once("\r\n\r\n").unwrap().1;
+    let ok: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("shard_router_statements_total{") && l.contains("outcome=\"ok\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(ok, 13 * 3, "{metrics}");
+    assert!(metrics.contains("shard_router_map_version 1"), "{metrics}");
 }
 
 /// The example app, following a control database, moves a tenant while

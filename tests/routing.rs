@@ -903,3 +903,141 @@ async fn the_handle_counts_each_tenants_statements_and_ranks_the_hot_one_first()
     let statements: u64 = top.iter().map(|t| t.statements).sum();
     assert_eq!(statements, 301);
 }
+
+/// A sample: metric name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// Checks that `text` is Prometheus text exposition: `# HELP` / `# TYPE`
+/// lines and samples `name{label="value",...} number`. Returns the samples.
+fn prometheus_samples(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# ") {
+            assert!(
+                rest.starts_with("HELP ") || rest.starts_with("TYPE "),
+                "{line}"
+            );
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value of {line}"));
+        let (name, labels) = match series.split_once('{') {
+            None => (series, Vec::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("{line}"));
+                let labels = body
+                    .split("\",")
+                    .map(|pair| {
+                        let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("{line}"));
+                        (k.to_owned(), v.trim_end_matches('"').to_owned())
+                    })
+                    .collect();
+                (name, labels)
+            }
+        };
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line}"
+        );
+        samples.push((name.to_owned(), labels, value));
+    }
+    samples
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_stay_bounded_under_100000_tenants() {
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let router = ShardRouter::new(map(1, &shards, "")).unwrap();
+    // 100,000 distinct tenants check out a connection (each counted), and a
+    // hot one runs statements.
+    for i in 0..100_000 {
+        let db = router.resolve(TenantId::new(&format!("tenant-{i}")).unwrap());
+        drop(db.read().await.unwrap());
+    }
+    let hot = router.resolve(TenantId::new("hot").unwrap());
+    for _ in 0..20 {
+        hot.read()
+            .await
+            .unwrap()
+            .query_one("SELECT count(*) FROM notes WHERE tenant_id = $1", &[&"hot"])
+            .await
+            .unwrap();
+    }
+    let text = router.metrics(10);
+    let samples = prometheus_samples(&text);
+    let with_tenant = samples
+        .iter()
+        .filter(|(_, labels, _)| labels.iter().any(|(k, _)| k == "tenant"))
+        .count();
+    // Two tenant families, at most 10 tenants per shard each.
+    assert!(with_tenant <= 2 * 10 * 2, "{with_tenant} tenant series");
+    assert!(samples.len() < 150, "{} series", samples.len());
+    let checkouts: f64 = samples
+        .iter()
+        .filter(|(name, labels, _)| {
+            name == "shard_router_checkouts_total" && labels.iter().any(|(_, v)| v == "ok")
+        })
+        .map(|(_, _, v)| v)
+        .sum();
+    assert_eq!(checkouts, 100_020.0);
+    let hot_statements = samples.iter().find(|(name, labels, _)| {
+        name == "shard_router_tenant_statements_total"
+            && labels.iter().any(|(k, v)| k == "tenant" && v == "hot")
+    });
+    assert_eq!(hot_statements.map(|s| s.2), Some(20.0), "{text}");
+    // The per-tenant tables stay bounded too (2K entries at most, K = 1,000).
+    for shard in router.tenant_load() {
+        assert!(shard.tenants.len() <= 1000);
+    }
+}
+
+/// Collects the `u64` fields recorded on spans after they were created.
+#[derive(Clone, Default)]
+struct Recorded(Arc<std::sync::Mutex<Vec<(String, u64)>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorded {
+    fn on_record(
+        &self,
+        _span: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Visit<'a>(&'a mut Vec<(String, u64)>);
+        impl tracing::field::Visit for Visit<'_> {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                self.0.push((field.name().to_owned(), value));
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        values.record(&mut Visit(&mut self.0.lock().unwrap()));
+    }
+}
+
+#[tokio::test]
+async fn the_request_span_records_its_statements_and_database_time() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let recorded = Recorded::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(recorded.clone()));
+    let shards = Shards::create(1).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    let router = ShardRouter::new(map(1, &shards, "")).unwrap();
+    // insert_note runs one statement; this handler three.
+    async fn three(db: TenantDb) -> Result<String, DbError> {
+        let client = db.read().await?;
+        for _ in 0..3 {
+            client.query("SELECT 1", &[]).await?;
+        }
+        Ok(String::new())
+    }
+    let app = Router::new()
+        .route("/notes", post(three))
+        .layer(ShardRouterLayer::new(router, HeaderExtractor::default()));
+    let response = app.oneshot(post_as("acme")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let fields = recorded.0.lock().unwrap().clone();
+    let get = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+    assert_eq!(get("statements"), Some(3), "{fields:?}");
+    assert!(get("db_time_us").is_some_and(|us| us > 0), "{fields:?}");
+}

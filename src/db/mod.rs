@@ -66,7 +66,14 @@ pub struct TenantDb {
     /// The token of this handle's (and its clones') last committed write, when
     /// the shard has replicas: the layer returns it to the client.
     written: Option<WrittenSlot>,
+    /// The request's statements and database time, for its span (set by
+    /// the layer when the span is enabled).
+    tally: Option<RequestTally>,
 }
+
+/// A request's statement count and database time (µs), shared by the
+/// handle's clones and read by the layer when the response is ready.
+pub(crate) type RequestTally = Arc<[std::sync::atomic::AtomicU64; 2]>;
 
 /// Where a handle and its clones record their last write's token.
 pub(crate) type WrittenSlot = Arc<std::sync::Mutex<Option<crate::ReadToken>>>;
@@ -84,7 +91,16 @@ impl TenantDb {
             location,
             read_after: reads::ReadAfter::Nothing,
             written,
+            tally: None,
         }
+    }
+
+    /// This handle, counting its statements and database time for the
+    /// request's span; the tally to read when the request ends.
+    pub(crate) fn tallied(mut self) -> (Self, RequestTally) {
+        let tally = RequestTally::default();
+        self.tally = Some(Arc::clone(&tally));
+        (self, tally)
     }
 
     /// The tenant this handle serves.
@@ -231,6 +247,9 @@ impl TenantDb {
     }
 
     fn query_error_on(&self, shard: ShardIndex, cause: tokio_postgres::Error) -> DbError {
+        if is_fence_refusal(&cause) {
+            self.table.load(shard).fence_refused();
+        }
         DbError::Query {
             tenant: self.tenant.clone(),
             shard: self.shard_name(shard).to_owned(),
@@ -424,11 +443,14 @@ impl TenantDb {
     /// [`DbError::Fenced`] if the shard's fence for the tenant is above this handle's map.
     fn fenced(&self, shard: ShardIndex, min_version: Option<i64>) -> Result<(), DbError> {
         match min_version {
-            Some(min) if min > self.map_version() as i64 => Err(DbError::Fenced {
-                tenant: self.tenant.clone(),
-                shard: self.shard_name(shard).to_owned(),
-                map_version: self.map_version(),
-                min_version: min as u64,
+            Some(min) if min > self.map_version() as i64 => Err({
+                self.table.load(shard).fence_refused();
+                DbError::Fenced {
+                    tenant: self.tenant.clone(),
+                    shard: self.shard_name(shard).to_owned(),
+                    map_version: self.map_version(),
+                    min_version: min as u64,
+                }
             }),
             _ => Ok(()),
         }
@@ -438,9 +460,6 @@ impl TenantDb {
         self.table.map().shard(index).name()
     }
 
-    /// A connection within the shard's wait: first the tenant's slot (when the
-    /// shard caps tenants), then a pooled connection, then the tenant setting
-    /// for row-level security (when the map names one).
     /// Counts a statement of this tenant on `shard`, begun at `started`, that
     /// returned or affected `size` rows (or failed).
     fn count<E>(&self, shard: ShardIndex, started: Instant, size: Result<u64, &E>) {
@@ -448,18 +467,27 @@ impl TenantDb {
             Ok(rows) => (rows, 0),
             Err(_) => (0, 1),
         };
+        let db_time = started.elapsed();
+        if let Some(tally) = &self.tally {
+            use std::sync::atomic::Ordering::Relaxed;
+            tally[0].fetch_add(1, Relaxed);
+            tally[1].fetch_add(db_time.as_micros() as u64, Relaxed);
+        }
         self.table.load(shard).record(
             self.tenant.as_str(),
             Cost {
                 statements: 1,
                 rows,
-                db_time: started.elapsed(),
+                db_time,
                 errors,
                 ..Cost::default()
             },
         );
     }
 
+    /// A connection within the shard's wait: first the tenant's slot (when the
+    /// shard caps tenants), then a pooled connection, then the tenant setting
+    /// for row-level security (when the map names one).
     async fn checkout(&self, shard: ShardIndex) -> Result<TenantClient, DbError> {
         self.checkout_from(shard, Source::Primary).await
     }

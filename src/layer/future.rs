@@ -24,6 +24,8 @@ pin_project! {
             #[pin] future: Instrumented<F>,
             // Where the handle records its writes' read-your-writes token.
             written: Option<crate::db::WrittenSlot>,
+            // The request's statements and database time, for the span.
+            tally: Option<crate::db::RequestTally>,
         },
         Rejected { response: Option<Response<B>> },
     }
@@ -34,11 +36,13 @@ impl<F, B> ResponseFuture<F, B> {
         future: F,
         span: tracing::Span,
         written: Option<crate::db::WrittenSlot>,
+        tally: Option<crate::db::RequestTally>,
     ) -> Self {
         ResponseFuture {
             kind: Kind::Inner {
                 future: future.instrument(span),
                 written,
+                tally,
             },
         }
     }
@@ -60,8 +64,18 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner { future, written } => {
-                let mut result = std::task::ready!(future.poll(cx));
+            KindProj::Inner {
+                mut future,
+                written,
+                tally,
+            } => {
+                let mut result = std::task::ready!(future.as_mut().poll(cx));
+                if let Some(tally) = tally.as_ref() {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let span = future.span();
+                    span.record("statements", tally[0].load(Relaxed));
+                    span.record("db_time_us", tally[1].load(Relaxed));
+                }
                 if let (Ok(response), Some(slot)) = (&mut result, written.as_ref()) {
                     let token = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
                     if let Some(value) =

@@ -272,13 +272,22 @@ where
             tenant = %db.tenant(),
             shard = db.shard(),
             map_version = db.map_version(),
+            statements = tracing::field::Empty,
+            db_time_us = tracing::field::Empty,
         );
+        // Counted for the span only when something records it.
+        let (db, tally) = if span.is_disabled() {
+            (db, None)
+        } else {
+            let (db, tally) = db.tallied();
+            (db, Some(tally))
+        };
         let mut req = Request::from_parts(parts, body);
         req.extensions_mut().insert(db);
         let future = {
             let _entered = span.enter();
             self.inner.call(req)
         };
-        ResponseFuture::inner(future, span, written)
+        ResponseFuture::inner(future, span, written, tally)
     }
 }
