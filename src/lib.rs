@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod moves;
 pub mod pg;
+pub mod plan;
 pub mod rejection;
 pub mod replicas;
 pub mod router;

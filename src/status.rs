@@ -161,9 +161,8 @@ impl<B> Service<Request<B>> for StatusService {
 /// A 200 response with `body` as `content_type` (the admin services' answers).
 pub(crate) fn answer(body: String, content_type: &'static str) -> Response<String> {
     let mut response = Response::new(body);
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(content_type),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }

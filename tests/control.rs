@@ -1000,3 +1000,129 @@ async fn tenants_top_merges_two_routers_and_ranks_the_tenant_with_ten_times_the_
     let out = common::shardctl(&url, &["shards"]).await;
     println!("{}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[tokio::test]
+async fn plan_balances_a_skewed_placement_apply_carries_it_out_and_a_second_plan_finds_nothing() {
+    let (control_db, shards, mut control) = setup(2).await;
+    // Skewed: four tenants, all on a; b empty.
+    let pins = "[tenants]\nt1 = \"a\"\nt2 = \"a\"\nt3 = \"a\"\nt4 = \"a\"\n";
+    control
+        .publish(&map_toml(1, &shards, pins), &PublishOptions::default())
+        .await
+        .unwrap();
+    let a = common::connect(&shards.url(0)).await;
+    a.batch_execute(
+        "INSERT INTO notes (tenant_id, id, body) \
+         SELECT 't' || (g % 4 + 1), gen_random_uuid(), 'n' FROM generate_series(1, 200) g",
+    )
+    .await
+    .unwrap();
+    let url = control_db.url(0);
+    let mut o = options("r1");
+    o.report_load = Duration::from_millis(150);
+    o.lease = Duration::from_secs(3);
+    let (router, _agent) = ControlAgent::start(&url, o).await.unwrap();
+    for t in ["t1", "t2", "t3", "t4"] {
+        let db = router.resolve(TenantId::new(t).unwrap());
+        let client = db.read().await.unwrap();
+        for _ in 0..30 {
+            client
+                .query("SELECT * FROM notes WHERE tenant_id = $1", &[&t])
+                .await
+                .unwrap();
+        }
+    }
+    let reported = eventually_async(Duration::from_secs(10), || async {
+        control
+            .tenants_top(None, shard_router::control::LoadOrder::Statements, 10)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|t| t.statements == 30)
+            .count()
+            == 4
+    })
+    .await;
+    assert!(reported, "the router reported its load");
+
+    let plan = |args: Vec<&'static str>| {
+        let url = url.clone();
+        async move {
+            let mut all = vec!["--json", "plan", "--max-imbalance", "0.5"];
+            all.extend(args);
+            let out = common::shardctl(&url, &all).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        }
+    };
+    let first = plan(vec![]).await;
+    let moves = first["moves"].as_array().unwrap().clone();
+    assert!(!moves.is_empty(), "{first}");
+    assert!(
+        moves.iter().all(|m| m["from"] == "a" && m["to"] == "b"),
+        "{first}"
+    );
+    assert_eq!(first["balanced"], true, "{first}");
+    assert_eq!(first["before"][1]["load"], 0, "b carries nothing yet");
+    // Excluding every tenant leaves nothing to move.
+    let none = plan(vec![
+        "--exclude",
+        "t1",
+        "--exclude",
+        "t2",
+        "--exclude",
+        "t3",
+        "--exclude",
+        "t4",
+    ])
+    .await;
+    assert!(
+        none["moves"].as_array().unwrap().is_empty() && none["balanced"] == false,
+        "{none}"
+    );
+
+    let applied = plan(vec!["--apply", "--wait", "10"]).await;
+    assert_eq!(
+        applied["moved"].as_array().unwrap().len(),
+        moves.len(),
+        "{applied}"
+    );
+    for m in &moves {
+        let tenant = m["tenant"].as_str().unwrap();
+        let on_b: i64 = common::connect(&shards.url(1))
+            .await
+            .query_one(
+                "SELECT count(*) FROM notes WHERE tenant_id = $1",
+                &[&tenant],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(on_b, 50, "{tenant}'s notes moved to b");
+    }
+    let second = plan(vec![]).await;
+    assert!(second["moves"].as_array().unwrap().is_empty(), "{second}");
+    assert_eq!(second["balanced"], true, "{second}");
+    let out = common::shardctl(&url, &["plan", "--max-imbalance", "0.5"]).await;
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// Polls an async condition until it holds or `limit` passes.
+async fn eventually_async<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    condition().await
+}

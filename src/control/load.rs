@@ -191,3 +191,76 @@ impl ControlPlane {
             .collect())
     }
 }
+
+impl ControlPlane {
+    /// What [`crate::plan::plan`] needs, from the newest map and the live
+    /// routers' reports: each shard's weight and load, and each reported
+    /// tenant's load on the shard that serves it under that map (its load
+    /// follows it when it moves). A shard's load its routers could not
+    /// attribute to a named tenant stays on it. Tenants in `[moves]` are left
+    /// out (they are moving).
+    ///
+    /// ```no_run
+    /// # async fn f(c: shard_router::control::ControlPlane) -> Result<(), shard_router::control::ControlError> {
+    /// use shard_router::plan::{plan, PlanOptions};
+    /// let (shards, tenants) = c.plan_inputs().await?;
+    /// let p = plan(&shards, &tenants, &PlanOptions::default());
+    /// # Ok(()) }
+    /// ```
+    pub async fn plan_inputs(
+        &self,
+    ) -> Result<
+        (
+            Vec<crate::plan::ShardLoadInput>,
+            Vec<crate::plan::TenantLoadInput>,
+        ),
+        ControlError,
+    > {
+        use crate::plan::{ShardLoadInput, TenantLoadInput};
+        use std::collections::BTreeMap;
+        let map = self.latest().await?.load()?;
+        let reported = self
+            .tenants_top(None, LoadOrder::Time, usize::MAX >> 1)
+            .await?;
+        let shard_totals = self.shard_load().await?;
+        // Per shard as reported: total, and what named tenants account for.
+        let mut named_on: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut by_tenant: BTreeMap<&str, u64> = BTreeMap::new();
+        for t in &reported {
+            *named_on.entry(&t.shard).or_default() += t.db_time_us;
+            *by_tenant.entry(&t.tenant).or_default() += t.db_time_us;
+        }
+        let mut loads: BTreeMap<String, u64> = map
+            .shards()
+            .iter()
+            .map(|s| (s.name().to_owned(), 0))
+            .collect();
+        for s in &shard_totals {
+            let residual = s
+                .db_time_us
+                .saturating_sub(named_on.get(s.shard.as_str()).copied().unwrap_or(0));
+            if let Some(load) = loads.get_mut(&s.shard) {
+                *load += residual;
+            }
+        }
+        let mut tenants = Vec::new();
+        for (tenant, load) in by_tenant {
+            let Ok(id) = crate::TenantId::new(tenant) else {
+                continue;
+            };
+            let id = map.tenant_id(id);
+            if map.move_of(&id).is_some() {
+                continue;
+            }
+            let shard = map.shard(map.locate(&id).shard).name();
+            *loads.entry(shard.to_owned()).or_default() += load;
+            tenants.push(TenantLoadInput::new(id.as_str(), shard, load));
+        }
+        let shards = map
+            .shards()
+            .iter()
+            .map(|s| ShardLoadInput::new(s.name(), s.weight(), loads[s.name()]))
+            .collect();
+        Ok((shards, tenants))
+    }
+}

@@ -132,3 +132,121 @@ pub(crate) fn shards(arg: &ControlArg, json: bool) -> Result<(), String> {
         Ok(())
     })
 }
+
+/// `shardctl plan`.
+#[derive(clap::Args)]
+pub(crate) struct PlanArgs {
+    #[command(flatten)]
+    control: ControlArg,
+    /// Every shard within this fraction of its target load.
+    #[arg(long, default_value_t = 0.1)]
+    max_imbalance: f64,
+    /// At most this many moves.
+    #[arg(long, default_value_t = 20)]
+    max_moves: usize,
+    /// A tenant that must not move (repeat for more).
+    #[arg(long, value_name = "TENANT")]
+    exclude: Vec<String>,
+    /// Run the moves, one at a time, stopping at the first failure.
+    #[arg(long)]
+    apply: bool,
+    /// With --apply: backfill at most this many rows per second per move.
+    #[arg(long, value_name = "ROWS")]
+    max_rows_per_sec: Option<u64>,
+    /// With --apply: seconds to wait for every live router at each new map version.
+    #[arg(long, default_value = "30", value_name = "SECS")]
+    wait: u64,
+}
+
+pub(crate) fn plan(args: &PlanArgs, json: bool) -> Result<(), String> {
+    use shard_router::moves::{self, MoveOptions};
+    use shard_router::plan::{plan, PlanOptions};
+    if args.max_imbalance.is_nan() || args.max_imbalance < 0.0 {
+        return Err(format!(
+            "--max-imbalance {} must be 0 or more",
+            args.max_imbalance
+        ));
+    }
+    block_on(async {
+        let mut control = connect(&args.control.control).await?;
+        let (shards, tenants) = control.plan_inputs().await.map_err(|e| format!("{e}"))?;
+        let mut options = PlanOptions::default();
+        options.max_imbalance = args.max_imbalance;
+        options.max_moves = args.max_moves;
+        options.exclude = args.exclude.iter().cloned().collect();
+        let planned = plan(&shards, &tenants, &options);
+        if json && !args.apply {
+            print_json(&planned);
+        } else if !json {
+            println!(
+                "{:<12} {:>14} {:>14} {:>8} {:>14} {:>8}",
+                "shard", "target ms", "before ms", "share", "after ms", "share"
+            );
+            for (b, a) in planned.before.iter().zip(&planned.after) {
+                println!(
+                    "{:<12} {:>14.1} {:>14.1} {:>7.1}% {:>14.1} {:>7.1}%",
+                    b.shard,
+                    b.target as f64 / 1000.0,
+                    b.load as f64 / 1000.0,
+                    b.share * 100.0,
+                    a.load as f64 / 1000.0,
+                    a.share * 100.0
+                );
+            }
+            if planned.moves.is_empty() {
+                println!(
+                    "{}",
+                    if planned.balanced {
+                        "nothing to do: every shard is within the bound"
+                    } else {
+                        "no move would bring the shards closer to their targets"
+                    }
+                );
+            }
+            for m in &planned.moves {
+                println!(
+                    "move {} {} -> {} ({:.1} ms of database time)",
+                    m.tenant,
+                    m.from,
+                    m.to,
+                    m.load as f64 / 1000.0
+                );
+            }
+            if !planned.balanced && !planned.moves.is_empty() {
+                println!("the shards stay outside the bound after these moves (raise --max-moves, or move tenants by hand)");
+            }
+        }
+        if !args.apply {
+            return Ok(());
+        }
+        let mut move_options = MoveOptions::default();
+        move_options.max_rows_per_sec = args.max_rows_per_sec;
+        move_options.wait = std::time::Duration::from_secs(args.wait);
+        let mut done = Vec::new();
+        for m in &planned.moves {
+            let tenant =
+                shard_router::TenantId::new(&m.tenant).map_err(|e| format!("{}: {e}", m.tenant))?;
+            if !json {
+                println!("moving {} {} -> {} ...", m.tenant, m.from, m.to);
+            }
+            let status = moves::start(&mut control, &tenant, &m.to, &move_options, |_| {})
+                .await
+                .map_err(|e| {
+                    format!(
+                        "move of {} to {} failed: {e}; {} of {} planned moves done, the rest not started",
+                        m.tenant,
+                        m.to,
+                        done.len(),
+                        planned.moves.len()
+                    )
+                })?;
+            done.push(status);
+        }
+        if json {
+            print_json(&serde_json::json!({"plan": planned, "moved": done}));
+        } else {
+            println!("{} move(s) done", done.len());
+        }
+        Ok(())
+    })
+}

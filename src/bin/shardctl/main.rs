@@ -48,6 +48,8 @@ enum Command {
     Tenants(load::TenantsCommand),
     /// Each shard's share of load, pool saturation and tenant count, as the routers report them.
     Shards(ControlArg),
+    /// Propose (and with --apply, run) the tenant moves that balance the shards' load.
+    Plan(load::PlanArgs),
 }
 
 /// Where the control database is.
@@ -91,6 +93,7 @@ fn main() -> ExitCode {
         Command::Routers(arg) => control::routers(&arg, json),
         Command::Tenants(command) => load::tenants(command, json),
         Command::Shards(arg) => load::shards(&arg, json),
+        Command::Plan(args) => load::plan(&args, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
