@@ -1093,15 +1093,7 @@ async fn plan_balances_a_skewed_placement_apply_carries_it_out_and_a_second_plan
     );
     for m in &moves {
         let tenant = m["tenant"].as_str().unwrap();
-        let on_b: i64 = common::connect(&shards.url(1))
-            .await
-            .query_one(
-                "SELECT count(*) FROM notes WHERE tenant_id = $1",
-                &[&tenant],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let on_b = common::notes_of(&shards.url(1), tenant).await;
         assert_eq!(on_b, 50, "{tenant}'s notes moved to b");
     }
     let second = plan(vec![]).await;
