@@ -891,7 +891,7 @@ async fn control_and_move_errors_keep_the_driver_error_as_their_source() {
 
 #[tokio::test]
 async fn tenants_top_merges_two_routers_and_ranks_the_tenant_with_ten_times_the_statements_first() {
-    use shard_router::control::LoadOrder;
+    use shard_router::control::{LoadOrder, LoadWindow};
     let (control_db, shards, mut control) = setup(2).await;
     let pins =
         "[tenants]\nhot = \"a\"\nt1 = \"a\"\nt2 = \"b\"\nt3 = \"b\"\nt4 = \"b\"\nt5 = \"a\"\n";
@@ -932,7 +932,7 @@ async fn tenants_top_merges_two_routers_and_ranks_the_tenant_with_ten_times_the_
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         top = control
-            .tenants_top(None, LoadOrder::Statements, 10)
+            .tenants_top(None, LoadOrder::Statements, LoadWindow::Total, 10)
             .await
             .unwrap();
         if top.first().is_some_and(|t| t.statements == 200) && top.len() == 6 {
@@ -957,7 +957,7 @@ async fn tenants_top_merges_two_routers_and_ranks_the_tenant_with_ten_times_the_
     let r2_rows: i64 = common::connect(&url)
         .await
         .query_one(
-            "SELECT count(*) FROM shard_router_tenant_load WHERE instance_id = 'r2'",
+            "SELECT count(*) FROM shard_router_tenant_load WHERE instance_id = 'r2' AND window_s = 0",
             &[],
         )
         .await
@@ -969,7 +969,7 @@ async fn tenants_top_merges_two_routers_and_ranks_the_tenant_with_ten_times_the_
     );
     // One shard only.
     let on_b = control
-        .tenants_top(Some("b"), LoadOrder::Statements, 10)
+        .tenants_top(Some("b"), LoadOrder::Statements, LoadWindow::Total, 10)
         .await
         .unwrap();
     assert!(
@@ -985,6 +985,31 @@ async fn tenants_top_merges_two_routers_and_ranks_the_tenant_with_ten_times_the_
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json[0]["tenant"], "hot");
+    // The routers are younger than a minute: the last minute is all they did.
+    let out = common::shardctl(
+        &url,
+        &[
+            "--json",
+            "tenants",
+            "top",
+            "--by",
+            "statements",
+            "--since",
+            "1m",
+        ],
+    )
+    .await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (json[0]["tenant"].as_str(), json[0]["statements"].as_u64()),
+        (Some("hot"), Some(200))
+    );
+    let out = common::shardctl(&url, &["tenants", "top", "--since", "2m"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "only the reported windows are accepted"
+    );
     let out = common::shardctl(&url, &["--json", "shards"]).await;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let shards_seen: Vec<&str> = json
@@ -1034,7 +1059,12 @@ async fn plan_balances_a_skewed_placement_apply_carries_it_out_and_a_second_plan
     }
     let reported = eventually_async(Duration::from_secs(10), || async {
         control
-            .tenants_top(None, shard_router::control::LoadOrder::Statements, 10)
+            .tenants_top(
+                None,
+                shard_router::control::LoadOrder::Statements,
+                shard_router::control::LoadWindow::Total,
+                10,
+            )
             .await
             .unwrap()
             .iter()

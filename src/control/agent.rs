@@ -143,6 +143,7 @@ impl ControlAgent {
             router: router.clone(),
             options,
             started_at: SystemTime::now(),
+            history: LoadHistory::default(),
             refused: None,
             checksum: Some(latest.checksum.clone()),
             diverged: false,
@@ -214,6 +215,8 @@ impl Session {
 
 struct Follower {
     router: ShardRouter,
+    /// Snapshots of the per-tenant load, for the windows reports cover.
+    history: LoadHistory,
     options: ControlOptions,
     started_at: SystemTime,
     /// The newest version refused, so a poll does not log it again.
@@ -429,22 +432,32 @@ impl Follower {
         Ok(())
     }
 
-    /// Replaces this router's rows of per-tenant load and pool figures.
-    async fn report_load(&self, client: &mut Client) -> Result<(), ControlError> {
+    /// Replaces this router's rows of per-tenant load (since it started, and
+    /// over each recent window) and pool figures.
+    async fn report_load(&mut self, client: &mut Client) -> Result<(), ControlError> {
         let load = self.router.tenant_load();
-        let mut rows: Vec<(&str, &crate::accounting::TenantLoad)> = load
+        let current: Snapshot = load
             .iter()
-            .flat_map(|s| s.tenants.iter().map(move |t| (s.shard.as_str(), t)))
+            .flat_map(|s| {
+                s.tenants.iter().map(move |t| {
+                    (
+                        (s.shard.clone(), t.tenant.clone()),
+                        [t.statements, t.rows, t.db_time_us, t.pool_wait_us, t.errors],
+                    )
+                })
+            })
             .collect();
-        rows.sort_by_key(|(_, t)| std::cmp::Reverse(t.db_time_us));
-        rows.truncate(self.options.report_rows);
-        let column = |f: fn(&crate::accounting::TenantLoad) -> u64| -> Vec<i64> {
+        let rows = self
+            .history
+            .report(Instant::now(), current, self.options.report_rows);
+        let column = |i: usize| -> Vec<i64> {
             rows.iter()
-                .map(|(_, t)| f(t).min(i64::MAX as u64) as i64)
+                .map(|(_, _, c)| c[i].min(i64::MAX as u64) as i64)
                 .collect()
         };
-        let shards: Vec<&str> = rows.iter().map(|(s, _)| *s).collect();
-        let tenants: Vec<&str> = rows.iter().map(|(_, t)| t.tenant.as_str()).collect();
+        let windows: Vec<i32> = rows.iter().map(|(w, _, _)| *w as i32).collect();
+        let shards: Vec<&str> = rows.iter().map(|(_, k, _)| k.0.as_str()).collect();
+        let tenants: Vec<&str> = rows.iter().map(|(_, k, _)| k.1.as_str()).collect();
         let table = self.router.table();
         let pools: Vec<_> = table
             .shards()
@@ -483,17 +496,19 @@ impl Follower {
             .await?;
             tx.execute(
                 "INSERT INTO shard_router_tenant_load \
-                   (instance_id, shard, tenant, statements, rows, db_time_us, pool_wait_us, errors) \
-                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[])",
+                   (instance_id, window_s, shard, tenant, statements, rows, db_time_us, pool_wait_us, errors) \
+                 SELECT $1, * FROM unnest($2::int4[], $3::text[], $4::text[], $5::int8[], $6::int8[], \
+                   $7::int8[], $8::int8[], $9::int8[])",
                 &[
                     id,
+                    &windows,
                     &shards,
                     &tenants,
-                    &column(|t| t.statements),
-                    &column(|t| t.rows),
-                    &column(|t| t.db_time_us),
-                    &column(|t| t.pool_wait_us),
-                    &column(|t| t.errors),
+                    &column(0),
+                    &column(1),
+                    &column(2),
+                    &column(3),
+                    &column(4),
                 ],
             )
             .await?;
@@ -562,5 +577,116 @@ impl Follower {
         tracing::warn!(error = %cause, unconfirmed_for = ?since.elapsed(),
             map_version = self.router.version(),
             "control database unreachable; serving the last applied map");
+    }
+}
+
+/// A tenant's counters: statements, rows, database time (µs), pool wait (µs), errors.
+type Counters = [u64; 5];
+
+/// Every tracked (shard, tenant)'s counters at one moment.
+type Snapshot = std::collections::HashMap<(String, String), Counters>;
+
+/// A report row: window (seconds, 0 = since start), (shard, tenant), counters.
+type ReportRow = (u32, (String, String), Counters);
+
+/// Snapshots of the router's per-tenant counters, one a minute for the last
+/// hour, so a report can give each recent window's difference.
+#[derive(Debug, Default)]
+struct LoadHistory {
+    kept: std::collections::VecDeque<(Instant, Snapshot)>,
+}
+
+impl LoadHistory {
+    /// How often a snapshot is kept, and for how long.
+    const EVERY: Duration = Duration::from_secs(60);
+    const FOR: Duration = Duration::from_secs(3660);
+
+    /// The rows of a report made at `now` from `current`: for each window,
+    /// the `rows` tenants with the most database time in it. Keeps `current`
+    /// (its `2 × rows` largest) if a minute passed since the last one kept.
+    fn report(&mut self, now: Instant, current: Snapshot, rows: usize) -> Vec<ReportRow> {
+        let mut report = Vec::new();
+        for window in super::LoadWindow::ALL {
+            let seconds = window.seconds();
+            // The newest snapshot at least the window old; none: the router
+            // is younger than the window, and its whole life is the window.
+            let base = (seconds > 0)
+                .then(|| {
+                    self.kept.iter().rev().find(|(at, _)| {
+                        now.saturating_duration_since(*at) >= Duration::from_secs(seconds.into())
+                    })
+                })
+                .flatten()
+                .map(|(_, snapshot)| snapshot);
+            let mut deltas: Vec<ReportRow> = current
+                .iter()
+                .map(|(key, now)| {
+                    let before = base.and_then(|b| b.get(key)).copied().unwrap_or_default();
+                    let delta = std::array::from_fn(|i| now[i].saturating_sub(before[i]));
+                    (seconds, key.clone(), delta)
+                })
+                .filter(|(_, _, c)| c[0] > 0 || c[3] > 0)
+                .collect();
+            deltas.sort_by(|a, b| b.2[2].cmp(&a.2[2]).then_with(|| a.1.cmp(&b.1)));
+            deltas.truncate(rows);
+            report.extend(deltas);
+        }
+        if self
+            .kept
+            .back()
+            .is_none_or(|(at, _)| now.saturating_duration_since(*at) >= Self::EVERY)
+        {
+            let mut largest: Vec<_> = current.into_iter().collect();
+            largest.sort_by(|a, b| b.1[2].cmp(&a.1[2]));
+            largest.truncate(2 * rows);
+            self.kept.push_back((now, largest.into_iter().collect()));
+        }
+        while self
+            .kept
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > Self::FOR)
+        {
+            self.kept.pop_front();
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod load_history_tests {
+    use super::*;
+
+    fn snapshot(entries: &[(&str, u64)]) -> Snapshot {
+        entries
+            .iter()
+            .map(|(t, n)| (("a".to_owned(), (*t).to_owned()), [*n, 0, *n * 10, 0, 0]))
+            .collect()
+    }
+
+    #[test]
+    fn each_window_reports_what_happened_in_it() {
+        let start = Instant::now();
+        let mut history = LoadHistory::default();
+        let at = |s: u64| start + Duration::from_secs(s);
+        // Minute 0: "old" is busy. Then only "new" works.
+        history.report(at(0), snapshot(&[("old", 100)]), 10);
+        history.report(at(60), snapshot(&[("old", 100), ("new", 5)]), 10);
+        let rows = history.report(at(130), snapshot(&[("old", 100), ("new", 20)]), 10);
+        let get = |window: u32, tenant: &str| {
+            rows.iter()
+                .find(|(w, k, _)| *w == window && k.1 == tenant)
+                .map(|(_, _, c)| c[0])
+        };
+        assert_eq!(get(0, "old"), Some(100));
+        assert_eq!(get(0, "new"), Some(20));
+        // The last minute (base: the snapshot at 60 s): only new's 15.
+        assert_eq!(get(60, "new"), Some(15));
+        assert_eq!(get(60, "old"), None, "idle in the window");
+        // The last 5 minutes reach back before the first snapshot: whole life.
+        assert_eq!(get(300, "old"), Some(100));
+        // Bounded: at most `rows` per window.
+        let rows = history.report(at(200), snapshot(&[("x", 1), ("y", 2), ("z", 3)]), 2);
+        assert!(rows.iter().filter(|(w, _, _)| *w == 0).count() <= 2);
+        assert!(history.kept.len() <= 4);
     }
 }

@@ -35,6 +35,54 @@ impl LoadOrder {
     }
 }
 
+/// The time a report covers: everything since each router started, or a
+/// recent window. A window ends at the router's last report and begins
+/// between its length and a minute more before (routers keep a snapshot a
+/// minute; one younger than the window reports its whole life).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LoadWindow {
+    /// Since each router started (the default).
+    #[default]
+    Total,
+    /// The last minute.
+    Minute,
+    /// The last 5 minutes.
+    FiveMinutes,
+    /// The last 15 minutes.
+    FifteenMinutes,
+    /// The last hour.
+    Hour,
+}
+
+impl LoadWindow {
+    /// Every window a router reports.
+    pub const ALL: [LoadWindow; 5] = [
+        LoadWindow::Total,
+        LoadWindow::Minute,
+        LoadWindow::FiveMinutes,
+        LoadWindow::FifteenMinutes,
+        LoadWindow::Hour,
+    ];
+
+    /// Its length in seconds (0: since the router started).
+    ///
+    /// ```
+    /// # use shard_router::control::LoadWindow;
+    /// assert_eq!(LoadWindow::FiveMinutes.seconds(), 300);
+    /// ```
+    pub fn seconds(self) -> u32 {
+        match self {
+            LoadWindow::Total => 0,
+            LoadWindow::Minute => 60,
+            LoadWindow::FiveMinutes => 300,
+            LoadWindow::FifteenMinutes => 900,
+            LoadWindow::Hour => 3600,
+        }
+    }
+}
+
 /// A tenant's load on one shard, summed over the live routers.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[non_exhaustive]
@@ -91,13 +139,13 @@ const LIVE: &str = "JOIN shard_router_routers r USING (instance_id) \
                     WHERE r.last_seen + r.lease_ms * interval '1 millisecond' > clock_timestamp()";
 
 impl ControlPlane {
-    /// The `limit` most expensive tenants by `by`, on `shard` or on all
-    /// shards, merged over every live router.
+    /// The `limit` most expensive tenants by `by` over `window`, on `shard`
+    /// or on all shards, merged over every live router.
     ///
     /// ```no_run
     /// # async fn f(c: shard_router::control::ControlPlane) -> Result<(), shard_router::control::ControlError> {
-    /// use shard_router::control::LoadOrder;
-    /// for t in c.tenants_top(None, LoadOrder::Time, 10).await? {
+    /// use shard_router::control::{LoadOrder, LoadWindow};
+    /// for t in c.tenants_top(None, LoadOrder::Time, LoadWindow::Total, 10).await? {
     ///     println!("{} on {}: {:.1}% of database time", t.tenant, t.shard, t.share * 100.0);
     /// }
     /// # Ok(()) }
@@ -106,6 +154,7 @@ impl ControlPlane {
         &self,
         shard: Option<&str>,
         by: LoadOrder,
+        window: LoadWindow,
         limit: usize,
     ) -> Result<Vec<ReportedTenant>, ControlError> {
         let column = by.column();
@@ -119,10 +168,15 @@ impl ControlPlane {
                              sum(db_time_us)::int8 db_time_us, sum(pool_wait_us)::int8 pool_wait_us, \
                              sum(errors)::int8 errors, count(*) routers \
                            FROM shard_router_tenant_load {LIVE} AND ($1::text IS NULL OR shard = $1) \
+                             AND window_s = $3 \
                            GROUP BY shard, tenant) t \
                      ORDER BY {column} DESC, shard, tenant LIMIT $2"
                 ),
-                &[&shard, &(limit.min(i64::MAX as usize) as i64)],
+                &[
+                    &shard,
+                    &(limit.min(i64::MAX as usize) as i64),
+                    &(window.seconds() as i32),
+                ],
             )
             .await?;
         let n = |r: &tokio_postgres::Row, i| r.get::<_, i64>(i).max(0) as u64;
@@ -167,7 +221,8 @@ impl ControlPlane {
                              count(*) routers \
                            FROM shard_router_shard_load {LIVE} GROUP BY shard) s \
                      LEFT JOIN (SELECT shard, count(DISTINCT tenant) tenants \
-                                FROM shard_router_tenant_load {LIVE} GROUP BY shard) t USING (shard) \
+                                FROM shard_router_tenant_load {LIVE} AND window_s = 0 \
+                                GROUP BY shard) t USING (shard) \
                      ORDER BY s.db_time_us DESC, s.shard"
                 ),
                 &[],
@@ -220,7 +275,7 @@ impl ControlPlane {
         use std::collections::BTreeMap;
         let map = self.latest().await?.load()?;
         let reported = self
-            .tenants_top(None, LoadOrder::Time, usize::MAX >> 1)
+            .tenants_top(None, LoadOrder::Time, LoadWindow::Total, usize::MAX >> 1)
             .await?;
         let shard_totals = self.shard_load().await?;
         // Per shard as reported: total, and what named tenants account for.

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 pub use agent::{ControlAgent, ControlOptions};
-pub use load::{LoadOrder, ReportedShard, ReportedTenant};
+pub use load::{LoadOrder, LoadWindow, ReportedShard, ReportedTenant};
 pub use publish::{PublishError, PublishOptions, Published};
 pub use rehoming::{tenants_rehomed, RehomeError, Rehomed};
 pub use schema::{schema_gaps, SchemaGap};
@@ -62,6 +62,10 @@ fn control_migrations() -> Migrations {
             (
                 "V5__load_reports",
                 include_str!("../../migrations/control/V5__load_reports.sql"),
+            ),
+            (
+                "V6__load_windows",
+                include_str!("../../migrations/control/V6__load_windows.sql"),
             ),
         ],
     )

@@ -1,7 +1,7 @@
 //! `shardctl tenants top` and `shardctl shards`: the load the routers report.
 
 use clap::Subcommand;
-use shard_router::control::LoadOrder;
+use shard_router::control::{LoadOrder, LoadWindow};
 
 use crate::{block_on, connect, print_json, ControlArg};
 
@@ -20,7 +20,35 @@ pub(crate) enum TenantsCommand {
         /// How many tenants to print.
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// Only the last minute, 5 minutes, 15 minutes or hour (default:
+        /// since each router started).
+        #[arg(long, value_enum)]
+        since: Option<Since>,
     },
+}
+
+/// `--since`: the windows routers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Since {
+    #[value(name = "1m")]
+    Minute,
+    #[value(name = "5m")]
+    FiveMinutes,
+    #[value(name = "15m")]
+    FifteenMinutes,
+    #[value(name = "1h")]
+    Hour,
+}
+
+/// The window `--since` names (none: since each router started).
+fn window(since: Option<Since>) -> LoadWindow {
+    match since {
+        None => LoadWindow::Total,
+        Some(Since::Minute) => LoadWindow::Minute,
+        Some(Since::FiveMinutes) => LoadWindow::FiveMinutes,
+        Some(Since::FifteenMinutes) => LoadWindow::FifteenMinutes,
+        Some(Since::Hour) => LoadWindow::Hour,
+    }
 }
 
 /// `--by`.
@@ -49,11 +77,12 @@ pub(crate) fn tenants(command: TenantsCommand, json: bool) -> Result<(), String>
         shard,
         by,
         limit,
+        since,
     } = command;
     block_on(async {
         let control = connect(&control.control).await?;
         let top = control
-            .tenants_top(shard.as_deref(), by.into(), limit)
+            .tenants_top(shard.as_deref(), by.into(), window(since), limit)
             .await
             .map_err(|e| format!("{e}"))?;
         if json {
