@@ -54,6 +54,9 @@ struct Args {
     /// (Prometheus). Keep it off the public network.
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin_listen: SocketAddr,
+    /// Tenants ranked per shard by the per-tenant load counting (0: off).
+    #[arg(long, default_value_t = shard_router::accounting::DEFAULT_TOP_TENANTS)]
+    top_tenants: usize,
 }
 
 /// A handler failure: a routing/database error, or a bad request body.
@@ -143,6 +146,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     // Keep the follower alive as long as the server runs.
     let (router, _follower) = args.source.start().await?;
+    let router = router.with_top_tenants(args.top_tenants);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
     tracing::info!(addr = %listener.local_addr()?, admin = %admin_listener.local_addr()?,

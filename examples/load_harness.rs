@@ -15,10 +15,12 @@
 //! * D: B behind pgbouncer in transaction pooling mode (unnamed statements,
 //!   `query_typed`, because named ones need pgbouncer 1.21's
 //!   `max_prepared_statements`).
+//! * E: A with the per-tenant load counting off (`--top-tenants 0`), to
+//!   measure what the counting costs end to end (not run by default).
 //!
 //! Workloads: `GET /notes` only, `POST /notes` only, and 80% GET / 20% POST;
 //! each tenant starts every measurement with 5 notes. Each server is a
-//! separate process (A and C run the real example binary; B and D run this
+//! separate process (A, C and E run the real example binary; B and D run this
 //! binary's `serve-baseline`). Prints requests/s and p50/p99/p99.9 per round,
 //! medians over rounds, and A/B per workload. The databases it creates
 //! (`srl_*`) are dropped after.
@@ -61,7 +63,8 @@ struct Args {
     /// Workloads to run: any of get, post, mix.
     #[arg(long, value_delimiter = ',', default_value = "get,post,mix")]
     workloads: Vec<String>,
-    /// Configurations to run: any of A, B, C, D (D also needs pgbouncer).
+    /// Configurations to run: any of A, B, C, D, E (D also needs pgbouncer;
+    /// E is A with the per-tenant counting off).
     #[arg(long, value_delimiter = ',', default_value = "A,B,C,D")]
     configs: Vec<String>,
     /// pgbouncer's address for configuration D.
@@ -449,11 +452,12 @@ async fn run_configs(
         )
     };
 
-    let configs: [(&str, usize); 4] = [
+    let configs: [(&str, usize); 5] = [
         ("A router, 1 shard", 100),
         ("B plain app, no router", 100),
         ("C router, 4 shards", 1000),
         ("D pgbouncer (transaction), plain app", 100),
+        ("E router, 1 shard, tenant counting off", 100),
     ];
     let workloads: Vec<Workload> = [Workload::Get, Workload::Post, Workload::Mix]
         .into_iter()
@@ -467,7 +471,8 @@ async fn run_configs(
         })
         .collect();
     // figures[workload][config]: one entry per round.
-    let mut figures: Vec<Vec<Vec<Figures>>> = vec![vec![Vec::new(); 4]; workloads.len()];
+    let mut figures: Vec<Vec<Vec<Figures>>> =
+        vec![vec![Vec::new(); configs.len()]; workloads.len()];
     let pgbouncer_up = TcpStream::connect(&args.pgbouncer).await.is_ok();
     if !pgbouncer_up {
         println!(
@@ -499,7 +504,7 @@ async fn run_configs(
                 let addr = free_addr();
                 let listen = addr.to_string();
                 let server = match &label[..1] {
-                    "A" | "C" => start(
+                    "A" | "C" | "E" => start(
                         Command::new(sibling("axum_app")).args([
                             "--map",
                             router_map(&dbs, &dir, &format!("{}.toml", &label[..1]))
@@ -509,6 +514,8 @@ async fn run_configs(
                             &listen,
                             "--admin-listen",
                             "127.0.0.1:0",
+                            "--top-tenants",
+                            if label.starts_with('E') { "0" } else { "1000" },
                         ]),
                     ),
                     "B" => start(Command::new(std::env::current_exe()?).args([
@@ -611,6 +618,22 @@ async fn run_configs(
         }
         if let (Some(a), Some(d)) = (medians[0], medians[3]) {
             println!("  A/D: throughput {:.3}", a.0 / d.0);
+        }
+        if !figures[w][0].is_empty() && !figures[w][4].is_empty() {
+            let ratios: Vec<f64> = figures[w][0]
+                .iter()
+                .zip(&figures[w][4])
+                .map(|(a, e)| a.0 / e.0)
+                .collect();
+            println!(
+                "  A/E (tenant counting on / off) per round: throughput {} -> median {:.3} (target >= 0.98)",
+                ratios
+                    .iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                median(ratios.clone())
+            );
         }
     }
     println!(
