@@ -35,6 +35,9 @@ pub struct TenantLoad {
     pub db_time_us: u64,
     /// Time waiting for a pooled connection, in microseconds.
     pub pool_wait_us: u64,
+    /// Time holding connections (from checkout to their return), in
+    /// microseconds: database time plus what the application did meanwhile.
+    pub hold_time_us: u64,
     /// Statements that failed (and checkouts that timed out).
     pub errors: u64,
     /// How much of `db_time_us` may belong to tenants dropped from the table
@@ -102,6 +105,7 @@ struct Entry {
     rows: u64,
     db_time_us: u64,
     pool_wait_us: u64,
+    hold_time_us: u64,
     errors: u64,
     overstated_by_us: u64,
 }
@@ -143,12 +147,24 @@ impl ShardLoad {
             c.wait_sum_us
                 .fetch_add(cost.pool_wait.as_micros() as u64, Relaxed);
         }
+        self.update(tenant, |entry| entry.add(cost));
+    }
+
+    /// Adds the time a connection of `tenant` was held, once it is returned.
+    pub(crate) fn record_hold(&self, tenant: &str, held: Duration) {
+        self.update(tenant, |entry| {
+            entry.hold_time_us += held.as_micros().min(u64::MAX as u128) as u64
+        });
+    }
+
+    /// Applies `change` to `tenant`'s entry, making room for it if it is new.
+    fn update(&self, tenant: &str, change: impl FnOnce(&mut Entry)) {
         if self.top == 0 {
             return;
         }
         let mut table = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = table.tenants.get_mut(tenant) {
-            entry.add(cost);
+            change(entry);
             return;
         }
         if table.tenants.len() >= 2 * self.top {
@@ -160,7 +176,7 @@ impl ShardLoad {
             overstated_by_us: floor,
             ..Entry::default()
         };
-        entry.add(cost);
+        change(&mut entry);
         table.tenants.insert(tenant.into(), entry);
     }
 
@@ -181,6 +197,7 @@ impl ShardLoad {
                 rows: e.rows,
                 db_time_us: e.db_time_us,
                 pool_wait_us: e.pool_wait_us,
+                hold_time_us: e.hold_time_us,
                 errors: e.errors,
                 overstated_by_us: e.overstated_by_us,
             })

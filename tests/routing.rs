@@ -896,6 +896,8 @@ async fn the_handle_counts_each_tenants_statements_and_ranks_the_hot_one_first()
     assert_eq!(top[0].rows, 200, "100 inserted + 100 counted");
     assert_eq!((top[0].errors, top[0].overstated_by_us), (0, 0));
     assert!(top[0].db_time_us > 0);
+    // Connections are held at least while their statements run.
+    assert!(top[0].hold_time_us >= top[0].db_time_us, "{:?}", top[0]);
     let a1 = top.iter().find(|t| t.tenant == "a1").unwrap();
     assert_eq!((a1.statements, a1.errors), (sent["a1"] + 1, 1));
     // Checkouts count their wait (not statements) and the hot tenant's share

@@ -572,6 +572,11 @@ impl TenantDb {
         Ok(TenantClient {
             client,
             _slot: slot,
+            _held: HoldTimer {
+                since: Instant::now(),
+                load: Arc::clone(&self.table.loads()[shard.get()]),
+                tenant: self.tenant.clone(),
+            },
             db: self.clone(),
             shard,
             replica: match source {
@@ -851,11 +856,28 @@ impl Drop for Side {
 pub struct TenantClient {
     client: Object,
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Counts the connection's hold time for its tenant when it goes back.
+    _held: HoldTimer,
     /// Who and where, for errors.
     db: TenantDb,
     shard: ShardIndex,
     /// The read replica it is connected to, if not the shard's primary.
     replica: Option<usize>,
+}
+
+/// Records how long a checked-out connection was held, when dropped.
+#[derive(Debug)]
+struct HoldTimer {
+    since: Instant,
+    load: Arc<crate::accounting::ShardLoad>,
+    tenant: TenantId,
+}
+
+impl Drop for HoldTimer {
+    fn drop(&mut self) {
+        self.load
+            .record_hold(self.tenant.as_str(), self.since.elapsed());
+    }
 }
 
 impl TenantClient {
