@@ -1131,6 +1131,29 @@ async fn plan_balances_a_skewed_placement_apply_carries_it_out_and_a_second_plan
     assert_eq!(second["balanced"], true, "{second}");
     let out = common::shardctl(&url, &["plan", "--max-imbalance", "0.5"]).await;
     println!("{}", String::from_utf8_lossy(&out.stdout));
+
+    // Evacuating b is the same command: publish its weight as 0 (tenants with
+    // data there stay pinned), then plan sends every one of them to a.
+    let latest = control.latest().await.unwrap();
+    let toml = latest
+        .toml
+        .replacen(
+            &format!("version = {}", latest.version),
+            &format!("version = {}", latest.version + 1),
+            1,
+        )
+        .replacen("[shards.b]\n", "[shards.b]\nweight = 0\n", 1);
+    let mut pin = PublishOptions::default();
+    pin.pin_existing = true;
+    control.publish(&toml, &pin).await.unwrap();
+    let evacuate = plan(vec!["--apply", "--wait", "10"]).await;
+    assert_eq!(evacuate["plan"]["after"][1]["load"], 0, "{evacuate}");
+    assert_eq!(evacuate["plan"]["balanced"], true, "{evacuate}");
+    let map = control.latest().await.unwrap().load().unwrap();
+    for t in ["t1", "t2", "t3", "t4"] {
+        let at = map.locate(&TenantId::new(t).unwrap()).shard;
+        assert_eq!(map.shard(at).name(), "a", "{t} left b");
+    }
 }
 
 /// Polls an async condition until it holds or `limit` passes.
