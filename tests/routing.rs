@@ -950,7 +950,8 @@ fn prometheus_samples(text: &str) -> Vec<Sample> {
 async fn metrics_parse_as_prometheus_text_and_stay_bounded_under_100000_tenants() {
     let shards = Shards::create(2).await;
     shards.run_everywhere(NOTES_SCHEMA).await;
-    let router = ShardRouter::new(map(1, &shards, "")).unwrap();
+    let moving = "[moves.globex]\nfrom = \"a\"\nto = \"b\"\n";
+    let router = ShardRouter::new(map(1, &shards, moving)).unwrap();
     // 100,000 distinct tenants check out a connection (each counted), and a
     // hot one runs statements.
     for i in 0..100_000 {
@@ -970,7 +971,9 @@ async fn metrics_parse_as_prometheus_text_and_stay_bounded_under_100000_tenants(
     let samples = prometheus_samples(&text);
     let with_tenant = samples
         .iter()
-        .filter(|(_, labels, _)| labels.iter().any(|(k, _)| k == "tenant"))
+        .filter(|(name, labels, _)| {
+            name.starts_with("shard_router_tenant_") && labels.iter().any(|(k, _)| k == "tenant")
+        })
         .count();
     // Two tenant families, at most 10 tenants per shard each.
     assert!(with_tenant <= 2 * 10 * 2, "{with_tenant} tenant series");
@@ -988,6 +991,12 @@ async fn metrics_parse_as_prometheus_text_and_stay_bounded_under_100000_tenants(
             && labels.iter().any(|(k, v)| k == "tenant" && v == "hot")
     });
     assert_eq!(hot_statements.map(|s| s.2), Some(20.0), "{text}");
+    assert!(
+        text.contains(
+            "shard_router_move_in_flight{tenant=\"globex\",from=\"a\",to=\"b\",phase=\"dual_write\"} 1"
+        ),
+        "{text}"
+    );
     // The per-tenant tables stay bounded too (2K entries at most, K = 1,000).
     for shard in router.tenant_load() {
         assert!(shard.tenants.len() <= 1000);
