@@ -216,38 +216,37 @@ impl ShardRouter {
             .iter()
             .map(|(s, _, load)| (s, load.top_n(top_tenants)))
             .collect();
-        section(
-            "shard_router_tenant_db_seconds_total",
-            "counter",
-            "Database time of each shard's most expensive tenants (a bounded set).",
-            top.iter()
-                .flat_map(|(s, tenants)| {
-                    tenants.iter().map(move |t| {
-                        format!(
-                            "shard_router_tenant_db_seconds_total{{shard=\"{s}\",tenant=\"{}\"}} {}",
-                            label(&t.tenant),
-                            t.db_time_us as f64 / 1e6
-                        )
+        type Figure = fn(&crate::accounting::TenantLoad) -> f64;
+        let families: [(&str, &str, Figure); 2] = [
+            (
+                "shard_router_tenant_db_seconds_total",
+                "Database time of each shard's most expensive tenants (a bounded set).",
+                |t| t.db_time_us as f64 / 1e6,
+            ),
+            (
+                "shard_router_tenant_statements_total",
+                "Statements of each shard's most expensive tenants (a bounded set).",
+                |t| t.statements as f64,
+            ),
+        ];
+        for (name, help, figure) in families {
+            section(
+                name,
+                "counter",
+                help,
+                top.iter()
+                    .flat_map(|(s, tenants)| {
+                        tenants.iter().map(move |t| {
+                            format!(
+                                "{name}{{shard=\"{s}\",tenant=\"{}\"}} {}",
+                                label(&t.tenant),
+                                figure(t)
+                            )
+                        })
                     })
-                })
-                .collect(),
-        );
-        section(
-            "shard_router_tenant_statements_total",
-            "counter",
-            "Statements of each shard's most expensive tenants (a bounded set).",
-            top.iter()
-                .flat_map(|(s, tenants)| {
-                    tenants.iter().map(move |t| {
-                        format!(
-                            "shard_router_tenant_statements_total{{shard=\"{s}\",tenant=\"{}\"}} {}",
-                            label(&t.tenant),
-                            t.statements
-                        )
-                    })
-                })
-                .collect(),
-        );
+                    .collect(),
+            );
+        }
         out
     }
 }
