@@ -530,7 +530,6 @@ impl TenantDb {
             Ok(match limiter {
                 None => (pool.get().await.map_err(unavailable)?, None),
                 Some(limiter) => {
-                    let started = std::time::Instant::now();
                     let slot = limiter
                         .acquire(self.tenant.as_str(), settings.wait_timeout)
                         .await
@@ -538,7 +537,7 @@ impl TenantDb {
                             unavailable(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait))
                         })?;
                     let mut timeouts = pool.timeouts();
-                    timeouts.wait = Some(settings.wait_timeout.saturating_sub(started.elapsed()));
+                    timeouts.wait = Some(settings.wait_timeout.saturating_sub(waited.elapsed()));
                     (
                         pool.timeout_get(&timeouts).await.map_err(unavailable)?,
                         Some(slot),
