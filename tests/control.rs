@@ -1089,6 +1089,17 @@ async fn plan_balances_a_skewed_placement_apply_carries_it_out_and_a_second_plan
             serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
         }
     };
+    // Bad input is refused with a clear error and changes nothing.
+    let versions = history_len(&control).await;
+    for bad in [["--max-imbalance", "-1"], ["--max-imbalance", "NaN"]] {
+        let mut args = vec!["plan", "--apply"];
+        args.extend(bad);
+        let out = common::shardctl(&url, &args).await;
+        assert!(!out.status.success(), "{bad:?} refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("max-imbalance"), "{stderr}");
+    }
+    assert_eq!(history_len(&control).await, versions, "nothing published");
     let first = plan(vec![]).await;
     let moves = first["moves"].as_array().unwrap().clone();
     assert!(!moves.is_empty(), "{first}");

@@ -168,7 +168,7 @@ pub(crate) struct PlanArgs {
     #[command(flatten)]
     control: ControlArg,
     /// Every shard within this fraction of its target load.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     max_imbalance: f64,
     /// At most this many moves.
     #[arg(long, default_value_t = 20)]
