@@ -103,6 +103,21 @@ async fn handle_writes(router: &ShardRouter, tenant: &str, n: usize) -> Vec<Dura
 const SCHEMA: &str = "CREATE TABLE items (tenant_id text NOT NULL, id uuid PRIMARY KEY, \
                       n bigint NOT NULL, body text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
 
+/// The backfill throttles (rows/s) of the bystander rounds: `THROTTLES`, a
+/// comma-separated list where `none` means no throttle (default
+/// `none,20000,5000`; empty skips the rounds).
+fn throttles() -> Vec<Option<u64>> {
+    std::env::var("THROTTLES")
+        .unwrap_or_else(|_| "none,20000,5000".to_owned())
+        .split(',')
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| match t.trim() {
+            "none" => None,
+            rate => Some(rate.parse().expect("THROTTLES: rows/s or none")),
+        })
+        .collect()
+}
+
 /// Rows per backfill batch: `BATCH_ROWS`, default the move's default.
 fn batch_rows() -> usize {
     std::env::var("BATCH_ROWS")
@@ -339,7 +354,7 @@ async fn run(names: Vec<String>) {
         let id = TenantId::new(t).unwrap();
         map.move_of(&id).is_none() && map.shard(map.locate(&id).shard).name() == "a"
     });
-    for throttle in [None, Some(20_000u64), Some(5_000)] {
+    for throttle in throttles() {
         let rows_each = throttle.map_or(fence_rows(), |t| (t as i64 * 3).min(fence_rows()));
         let mut ratios = Vec::new();
         let mut rates = Vec::new();

@@ -779,6 +779,59 @@ async fn verify_catches_a_target_changed_behind_the_move_and_refuses_cutover() {
     assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 0);
 }
 
+/// A writer sends its two COMMITs at once, so for a moment one shard has its
+/// row and the other not yet. It holds the tenant lock on each shard until that
+/// shard's COMMIT; verify takes both locks (the source's first), so it waits
+/// for the late side instead of reporting shards that differ.
+#[tokio::test]
+async fn verify_waits_for_a_writer_between_its_two_commits() {
+    let tenant = "initech";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 5).await;
+    let id = TenantId::new(tenant).unwrap();
+    let mut options = fast();
+    options.until = Step::Backfill;
+    moves::start(&mut w.control, &id, "b", &options, |_| {})
+        .await
+        .unwrap();
+    let version = w.control.latest().await.unwrap().version;
+    let declare = format!(
+        "SELECT set_config('{}', '{version}@' || extract(epoch FROM now())::text, true)",
+        shard_router::db::VERSION_SETTING
+    );
+    let row = format!(
+        "INSERT INTO projects VALUES ('{tenant}', '{}', 'late')",
+        Uuid::new_v4()
+    );
+    // The target's half: lock held, row in, COMMIT not sent yet.
+    let late = connect(&w.shards.url(1)).await;
+    late.batch_execute(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica; {declare}; \
+         SELECT pg_advisory_xact_lock({}); {row}",
+        shard_router::db::move_lock_key(&id)
+    ))
+    .await
+    .unwrap();
+    // The source's half has committed.
+    connect(&w.shards.url(0))
+        .await
+        .batch_execute(&format!("BEGIN; {declare}; {row}; COMMIT"))
+        .await
+        .unwrap();
+    let committer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        late.batch_execute("COMMIT").await.unwrap();
+    });
+    let mut until_verify = fast();
+    until_verify.until = Step::Verify;
+    let verified = moves::resume(&mut w.control, &id, &until_verify, |_| {}).await;
+    committer.await.unwrap();
+    verified.expect("verify saw both COMMITs");
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.phase, "verified");
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 6);
+}
+
 #[tokio::test]
 async fn a_tenant_table_without_a_primary_key_is_refused_by_name() {
     let tenant = "stark";

@@ -7,8 +7,9 @@
 //!
 //! While a tenant is moving, [`TenantDb::write`] gives a writer that runs each
 //! statement on the primary (the shard serving reads) and, at commit, applies
-//! the primary's row images to the other shard, all under a per-tenant advisory
-//! lock taken on the move's source shard, which commits last. `DEFAULT now()`,
+//! the primary's row images to the other shard, under a per-tenant advisory
+//! lock taken on both shards (the source's first) and held by each until its
+//! own `COMMIT`; the two `COMMIT`s go out together. `DEFAULT now()`,
 //! triggers, identity columns and generated ids therefore end identical on both
 //! shards.
 
@@ -615,13 +616,12 @@ impl TenantDb {
             side.clean = true;
             return Ok(side);
         }
-        let head = format!(
-            "BEGIN ISOLATION LEVEL READ COMMITTED; {}",
-            declare_version_sql(self.map_version())
-        );
+        // BEGIN, the declaration and the move's settings and lock go out
+        // together, all but BEGIN as statements prepared once per connection.
         let client = side.client();
+        let version = self.map_version();
         let result = match (how.capture, how.lock) {
-            (None, false) => client.batch_execute(&head).await,
+            (None, false) => after_begin(client, version, async { Ok(()) }).await,
             (capture, lock) => {
                 let sql = if lock {
                     "SELECT set_config('shard_router.capture', $1, true), pg_advisory_xact_lock($2)"
@@ -635,12 +635,9 @@ impl TenantDb {
                         let capture = capture.unwrap_or("");
                         let params: &[&(dyn ToSql + Sync)] =
                             if lock { &[&capture, &key] } else { &[&capture] };
-                        // Pipelined: both go out before either answer comes back.
-                        let (began, set) = tokio::join!(
-                            client.batch_execute(&head),
-                            client.raw().query(&statement, params)
-                        );
-                        began.and(set.map(|_| ()))
+                        after_begin(client, version, client.raw().query(&statement, params))
+                            .await
+                            .map(|_| ())
                     }
                 }
             }
@@ -1165,8 +1162,9 @@ enum WriterState {
 /// primary records the final image of every row they change (after defaults,
 /// identity values and triggers), and [`commit`](Self::commit) applies those
 /// images to the other shard before committing both, so the two shards hold the
-/// same rows whatever the schema generates. The side holding the tenant's move
-/// lock (the source) commits last. After any failed statement the writer only
+/// same rows whatever the schema generates. Both sides hold the tenant's move
+/// lock (the source's taken first) until they commit, and both commit at once.
+/// After any failed statement the writer only
 /// rolls back; a writer dropped without `commit` or `rollback` rolls back (its
 /// connections are closed if a statement was in flight).
 ///
@@ -1326,7 +1324,7 @@ impl TenantWriter {
     }
 
     /// Commits. During a move: the primary's row images go to the secondary,
-    /// then the side without the tenant lock commits, then the side with it.
+    /// under the tenant lock on both shards, then both sides commit at once.
     ///
     /// Fails with [`DbError::Aborted`] (and rolls back) if a statement failed earlier.
     ///
@@ -1354,17 +1352,13 @@ impl TenantWriter {
         };
         let tenant = self.db.tenant.clone();
         let column = self.db.table.map().tenant_column().to_owned();
+        let reversed = self.db.location.reason.is_reversed_move();
+        let key = move_lock_key(&tenant);
         // 1. The primary's captured row images, in the order they changed.
+        //    When the primary is the target (reversed), the target's tenant
+        //    lock goes out with the drain: see 3.
         self.primary.clean = false;
-        let client = self.primary.client();
-        let images = match client.prepare_cached(DRAIN_SQL).await {
-            Ok(drain) => client
-                .raw()
-                .query_one(&drain, &[])
-                .await
-                .map(|row| row.get::<_, String>(0)),
-            Err(e) => Err(e),
-        };
+        let images = drain(self.primary.client(), reversed.then_some(key)).await;
         self.primary.clean = true;
         let images = match images {
             Ok(images) => images,
@@ -1378,16 +1372,16 @@ impl TenantWriter {
             }
             Err(e) => return Err(self.fail(e)),
         };
-        let images: Vec<apply::Image> = if images == "[]" {
-            Vec::new()
-        } else {
-            serde_json::from_str(&images).expect("the drain returns a JSON array of images")
-        };
-        let reversed = self.db.location.reason.is_reversed_move();
-        // 2. Applied on the secondary, pipelined. In dual_write the secondary
-        //    (the target) commits first, so its COMMIT goes out with them; a
-        //    failed image turns that COMMIT into a rollback.
-        let applied = apply_images(&self.db, &mut secondary, &column, &images, !reversed).await;
+        // 2. Applied on the secondary, pipelined (with the target's lock first
+        //    when the secondary is the target).
+        let applied = apply_images(
+            &self.db,
+            &mut secondary,
+            &column,
+            &images,
+            (!reversed).then_some(key),
+        )
+        .await;
         if let Err(e) = applied {
             let err = self.db.query_error_on(secondary.shard, e);
             // The write fails and nothing commits; the move hears of it.
@@ -1397,47 +1391,43 @@ impl TenantWriter {
             self.state = WriterState::Failed;
             return Err(err);
         }
-        if !reversed {
-            drop(secondary.client.take()); // committed: back to the pool
-            let primary = self.primary_side();
-            let shard = primary.shard;
-            match primary.commit(self.db.wants_position()).await {
-                Ok(position) => self.db.wrote(position),
-                Err(e) => {
-                    let err = self.db.query_error_on(shard, e);
-                    self.db.table.report_move_failure(
-                        tenant.as_str(),
-                        format!("committed on one shard only: {}", err.report()),
-                    );
-                    return Err(err);
-                }
-            }
-            return Ok(());
-        }
-        // The lock holder (the source) commits last in both phases: until it
-        // commits, no other writer, backfill batch or verify of the tenant can
-        // run between the two commits.
-        // 3. The target (primary) commits, then the source holding the lock.
-        let (first, last) = (self.primary_side(), secondary);
-        let (first_shard, last_shard) = (first.shard, last.shard);
-        match first.commit(self.db.wants_position()).await {
+        // 3. Both sides commit at once, so their WAL flushes overlap instead of
+        //    following each other. Each side holds the tenant's move lock until
+        //    its own COMMIT (the source's since BEGIN, the target's since 1 or
+        //    2), and every taker of both locks (writers, backfill batches,
+        //    verify, the removal of copied rows) takes the source's first: so
+        //    no one holding them can see one side committed and the other not,
+        //    and the next writer's images reach the secondary after these.
+        let (primary, primary_shard, secondary_shard) =
+            (self.primary_side(), self.primary.shard, secondary.shard);
+        let (on_primary, on_secondary) = tokio::join!(
+            primary.commit(self.db.wants_position()),
+            secondary.end("COMMIT")
+        );
+        match (on_primary, on_secondary) {
             // The reader's token: the primary, which serves reads, has it.
-            Ok(position) => self.db.wrote(position),
-            Err(e) => {
-                // `last` rolls back when dropped: neither side has the write.
-                drop(last);
-                return Err(self.db.query_error_on(first_shard, e));
+            (Ok(position), Ok(())) => {
+                self.db.wrote(position);
+                Ok(())
+            }
+            (Err(e), Err(_)) => Err(self.db.query_error_on(primary_shard, e)),
+            (Err(e), Ok(())) => {
+                let err = self.db.query_error_on(primary_shard, e);
+                self.db.table.report_move_failure(
+                    tenant.as_str(),
+                    format!("committed on the secondary only: {}", err.report()),
+                );
+                Err(err)
+            }
+            (Ok(_), Err(e)) => {
+                let err = self.db.query_error_on(secondary_shard, e);
+                self.db.table.report_move_failure(
+                    tenant.as_str(),
+                    format!("committed on the primary only: {}", err.report()),
+                );
+                Err(err)
             }
         }
-        if let Err(e) = last.end("COMMIT").await {
-            let err = self.db.query_error_on(last_shard, e);
-            self.db.table.report_move_failure(
-                tenant.as_str(),
-                format!("committed on one shard only: {}", err.report()),
-            );
-            return Err(err);
-        }
-        Ok(())
     }
 
     /// Rolls back on every side.
@@ -1587,16 +1577,48 @@ const DRAIN_SQL: &str = "WITH d AS (DELETE FROM shard_router_capture WHERE xid =
      SELECT coalesce(jsonb_agg(jsonb_build_object('t', tbl::text, 'op', op, 'old', old, 'new', new) \
      ORDER BY seq)::text, '[]') FROM d";
 
-/// Applies `images` on `side` (the secondary) in one round trip, followed by
-/// its `COMMIT` when `commit`. Statements are prepared first (cached per
-/// connection): an unprepared one would send its Execute only after its Parse
-/// came back, and the COMMIT would overtake it.
+/// The tenant lock some sides take before their first move statement.
+const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock($1)";
+
+/// The primary's captured row images of this transaction, removed from the
+/// capture table; with `lock`, the tenant lock is taken first, in the same
+/// round trip.
+async fn drain(
+    client: &TenantClient,
+    lock: Option<i64>,
+) -> Result<Vec<apply::Image>, tokio_postgres::Error> {
+    let drain = client.prepare_cached(DRAIN_SQL).await?;
+    let images = match lock {
+        None => client.raw().query_one(&drain, &[]).await?,
+        Some(key) => {
+            let lock = client.prepare_cached(LOCK_SQL).await?;
+            let key: [&(dyn ToSql + Sync); 1] = [&key];
+            let (locked, images) = tokio::join!(
+                client.raw().execute(&lock, &key),
+                client.raw().query_one(&drain, &[])
+            );
+            locked?;
+            images?
+        }
+    };
+    let images: String = images.get(0);
+    Ok(if images == "[]" {
+        Vec::new()
+    } else {
+        serde_json::from_str(&images).expect("the drain returns a JSON array of images")
+    })
+}
+
+/// Applies `images` on `side` (the secondary) in one round trip, after taking
+/// the tenant lock `lock` when given. Statements are prepared first (cached
+/// per connection): an unprepared one would send its Execute only after its
+/// Parse came back, and the next would overtake it.
 async fn apply_images(
     db: &TenantDb,
     side: &mut Side,
     column: &str,
     images: &[apply::Image],
-    commit: bool,
+    lock: Option<i64>,
 ) -> Result<(), tokio_postgres::Error> {
     side.clean = false;
     let client = side.client();
@@ -1606,29 +1628,30 @@ async fn apply_images(
     for (sql, param) in &statements {
         prepared.push((client.prepare_cached(sql).await?, param));
     }
+    let lock_statement = match lock {
+        Some(_) => Some(client.prepare_cached(LOCK_SQL).await?),
+        None => None,
+    };
     let params: Vec<[&(dyn ToSql + Sync); 1]> = prepared
         .iter()
         .map(|(_, param)| [*param as &(dyn ToSql + Sync)])
         .collect();
-    let applies = futures_util::future::join_all(
-        prepared
-            .iter()
-            .zip(&params)
-            .map(|((statement, _), param)| client.raw().execute(statement, param)),
-    );
-    let result = if commit {
-        let (applied, committed) = tokio::join!(applies, client.batch_execute("COMMIT"));
-        applied
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .and(committed)
-    } else {
-        applies
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map(|_| ())
-    };
+    let key = lock.unwrap_or_default();
+    let key_param: [&(dyn ToSql + Sync); 1] = [&key];
+    // Futures of one client are sent in the order they are first polled:
+    // join_all polls the lock first.
+    let locked = lock_statement
+        .iter()
+        .map(|statement| client.raw().execute(statement, &key_param));
+    let applies = prepared
+        .iter()
+        .zip(&params)
+        .map(|((statement, _), param)| client.raw().execute(statement, param));
+    let result = futures_util::future::join_all(locked.chain(applies))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map(|_| ());
     side.clean = true;
     result
 }

@@ -105,6 +105,14 @@ impl Copy<'_> {
         }
     }
 
+    fn other_side(&self) -> &Client {
+        if self.lock_on_from {
+            self.to
+        } else {
+            self.from
+        }
+    }
+
     /// Rows per batch. Under a throttle, batches shrink so that at least 20
     /// go out per second: the same rows per second in short bursts, which
     /// other tenants' statements wait behind for less time than one long one.
@@ -211,7 +219,11 @@ impl Copy<'_> {
             }
             let resume = last.is_some();
             let batch = async {
+                // The source's lock first, then the other side's, as every
+                // writer takes them: a writer's COMMITs on the two shards are
+                // both done before this batch reads either.
                 lock(self.lock_side(), self.tenant).await?;
+                lock(self.other_side(), self.tenant).await?;
                 async {
                 let after_key = last.clone().unwrap_or_default();
                 // Up to the batch's last key, or to the bound for the last batch.
@@ -251,17 +263,10 @@ impl Copy<'_> {
             .await;
             match batch {
                 Ok((n, end)) => {
-                    // The side holding the lock commits last.
-                    let (first, second) = if self.lock_on_from {
-                        (to, from)
-                    } else {
-                        (from, to)
-                    };
-                    first.batch_execute("COMMIT").await.map_err(MoveError::db)?;
-                    second
-                        .batch_execute("COMMIT")
-                        .await
-                        .map_err(MoveError::db)?;
+                    // Both sides hold the lock until their own COMMIT.
+                    let (on_to, on_from) =
+                        tokio::join!(to.batch_execute("COMMIT"), from.batch_execute("COMMIT"));
+                    on_to.and(on_from).map_err(MoveError::db)?;
                     total += n;
                     if n > 0 {
                         progress(Progress::Copied {
@@ -294,7 +299,7 @@ impl Copy<'_> {
 }
 
 /// Per-table row counts and content checksums of the tenant on both shards,
-/// taken under the tenant lock on the source: what differs.
+/// taken under the tenant lock on both shards: what differs.
 pub(crate) async fn verify(
     source: &Client,
     target: &Client,
@@ -305,9 +310,20 @@ pub(crate) async fn verify(
     mut progress: impl FnMut(Progress),
 ) -> Result<(Vec<Mismatch>, serde_json::Map<String, serde_json::Value>), MoveError> {
     let col = quote_ident(column);
-    begin(source, version, false).await?;
+    // Under both shards' tenant locks (the source's first, as writers take
+    // them): no writer is between its two COMMITs while the sums are taken.
+    let (on_source, on_target) =
+        tokio::join!(begin(source, version, false), begin(target, version, false));
+    if let Err(e) = on_source.and(on_target) {
+        let _ = tokio::join!(
+            source.batch_execute("ROLLBACK"),
+            target.batch_execute("ROLLBACK")
+        );
+        return Err(e);
+    }
     let result = async {
         lock(source, tenant).await?;
+        lock(target, tenant).await?;
         let mut mismatches = Vec::new();
         let mut sums = serde_json::Map::new();
         for table in tables {
@@ -340,7 +356,10 @@ pub(crate) async fn verify(
         Ok((mismatches, sums))
     }
     .await;
-    let _ = source.batch_execute("COMMIT").await;
+    let _ = tokio::join!(
+        source.batch_execute("COMMIT"),
+        target.batch_execute("COMMIT")
+    );
     result
 }
 
@@ -537,12 +556,12 @@ pub(crate) async fn delete_rows(
     let result = async {
         // Replica mode: children go first anyway, and ON DELETE actions of the
         // shard must not reach beyond the tenant's rows listed here.
+        // This side's tenant lock too (after the source's, when given): a
+        // writer between its two COMMITs holds it, and its rows land first.
         begin(client, version, true).await?;
-        if lock_on.is_none() {
-            if let Err(e) = lock(client, tenant).await {
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(e);
-            }
+        if let Err(e) = lock(client, tenant).await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e);
         }
         for table in tables.iter().rev() {
             if let Err(e) = client

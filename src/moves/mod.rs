@@ -758,7 +758,7 @@ impl<'a> Mover<'a> {
     /// write the source only), before a purge and after an abort (it would
     /// write a shard that no longer has the tenant). Between dual_write,
     /// reversed and complete, writers of either version keep both shards
-    /// identical under the source lock, so they are not failed.
+    /// identical under the tenant locks, so they are not failed.
     async fn route(&mut self, change: MapChange) -> Result<u64, MoveError> {
         record::intent(self.control, &self.tenant, self.lease, change.intent()).await?;
         let stored = self.control.latest().await?;
