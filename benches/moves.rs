@@ -9,7 +9,10 @@
 //!    (row images applied on the other shard) against a tenant that is not
 //!    moving, p50 and p99.
 //!
-//! It creates its own databases (`srm_<pid>_...`) and drops them.
+//! It creates its own databases (`srm_<pid>_...`) and drops them. With
+//! `TARGET_CLUSTER=1` shard b lives in a Postgres cluster of its own made for
+//! the run (`srm_<pid>`, dropped after), as a target on another server would:
+//! its WAL and its flushes are not the source's.
 
 use std::time::{Duration, Instant};
 
@@ -37,8 +40,8 @@ fn fence_rows() -> i64 {
     rows().min(100_000)
 }
 
-async fn connect(db: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(&format!("{SERVER}/{db}"), NoTls)
+async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .expect("Postgres at 127.0.0.1:5432");
     tokio::spawn(connection);
@@ -52,23 +55,85 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let admin = connect("postgres").await;
-    let names: Vec<String> = (0..3)
-        .map(|i| format!("srm_{}_{i}", std::process::id()))
+    let cluster = std::env::var("TARGET_CLUSTER")
+        .is_ok_and(|v| v == "1")
+        .then(|| TargetCluster::create(&format!("srm_{}", std::process::id())));
+    let target_server = cluster.as_ref().map_or(SERVER.to_owned(), |c| c.server());
+    let urls: Vec<String> = (0..3)
+        .map(|i| {
+            let server = if i == 2 { &target_server } else { SERVER };
+            format!("{server}/srm_{}_{i}", std::process::id())
+        })
         .collect();
-    for name in &names {
-        admin
+    for url in &urls {
+        let (server, name) = url.rsplit_once('/').unwrap();
+        connect(&format!("{server}/postgres"))
+            .await
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap();
     }
-    let result = tokio::spawn(run(names.clone())).await;
-    for name in &names {
-        let _ = admin
+    let result = tokio::spawn(run(urls.clone())).await;
+    for url in &urls {
+        let (server, name) = url.rsplit_once('/').unwrap();
+        let _ = connect(&format!("{server}/postgres"))
+            .await
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .await;
     }
+    drop(cluster);
     result.unwrap();
+}
+
+/// A Postgres cluster of this machine's version made for the run (trust
+/// authentication on loopback), dropped with the value.
+struct TargetCluster {
+    name: String,
+    port: u16,
+}
+
+impl TargetCluster {
+    fn create(name: &str) -> TargetCluster {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let run = |program: &str, args: &[&str]| {
+            let status = std::process::Command::new(program)
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .expect(program);
+            assert!(status.success(), "{program} {args:?}");
+        };
+        run("pg_createcluster", &["15", name, "-p", &port.to_string()]);
+        std::fs::write(
+            format!("/etc/postgresql/15/{name}/pg_hba.conf"),
+            "local all all trust\nhost all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        run(
+            "pg_ctlcluster",
+            &["--skip-systemctl-redirect", "15", name, "start"],
+        );
+        TargetCluster {
+            name: name.to_owned(),
+            port,
+        }
+    }
+
+    fn server(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TargetCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pg_dropcluster")
+            .args(["--stop", "15", &self.name])
+            .status();
+    }
 }
 
 /// What `TenantDb::write` sends to declare map version 10 for its transaction.
@@ -171,6 +236,7 @@ async fn run(names: Vec<String>) {
     let (control_db, a, b) = (&names[0], &names[1], &names[2]);
     let source = connect(a).await;
     let target = connect(b).await;
+    let control_url = control_db.clone();
     for client in [&source, &target] {
         client.batch_execute(SCHEMA).await.unwrap();
     }
@@ -197,12 +263,10 @@ async fn run(names: Vec<String>) {
     };
     let bare = timed("bare").await;
     // Install the fence exactly as a move does, by starting (and aborting) one.
-    let mut control = ControlPlane::connect(&format!("{SERVER}/{control_db}"))
-        .await
-        .unwrap();
+    let mut control = ControlPlane::connect(&control_url).await.unwrap();
     control.init().await.unwrap();
     let map = format!(
-        "version = 1\n[shards.a]\nurl = \"{SERVER}/{a}\"\n[shards.b]\nurl = \"{SERVER}/{b}\"\n[tenants]\nbig = \"a\"\nprobe = \"a\"\n"
+        "version = 1\n[shards.a]\nurl = \"{a}\"\n[shards.b]\nurl = \"{b}\"\n[tenants]\nbig = \"a\"\nprobe = \"a\"\n"
     );
     control
         .publish(&map, &PublishOptions::default())
@@ -310,7 +374,6 @@ async fn run(names: Vec<String>) {
         .and_then(|v| v.parse().ok());
     // The move runs on a thread of its own, as shardctl runs in a process of
     // its own; a bystander on the source writes through its own router.
-    let control_url = format!("{SERVER}/{control_db}");
     let router = ShardRouter::new(control.latest().await.unwrap().load().unwrap()).unwrap();
     handle_writes(&router, "bystander", 200).await; // warm the pool and statements
     let quiet = handle_writes(&router, "bystander", 1500).await;
