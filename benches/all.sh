@@ -12,7 +12,10 @@ cargo build --release --examples
 {
   echo "== cargo bench --bench routing"; cargo bench --bench routing 2>&1 | grep -E "^[a-zA-Z1].*|time:|pin index|lookups during"
   echo "== cargo bench --bench rollout"; cargo bench --bench rollout 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"
-  echo "== cargo bench --bench moves";   cargo bench --bench moves 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"
+  echo "== THROTTLES=none,5000,1000 cargo bench --bench moves"
+  THROTTLES=none,5000,1000 cargo bench --bench moves 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"
+  echo "== TARGET_CLUSTER=1 THROTTLES=none,20000,5000,1000 cargo bench --bench moves (shard b in a cluster of its own)"
+  TARGET_CLUSTER=1 THROTTLES=none,20000,5000,1000 cargo bench --bench moves 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"
   echo "== BENCH_ROWS=1000000 cargo bench --bench moves (backfill figures)"
   BENCH_ROWS=1000000 cargo bench --bench moves 2>&1 | grep -A2 "^backfill of"
   echo "== load harness";                ./target/release/examples/load_harness --seconds 5 --connections 32 --rounds 5
