@@ -3,7 +3,7 @@
 //!
 //! | step | the map says | reads | writes | done when |
 //! | --- | --- | --- | --- | --- |
-//! | start | tenant in `moves`, `dual_write` | source | source (primary), row images to target, under the source lock | target cleared of the tenant's stale rows, map applied by every live router, fence raised, writes in flight before it finished |
+//! | start | tenant in `moves`, `dual_write` | source | source (primary), row images to target, under the tenant locks (the source's first) | target cleared of the tenant's stale rows, map applied by every live router, fence raised, writes in flight before it finished |
 //! | backfill | unchanged | source | both | every tenant table copied in key order, batch by batch under the tenant lock |
 //! | verify | unchanged | source | both | row counts and content checksums equal on both shards, taken under the tenant lock |
 //! | cutover | `reversed` | target | target (primary), row images to source | verified again, target sequences past the source's, map applied by every live router, fence raised |
