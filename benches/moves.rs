@@ -12,7 +12,12 @@
 //! It creates its own databases (`srm_<pid>_...`) and drops them. With
 //! `TARGET_CLUSTER=1` shard b lives in a Postgres cluster of its own made for
 //! the run (`srm_<pid>`, dropped after), as a target on another server would:
-//! its WAL and its flushes are not the source's.
+//! its WAL and its flushes are not the source's. `SPLIT_CPUS=1` (with
+//! `TARGET_CLUSTER=1`) also gives the source its own core, as the source's
+//! server would have: the main cluster's new backends and the bystander's
+//! thread run on CPU 0; the target cluster, the control database (moved to the
+//! target's cluster) and the mover's thread on CPU 1 (`taskset`; the main
+//! cluster's affinity is restored after).
 
 use std::time::{Duration, Instant};
 
@@ -59,9 +64,19 @@ async fn main() {
         .is_ok_and(|v| v == "1")
         .then(|| TargetCluster::create(&format!("srm_{}", std::process::id())));
     let target_server = cluster.as_ref().map_or(SERVER.to_owned(), |c| c.server());
+    let split = cluster.is_some() && std::env::var("SPLIT_CPUS").is_ok_and(|v| v == "1");
+    if let (true, Some(cluster)) = (split, &cluster) {
+        pin_current_thread("0");
+        taskset(&postmaster_pid("main"), "0");
+        taskset(&postmaster_pid(&cluster.name), "1");
+    }
     let urls: Vec<String> = (0..3)
         .map(|i| {
-            let server = if i == 2 { &target_server } else { SERVER };
+            let server = if i == 2 || (i == 0 && split) {
+                &target_server
+            } else {
+                SERVER
+            };
             format!("{server}/srm_{}_{i}", std::process::id())
         })
         .collect();
@@ -82,7 +97,38 @@ async fn main() {
             .await;
     }
     drop(cluster);
+    if split {
+        taskset(&postmaster_pid("main"), "0-1");
+    }
     result.unwrap();
+}
+
+/// `SPLIT_CPUS=1`: pins the calling thread to `cpus` (a `taskset -c` list).
+fn pin_current_thread(cpus: &str) {
+    let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    let tid = link.file_name().unwrap().to_string_lossy().into_owned();
+    taskset(&tid, cpus);
+}
+
+/// Sets the CPU affinity of every thread of `pid`; processes it forks later inherit it.
+fn taskset(pid: &str, cpus: &str) {
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, pid])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("taskset");
+    assert!(status.success(), "taskset -a -p -c {cpus} {pid}");
+}
+
+/// The postmaster of PostgreSQL 15 cluster `cluster` on this host.
+fn postmaster_pid(cluster: &str) -> String {
+    std::fs::read_to_string(format!("/var/lib/postgresql/15/{cluster}/postmaster.pid"))
+        .expect("postmaster.pid")
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 /// A Postgres cluster of this machine's version made for the run (trust
@@ -149,7 +195,11 @@ fn percentile(mut samples: Vec<Duration>, p: f64) -> Duration {
 async fn handle_writes(router: &ShardRouter, tenant: &str, n: usize) -> Vec<Duration> {
     let tenant = TenantId::new(tenant).unwrap();
     let mut samples = Vec::with_capacity(n);
+    let pace = pace();
     for i in 0..n {
+        if let Some(pause) = pace {
+            tokio::time::sleep(pause).await;
+        }
         let started = Instant::now();
         let db = router.resolve(tenant.clone());
         let mut w = db.write().await.unwrap();
@@ -183,6 +233,18 @@ fn throttles() -> Vec<Option<u64>> {
         .collect()
 }
 
+/// `PACE_US`: the bystander (and each measured writer) pauses this long before
+/// each write, so it leaves the CPU idle between writes as a service below
+/// saturation does (default 0: back to back, which keeps a core busy and
+/// turns any other work on the machine into queueing).
+fn pace() -> Option<Duration> {
+    std::env::var("PACE_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|us| *us > 0)
+        .map(Duration::from_micros)
+}
+
 /// Rows per backfill batch: `BATCH_ROWS`, default the move's default.
 fn batch_rows() -> usize {
     std::env::var("BATCH_ROWS")
@@ -201,6 +263,11 @@ fn move_on_own_thread(
 ) -> std::thread::JoinHandle<Duration> {
     let tenant = TenantId::new(tenant).unwrap();
     std::thread::spawn(move || {
+        if std::env::var("SPLIT_CPUS").is_ok_and(|v| v == "1")
+            && std::env::var("TARGET_CLUSTER").is_ok_and(|v| v == "1")
+        {
+            pin_current_thread("1");
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
