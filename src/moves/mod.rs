@@ -4,8 +4,8 @@
 //! | step | the map says | reads | writes | done when |
 //! | --- | --- | --- | --- | --- |
 //! | start | tenant in `moves`, `dual_write` | source | source (primary), row images to target, under the tenant locks (the source's first) | target cleared of the tenant's stale rows, map applied by every live router, fence raised, writes in flight before it finished |
-//! | backfill | unchanged | source | both | every tenant table copied in key order, batch by batch under the tenant lock |
-//! | verify | unchanged | source | both | row counts and content checksums equal on both shards, taken under the tenant lock |
+//! | backfill | unchanged | source | both | every tenant table copied in key order, batch by batch under the tenant lock on both shards |
+//! | verify | unchanged | source | both | row counts and content checksums equal on both shards, taken under the tenant lock on both shards |
 //! | cutover | `reversed` | target | target (primary), row images to source | verified again, target sequences past the source's, map applied by every live router, fence raised |
 //! | complete | tenant pinned to target | target | target | map applied, fence raised and settled; source rows purged if asked, once every router confirmed |
 //! | abort | tenant pinned to source | source | source | (after cutover: source verified equal, reads back on the source first) target's copied rows removed |
