@@ -42,6 +42,13 @@ fn agent_options(id: &str) -> ControlOptions {
     o
 }
 
+/// [`fast`] options that stop after `step`.
+fn until(step: Step) -> MoveOptions {
+    let mut o = fast();
+    o.until = step;
+    o
+}
+
 fn fast() -> MoveOptions {
     let mut o = MoveOptions::default();
     o.wait = Duration::from_secs(10);
@@ -665,9 +672,7 @@ async fn per_shard_sequence_values_reach_the_target_as_the_source_drew_them() {
         .await
         .unwrap();
     let id = TenantId::new(tenant).unwrap();
-    let mut options = fast();
-    options.until = Step::Backfill;
-    moves::start(&mut w.control, &id, "b", &options, |_| {})
+    moves::start(&mut w.control, &id, "b", &until(Step::Backfill), |_| {})
         .await
         .unwrap();
 
@@ -735,9 +740,7 @@ async fn verify_catches_a_target_changed_behind_the_move_and_refuses_cutover() {
         .await
         .unwrap();
     let id = TenantId::new(tenant).unwrap();
-    let mut options = fast();
-    options.until = Step::Backfill;
-    moves::start(&mut w.control, &id, "b", &options, |_| {})
+    moves::start(&mut w.control, &id, "b", &until(Step::Backfill), |_| {})
         .await
         .unwrap();
     // Someone edits the target directly, around the fence.
@@ -789,9 +792,7 @@ async fn verify_waits_for_a_writer_between_its_two_commits() {
     let mut w = world(tenant).await;
     seed(&w.shards.url(0), tenant, 5).await;
     let id = TenantId::new(tenant).unwrap();
-    let mut options = fast();
-    options.until = Step::Backfill;
-    moves::start(&mut w.control, &id, "b", &options, |_| {})
+    moves::start(&mut w.control, &id, "b", &until(Step::Backfill), |_| {})
         .await
         .unwrap();
     let version = w.control.latest().await.unwrap().version;
@@ -822,9 +823,7 @@ async fn verify_waits_for_a_writer_between_its_two_commits() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         late.batch_execute("COMMIT").await.unwrap();
     });
-    let mut until_verify = fast();
-    until_verify.until = Step::Verify;
-    let verified = moves::resume(&mut w.control, &id, &until_verify, |_| {}).await;
+    let verified = moves::resume(&mut w.control, &id, &until(Step::Verify), |_| {}).await;
     committer.await.unwrap();
     verified.expect("verify saw both COMMITs");
     let status = moves::status(&w.control, &id).await.unwrap().unwrap();
@@ -875,9 +874,7 @@ async fn a_dual_write_refused_by_one_side_fails_and_is_recorded_on_the_move() {
         .await
         .unwrap();
     let id = TenantId::new(tenant).unwrap();
-    let mut options = fast();
-    options.until = Step::Backfill;
-    moves::start(&mut w.control, &id, "b", &options, |_| {})
+    moves::start(&mut w.control, &id, "b", &until(Step::Backfill), |_| {})
         .await
         .unwrap();
     // Only the target refuses this name.
@@ -1051,9 +1048,7 @@ async fn parked(tenant: &str, projects: usize) -> (World, ShardRouter, ControlAg
         .await
         .unwrap();
     let id = TenantId::new(tenant).unwrap();
-    let mut options = fast();
-    options.until = Step::Verify;
-    moves::start(&mut w.control, &id, "b", &options, |_| {})
+    moves::start(&mut w.control, &id, "b", &until(Step::Verify), |_| {})
         .await
         .unwrap();
     (w, router, agent, id)
@@ -1199,9 +1194,7 @@ async fn a_publish_checked_against_a_version_that_is_no_longer_the_newest_is_ref
 async fn abort_once_the_complete_map_is_published_is_refused_and_resume_finishes() {
     let tenant = "tyrell";
     let (mut w, router, _agent, id) = parked(tenant, 20).await;
-    let mut options = fast();
-    options.until = Step::Cutover;
-    moves::resume(&mut w.control, &id, &options, |_| {})
+    moves::resume(&mut w.control, &id, &until(Step::Cutover), |_| {})
         .await
         .unwrap();
     // A live router that never applies anything: complete publishes, then times out.
@@ -1477,9 +1470,7 @@ async fn set_based_writes_in_the_reversed_phase_leave_both_shards_identical() {
         .batch_execute("ALTER TABLE projects ADD COLUMN hits bigint NOT NULL DEFAULT 0")
         .await
         .unwrap();
-    let mut options = fast();
-    options.until = Step::Cutover;
-    moves::resume(&mut w.control, &id, &options, |_| {})
+    moves::resume(&mut w.control, &id, &until(Step::Cutover), |_| {})
         .await
         .unwrap();
     common::eventually(Duration::from_secs(5), || {
@@ -1670,9 +1661,7 @@ async fn fence_gaps_are_closed_and_fence_rows_leave_after_the_move() {
 async fn purge_waits_for_a_router_that_has_not_confirmed_the_complete_map() {
     let tenant = "purgeme";
     let (mut w, _router, _agent, id) = parked(tenant, 5).await;
-    let mut options = fast();
-    options.until = Step::Cutover;
-    moves::resume(&mut w.control, &id, &options, |_| {})
+    moves::resume(&mut w.control, &id, &until(Step::Cutover), |_| {})
         .await
         .unwrap();
     // A router cut off from the control database on the cutover map, past its lease
