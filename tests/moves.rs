@@ -918,6 +918,77 @@ async fn a_dual_write_refused_by_one_side_fails_and_is_recorded_on_the_move() {
     );
 }
 
+/// Both COMMITs of a moving write go out at once, so one can fail while the
+/// other succeeds (here: a deferred trigger only the target has; in life, a
+/// connection lost during COMMIT). The client gets the error, the move records
+/// it, and verify refuses cutover until the move is aborted.
+#[tokio::test]
+async fn a_commit_refused_by_one_side_is_recorded_and_verify_refuses_cutover() {
+    let tenant = "umbrella";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 5).await;
+    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    moves::start(&mut w.control, &id, "b", &until(Step::Backfill), |_| {})
+        .await
+        .unwrap();
+    // Only the target refuses this name, and only at COMMIT.
+    connect(&w.shards.url(1))
+        .await
+        .batch_execute(
+            "CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.name = 'late poison' THEN RAISE EXCEPTION 'refused at commit'; END IF; \
+             RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON projects \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit(); \
+             ALTER TABLE projects ENABLE ALWAYS TRIGGER refuse_at_commit;",
+        )
+        .await
+        .unwrap();
+    let db = router.resolve(id.clone());
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(
+            "INSERT INTO projects VALUES ($1, $2, 'late poison')",
+            &[&tenant, &Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    let err = writer.commit().await.unwrap_err();
+    assert!(err.to_string().contains("shard b"), "{err}");
+    // The source (the primary, serving reads) committed it; the target did not.
+    assert_eq!(count_named(&w.shards.url(0), "late poison").await, 1);
+    assert_eq!(count_named(&w.shards.url(1), "late poison").await, 0);
+    let mut recorded = None;
+    for _ in 0..200 {
+        recorded = moves::status(&w.control, &id).await.unwrap().unwrap().error;
+        if recorded.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let recorded = recorded.expect("the failure is recorded on the move");
+    assert!(
+        recorded.contains("committed on the primary only")
+            && recorded.contains("refused at commit"),
+        "{recorded}"
+    );
+    let err = moves::resume(&mut w.control, &id, &until(Step::Cutover), |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::VerifyFailed { .. }), "{err}");
+    assert_eq!(
+        router.resolve(id.clone()).shard(),
+        "a",
+        "reads stay on the source"
+    );
+    moves::abort(&mut w.control, &id, &fast()).await.unwrap();
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 0);
+    assert_eq!(count_named(&w.shards.url(0), "late poison").await, 1);
+}
+
 async fn count_named(url: &str, name: &str) -> i64 {
     connect(url)
         .await
