@@ -883,16 +883,7 @@ async fn a_dual_write_refused_by_one_side_fails_and_is_recorded_on_the_move() {
         .batch_execute("ALTER TABLE projects ADD CONSTRAINT no_poison CHECK (name <> 'poison')")
         .await
         .unwrap();
-    let db = router.resolve(id.clone());
-    let mut writer = db.write().await.unwrap();
-    writer
-        .execute(
-            "INSERT INTO projects VALUES ($1, $2, 'poison')",
-            &[&tenant, &Uuid::new_v4()],
-        )
-        .await
-        .unwrap();
-    let err = writer.commit().await.unwrap_err();
+    let err = insert_project_refused(&router, &id, "poison").await;
     assert!(
         err.to_string().contains("shard b"),
         "the write fails as a whole: {err}"
@@ -903,15 +894,7 @@ async fn a_dual_write_refused_by_one_side_fails_and_is_recorded_on_the_move() {
         "rolled back on the source too"
     );
 
-    let mut recorded = None;
-    for _ in 0..200 {
-        recorded = moves::status(&w.control, &id).await.unwrap().unwrap().error;
-        if recorded.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let recorded = recorded.expect("the failure is recorded on the move");
+    let recorded = recorded_failure(&w.control, &id).await;
     assert!(
         recorded.contains("dual write failed") && recorded.contains("no_poison"),
         "{recorded}"
@@ -947,29 +930,12 @@ async fn a_commit_refused_by_one_side_is_recorded_and_verify_refuses_cutover() {
         )
         .await
         .unwrap();
-    let db = router.resolve(id.clone());
-    let mut writer = db.write().await.unwrap();
-    writer
-        .execute(
-            "INSERT INTO projects VALUES ($1, $2, 'late poison')",
-            &[&tenant, &Uuid::new_v4()],
-        )
-        .await
-        .unwrap();
-    let err = writer.commit().await.unwrap_err();
+    let err = insert_project_refused(&router, &id, "late poison").await;
     assert!(err.to_string().contains("shard b"), "{err}");
     // The source (the primary, serving reads) committed it; the target did not.
     assert_eq!(count_named(&w.shards.url(0), "late poison").await, 1);
     assert_eq!(count_named(&w.shards.url(1), "late poison").await, 0);
-    let mut recorded = None;
-    for _ in 0..200 {
-        recorded = moves::status(&w.control, &id).await.unwrap().unwrap().error;
-        if recorded.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let recorded = recorded.expect("the failure is recorded on the move");
+    let recorded = recorded_failure(&w.control, &id).await;
     assert!(
         recorded.contains("committed on the primary only")
             && recorded.contains("refused at commit"),
@@ -987,6 +953,36 @@ async fn a_commit_refused_by_one_side_is_recorded_and_verify_refuses_cutover() {
     moves::abort(&mut w.control, &id, &fast()).await.unwrap();
     assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 0);
     assert_eq!(count_named(&w.shards.url(0), "late poison").await, 1);
+}
+
+/// Inserts a project named `name` for the tenant in a writer whose commit must
+/// fail; returns that error.
+async fn insert_project_refused(
+    router: &ShardRouter,
+    id: &TenantId,
+    name: &str,
+) -> shard_router::DbError {
+    let db = router.resolve(id.clone());
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(
+            "INSERT INTO projects VALUES ($1, $2, $3)",
+            &[&id.as_str(), &Uuid::new_v4(), &name],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap_err()
+}
+
+/// The failure the router reported on the move, once the control database has it.
+async fn recorded_failure(control: &ControlPlane, id: &TenantId) -> String {
+    for _ in 0..200 {
+        if let Some(error) = moves::status(control, id).await.unwrap().unwrap().error {
+            return error;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the failure is recorded on the move");
 }
 
 async fn count_named(url: &str, name: &str) -> i64 {
