@@ -734,15 +734,7 @@ async fn per_shard_sequence_values_reach_the_target_as_the_source_drew_them() {
 #[tokio::test]
 async fn verify_catches_a_target_changed_behind_the_move_and_refuses_cutover() {
     let tenant = "hooli2";
-    let mut w = world(tenant).await;
-    seed(&w.shards.url(0), tenant, 20).await;
-    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
-        .await
-        .unwrap();
-    let id = TenantId::new(tenant).unwrap();
-    moves::start(&mut w.control, &id, "b", &until(Step::Backfill), |_| {})
-        .await
-        .unwrap();
+    let (mut w, router, _agent, id) = parked_after(tenant, 20, Step::Backfill).await;
     // Someone edits the target directly, around the fence.
     connect(&w.shards.url(1))
         .await
@@ -868,15 +860,7 @@ async fn a_tenant_table_without_a_primary_key_is_refused_by_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dual_write_refused_by_one_side_fails_and_is_recorded_on_the_move() {
     let tenant = "wayne";
-    let mut w = world(tenant).await;
-    seed(&w.shards.url(0), tenant, 5).await;
-    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
-        .await
-        .unwrap();
-    let id = TenantId::new(tenant).unwrap();
-    moves::start(&mut w.control, &id, "b", &until(Step::Backfill), |_| {})
-        .await
-        .unwrap();
+    let (w, router, _agent, id) = parked_after(tenant, 5, Step::Backfill).await;
     // Only the target refuses this name.
     connect(&w.shards.url(1))
         .await
@@ -908,15 +892,7 @@ async fn a_dual_write_refused_by_one_side_fails_and_is_recorded_on_the_move() {
 #[tokio::test]
 async fn a_commit_refused_by_one_side_is_recorded_and_verify_refuses_cutover() {
     let tenant = "umbrella";
-    let mut w = world(tenant).await;
-    seed(&w.shards.url(0), tenant, 5).await;
-    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
-        .await
-        .unwrap();
-    let id = TenantId::new(tenant).unwrap();
-    moves::start(&mut w.control, &id, "b", &until(Step::Backfill), |_| {})
-        .await
-        .unwrap();
+    let (mut w, router, _agent, id) = parked_after(tenant, 5, Step::Backfill).await;
     // Only the target refuses this name, and only at COMMIT.
     connect(&w.shards.url(1))
         .await
@@ -1109,13 +1085,22 @@ async fn the_control_database_going_away_mid_move_loses_nothing_and_the_move_res
 
 /// A move parked at verify; a router following the control database.
 async fn parked(tenant: &str, projects: usize) -> (World, ShardRouter, ControlAgent, TenantId) {
+    parked_after(tenant, projects, Step::Verify).await
+}
+
+/// A move parked after `step`; a router following the control database.
+async fn parked_after(
+    tenant: &str,
+    projects: usize,
+    step: Step,
+) -> (World, ShardRouter, ControlAgent, TenantId) {
     let mut w = world(tenant).await;
     seed(&w.shards.url(0), tenant, projects).await;
     let (router, agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
         .await
         .unwrap();
     let id = TenantId::new(tenant).unwrap();
-    moves::start(&mut w.control, &id, "b", &until(Step::Verify), |_| {})
+    moves::start(&mut w.control, &id, "b", &until(step), |_| {})
         .await
         .unwrap();
     (w, router, agent, id)
