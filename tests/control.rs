@@ -1182,3 +1182,71 @@ where
     }
     condition().await
 }
+
+/// Issue 26.1 (the model's `publish_checks_shards`, property "no tenant with
+/// data is routed to a shard that lacks it"): version 2 pinned `t1` to `b` and
+/// `t1` wrote there; the control database was restored to version 1. The
+/// documented recovery (publish the map from git above every router's
+/// version) is checked against the shards, not against the stale newest
+/// map: it is refused naming `t1`, and `--pin-existing` keeps it on `b`.
+#[tokio::test]
+async fn the_recovery_publish_after_a_restore_is_checked_against_the_shards() {
+    let (control_db, shards, mut control) = setup(2).await;
+    let url = control_db.url(0);
+    let from_git = |version| map_toml(version, &shards, "");
+    control
+        .publish(&from_git(1), &PublishOptions::default())
+        .await
+        .unwrap();
+    // `t1` must land on `a` by the ring for the test to mean anything.
+    let ring = common::map(1, &shards, "");
+    let t1 = (0..1000)
+        .map(|i| format!("t{i}"))
+        .find(|t| {
+            ring.shard(ring.locate(&TenantId::new(t).unwrap()).shard)
+                .name()
+                == "a"
+        })
+        .unwrap();
+    control
+        .publish(
+            &map_toml(2, &shards, &format!("[tenants]\n{t1} = \"b\"\n")),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    let (router, _agent) = ControlAgent::start(&url, options("r1")).await.unwrap();
+    assert_eq!(router.version(), 2);
+    let db = router.resolve(TenantId::new(&t1).unwrap());
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ($1, gen_random_uuid(), 'on b')",
+            &[&t1.as_str()],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    // The restore: version 2 is gone from the control database.
+    control_db_exec(&url, "DELETE FROM shard_router_maps WHERE version = 2").await;
+    let err = control
+        .publish(&from_git(3), &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::Rehoming { tenants } if tenants.len() == 1 && tenants[0].tenant == t1 && tenants[0].from == "b"),
+        "{err:?}"
+    );
+    assert_eq!(control.latest().await.unwrap().version, 1, "nothing stored");
+    let mut pin = PublishOptions::default();
+    pin.pin_existing = true;
+    let published = control.publish(&from_git(3), &pin).await.unwrap();
+    assert_eq!(published.pinned.len(), 1);
+    assert!(
+        eventually(Duration::from_secs(5), || router.version() == 3).await,
+        "{:?}",
+        router.status()
+    );
+    let db = router.resolve(TenantId::new(&t1).unwrap());
+    assert_eq!(db.shard(), "b");
+}

@@ -350,7 +350,10 @@ struct Fixes {
     /// Issue 25.4: shard-side steps check the mover's token on the shard.
     shard_steps_check_token: bool,
     /// Issue 26.1: a publish checks the new map against the shards (rows and
-    /// fences), not only against the newest stored map.
+    /// fences), not only against the newest stored map: a tenant mid-move by
+    /// its fences must be in the map's moves, and when the stored base is
+    /// suspect (routers serve maps it does not hold, or a fence is newer than
+    /// it) every tenant with rows must be routed to them.
     publish_checks_shards: bool,
     /// Issue 25.2: deferred constraints run on the primary before its row
     /// images reach the other shard.
@@ -644,23 +647,37 @@ impl MoveModel {
         if latest.is_moving() || new.is_moving() {
             return true;
         }
-        if self.fixes.publish_checks_shards {
-            // The shards say where the tenant is: a fence still moving means a
-            // move the map must show; rows on a shard that is not the tenant's
-            // former one mean its home.
-            if s.shards.iter().any(|sh| sh.fence.is_some_and(|f| f.moving)) {
-                return true;
-            }
-            let home = [Shard::A, Shard::B].into_iter().find(|sh| {
-                let st = &s.shards[sh.i()];
-                st.rows != 0 && !st.fence.is_some_and(|f| !f.moving)
-            });
-            home.is_some_and(|h| h != new.reads())
-        } else {
-            // The check as it was: a tenant whose shard changes from the newest
-            // stored map's, with data on that old shard.
-            latest.reads() != new.reads() && s.shards[latest.reads().i()].rows != 0
+        // The check against the newest stored map: a tenant whose shard
+        // changes, with data on its old shard.
+        let rehomed = latest.reads() != new.reads() && s.shards[latest.reads().i()].rows != 0;
+        if !self.fixes.publish_checks_shards {
+            return rehomed;
         }
+        // The shards say where the tenant is. A fence still moving means a
+        // move the new map must show.
+        if s.shards.iter().any(|sh| sh.fence.is_some_and(|f| f.moving)) {
+            return true;
+        }
+        // A stored base that is not what the routers serve (a router ahead of
+        // it), or older than a fence, is suspect: then every tenant with rows
+        // is checked against the new map, rows on a shard its fence marks as
+        // left (`moving = false`) not counting.
+        let latest_version = s.control.latest_version();
+        let suspect = s
+            .routers
+            .iter()
+            .any(|r| !r.cut_off && !s.control.holds(r.version, r.placement))
+            || s.shards
+                .iter()
+                .any(|sh| sh.fence.is_some_and(|f| f.min > latest_version));
+        if !suspect {
+            return rehomed;
+        }
+        let home = [Shard::A, Shard::B].into_iter().find(|sh| {
+            let st = &s.shards[sh.i()];
+            st.rows != 0 && !st.fence.is_some_and(|f| !f.moving)
+        });
+        rehomed || home.is_some_and(|h| h != new.reads())
     }
 
     fn operator_publish(&self, s: &mut State, new: Placement) {
@@ -789,6 +806,12 @@ impl MoveModel {
                     // Fenced for a move in flight: this move's own row images
                     // (a resumed start), or after a restore the tenant's home.
                     Some(Fence { moving: true, .. }) => {}
+                }
+                // The target is marked moving before any row image can reach
+                // it, so an abort knows which rows are the move's.
+                if self.fixes.start_keeps_unfenced_rows {
+                    let version = s.control.latest_version();
+                    raise(&mut s.shards[rec.to.i()], version);
                 }
                 self.changed(s, m);
                 s.movers[m].pc = Pc::Intent(Change::DualWrite);
@@ -1052,7 +1075,11 @@ impl MoveModel {
                 if !self.shards_ok(s, m, &[rec.from, rec.to]) {
                     return self.lease_lost(s, m);
                 }
-                s.shards[rec.to.i()].rows = 0;
+                // Rows on a target without a fence were never the move's (its
+                // start refused them): they stay.
+                if !self.fixes.start_keeps_unfenced_rows || s.shards[rec.to.i()].fence.is_some() {
+                    s.shards[rec.to.i()].rows = 0;
+                }
                 self.changed(s, m);
                 s.movers[m].pc = Pc::AbortSettle;
             }
@@ -1750,11 +1777,17 @@ fn bite_a_mover_that_publishes_over_a_map_without_its_move() {
         operator: 2,
         restore: true,
     };
+    // Found with the publish check as it was: a recovery publish over a
+    // restored base drops the move, and the mover publishes `reversed` over it.
+    // The shards' fences now refuse that publish too (defence in depth).
     bites(
         "mover ignores the map entry",
         bounds,
         "every acknowledged write is readable once quiet",
-        |f| f.mover_checks_map_entry = false,
+        |f| {
+            f.mover_checks_map_entry = false;
+            f.publish_checks_shards = false;
+        },
     );
 }
 

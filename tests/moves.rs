@@ -75,6 +75,22 @@ async fn resume_when_free(
     panic!("the lease never ran out");
 }
 
+/// Ends every session on the control database that holds a mover lock (as a
+/// mover's lost connection or a kill -9 would); returns how many.
+async fn terminate_movers(control_url: &str) -> i64 {
+    connect(control_url)
+        .await
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Control database, two shards with the schema, map v1 with `tenant` pinned to a.
 async fn world(tenant: &str) -> World {
     let control_db = Shards::create(1).await;
@@ -1345,20 +1361,31 @@ async fn a_second_mover_is_refused_and_a_mover_whose_lease_was_taken_stops() {
         .await
         .unwrap_err();
     assert!(matches!(err, MoveError::LeaseHeld { .. }), "{err}");
-    assert!(err.to_string().contains("held by mover"), "{err}");
-    // A's lease runs out while it is stuck; B takes over and aborts.
+    assert!(err.to_string().contains("held by live mover"), "{err}");
+    // A stuck past its lease keeps the move: its control session holds the
+    // mover lock (issue 25.4: a live mover keeps its lease whatever it waits for).
     tokio::time::sleep(fast().lease + Duration::from_millis(200)).await;
+    let err = moves::abort(&mut w.control, &id, &fast())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::LeaseHeld { .. }), "{err}");
+    // A loses its control connection: the lease is free at once; B takes over
+    // and aborts.
+    let killed = terminate_movers(&w.control_db.url(0)).await;
+    assert_eq!(killed, 1, "A's control session held the mover lock");
     let status = moves::abort(&mut w.control, &id, &fast()).await.unwrap();
     assert_eq!(status.phase, "aborted");
-    // A wakes up: it can neither record nor publish, and changes nothing more.
+    // A wakes up: it can neither record, publish nor change a shard that B
+    // claimed, and changes nothing more.
     go_tx.send(()).unwrap();
     let err = mover_a.await.unwrap().unwrap_err();
     assert!(
         matches!(
             err,
             MoveError::LeaseLost { .. }
+                | MoveError::Control(_)
                 | MoveError::Publish(shard_router::control::PublishError::MoverFenced { .. })
-        ),
+        ) || err.to_string().contains("a newer mover claimed it"),
         "{err}"
     );
     let status = moves::status(&w.control, &id).await.unwrap().unwrap();
@@ -1819,4 +1846,308 @@ async fn a_tenant_column_named_like_a_keyword_is_quoted_and_purge_touches_only_t
         "the other tenant untouched"
     );
     drop(control_db);
+}
+
+/// Inserts a live router row that applied the newest map and never applies
+/// another: the next wait for routers runs out on it.
+async fn pause_a_router(control_url: &str, name: &str) {
+    connect(control_url)
+        .await
+        .execute(
+            "INSERT INTO shard_router_routers \
+               (instance_id, host, applied_version, applied_checksum, started_at, last_seen, lease_ms) \
+             SELECT $1, 'h', version, checksum, now(), now() + interval '1 hour', 3600000 \
+             FROM shard_router_maps ORDER BY version DESC LIMIT 1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+}
+
+async fn unpause_router(control_url: &str, name: &str) {
+    connect(control_url)
+        .await
+        .execute(
+            "DELETE FROM shard_router_routers WHERE instance_id = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+}
+
+/// Issue 25.1 (the model's `Resume` transition, property "an abort once begun
+/// ends as an abort"): an abort that published the pin to the source and then
+/// stopped on a paused router is finished as an abort by `resume`, which used
+/// to verify and cut over, losing the writes made on the pinned source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_abort_finishes_as_an_abort_and_keeps_the_writes_made_meanwhile() {
+    let tenant = "initech";
+    let (mut w, router, _agent, id) = parked(tenant, 20).await;
+    let control_url = w.control_db.url(0);
+    pause_a_router(&control_url, "paused").await;
+    let mut options = fast();
+    options.wait = Duration::from_millis(500);
+    let err = moves::abort(&mut w.control, &id, &options)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::RoutersBehind { .. }), "{err}");
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.intent.as_deref(), Some("abort"));
+    assert_eq!(status.phase, "verified");
+    // The live router serves the pin to the source: a write lands there only.
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            router.resolve(id.clone()).location().reason == shard_router::map::Reason::Pin
+        })
+        .await
+    );
+    let db = router.resolve(id.clone());
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(
+            "INSERT INTO projects VALUES ($1, $2, 'between')",
+            &[&tenant, &Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    // Still paused: resume continues the abort, and stops again in its wait.
+    let err = moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::RoutersBehind { .. }), "{err}");
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.intent.as_deref(), Some("abort"));
+    unpause_router(&control_url, "paused").await;
+    let status = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "aborted");
+    assert_eq!(count_named(&w.shards.url(0), "between").await, 1);
+    assert_eq!(count(&w.shards.url(0), "projects", tenant).await, 21);
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 0);
+    let map = w.control.latest().await.unwrap().load().unwrap();
+    assert_eq!(map.shard(map.locate(&id).shard).name(), "a");
+}
+
+/// Issue 25.2 (the model's property "a write the source refused exists
+/// nowhere"): Django creates foreign keys `DEFERRABLE INITIALLY DEFERRED`. A
+/// client that adds a child to a parent it deleted, or breaks a deferrable
+/// unique key, is refused at COMMIT on the primary; the row images must not
+/// have reached the other shard (whose replica mode skips those checks), so
+/// verify passes and the move completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_constraints_refuse_a_moving_write_on_both_shards() {
+    let tenant = "django";
+    let mut w = world(tenant).await;
+    w.shards
+        .run_everywhere(
+            "CREATE TABLE blog (tenant_id text NOT NULL, id bigint NOT NULL, slug text NOT NULL, \
+               PRIMARY KEY (tenant_id, id), \
+               CONSTRAINT blog_slug UNIQUE (tenant_id, slug) DEFERRABLE INITIALLY DEFERRED);
+             CREATE TABLE entry (tenant_id text NOT NULL, id bigint NOT NULL, blog_id bigint NOT NULL, \
+               PRIMARY KEY (tenant_id, id), \
+               FOREIGN KEY (tenant_id, blog_id) REFERENCES blog (tenant_id, id) \
+                 DEFERRABLE INITIALLY DEFERRED);",
+        )
+        .await;
+    let source = connect(&w.shards.url(0)).await;
+    source
+        .batch_execute(&format!(
+            "INSERT INTO blog SELECT '{tenant}', g, 'b' || g FROM generate_series(1, 50) g;
+             INSERT INTO entry SELECT '{tenant}', g, g FROM generate_series(1, 50) g;"
+        ))
+        .await
+        .unwrap();
+    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    moves::start(&mut w.control, &id, "b", &until(Step::Backfill), |_| {})
+        .await
+        .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            matches!(
+                router.resolve(id.clone()).location().reason,
+                shard_router::map::Reason::Move(_)
+            )
+        })
+        .await
+    );
+    let db = router.resolve(id.clone());
+    // A stale client: deletes blog 7, then adds an entry to it.
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(
+            "DELETE FROM blog WHERE tenant_id = $1 AND id = 7",
+            &[&tenant],
+        )
+        .await
+        .unwrap();
+    writer
+        .execute("INSERT INTO entry VALUES ($1, 1000, 7)", &[&tenant])
+        .await
+        .unwrap();
+    let err = writer.commit().await.unwrap_err();
+    assert!(
+        err.to_string().contains("foreign key") || format!("{err:?}").contains("23503"),
+        "{err:?}"
+    );
+    // Two blogs with one slug, caught by the deferrable unique key at COMMIT.
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute("INSERT INTO blog VALUES ($1, 2000, 'dup')", &[&tenant])
+        .await
+        .unwrap();
+    writer
+        .execute("INSERT INTO blog VALUES ($1, 2001, 'dup')", &[&tenant])
+        .await
+        .unwrap();
+    assert!(writer.commit().await.is_err());
+    for url in [w.shards.url(0), w.shards.url(1)] {
+        let c = connect(&url).await;
+        let orphans: i64 = c
+            .query_one("SELECT count(*) FROM entry WHERE id = 1000", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let dups: i64 = c
+            .query_one("SELECT count(*) FROM blog WHERE slug = 'dup'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!((orphans, dups), (0, 0), "no refused row on {url}");
+        assert_eq!(
+            count(&url, "blog", tenant).await,
+            50,
+            "blog 7 is back on {url}"
+        );
+    }
+    let status = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "complete");
+}
+
+/// Issue 25.4 and the model's `LoseConnection`: a mover whose control session
+/// ends (kill -9, a cut connection) frees the tenant at once; the next resume
+/// does not wait for a lease to run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_mover_frees_the_tenant_at_once() {
+    let tenant = "hooli";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 100).await;
+    let (_router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let control_url = w.control_db.url(0);
+    // The mover runs on a thread and runtime of its own, as another process
+    // would: blocked in its progress callback, it blocks nothing else.
+    let mover = {
+        let id = id.clone();
+        let control_url = control_url.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut control = ControlPlane::connect(&control_url).await.unwrap();
+                let mut options = fast();
+                options.batch_rows = 20;
+                options.lease = Duration::from_secs(60);
+                let mut sent = false;
+                moves::start(&mut control, &id, "b", &options, |p| {
+                    if matches!(p, Progress::Copied { .. }) && !sent {
+                        sent = true;
+                        paused_tx.send(()).unwrap();
+                        let _ = go_rx.lock().unwrap().recv();
+                    }
+                })
+                .await
+            })
+        })
+    };
+    tokio::task::spawn_blocking(move || paused_rx.recv().unwrap())
+        .await
+        .unwrap();
+    // Its recorded lease has almost a minute left; its session ends.
+    assert_eq!(terminate_movers(&control_url).await, 1);
+    let started = std::time::Instant::now();
+    let status = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.phase, "complete");
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 100);
+    // The dead mover wakes: it changes nothing on the shards it lost.
+    drop(go_tx);
+    let woke = tokio::task::spawn_blocking(move || mover.join().unwrap())
+        .await
+        .unwrap();
+    assert!(woke.is_err(), "{woke:?}");
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 100);
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.phase, "complete");
+}
+
+/// The model's `ClearTarget` (found by the model after a restore): rows of the
+/// tenant on the target that no fence marks as stale may be its only copy, so
+/// start refuses and deletes nothing; an abort of that move leaves them too.
+#[tokio::test]
+async fn a_move_refuses_a_target_holding_unfenced_rows_of_the_tenant() {
+    let tenant = "piedpiper";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 5).await;
+    seed(&w.shards.url(1), tenant, 3).await;
+    let id = TenantId::new(tenant).unwrap();
+    let err = moves::start(&mut w.control, &id, "b", &fast(), |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::TargetHoldsTenant { .. }), "{err}");
+    assert!(err.to_string().contains("nothing was deleted"), "{err}");
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 3);
+    let status = moves::abort(&mut w.control, &id, &fast()).await.unwrap();
+    assert_eq!(status.phase, "aborted");
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 3);
+    assert_eq!(count(&w.shards.url(0), "projects", tenant).await, 5);
+}
+
+/// The model's `WaitForRouters` check (found by the model after a restore): a
+/// map published over the move that drops its entry stops the mover before
+/// it changes anything more, naming what it found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_whose_entry_was_dropped_from_the_map_stops_and_changes_nothing() {
+    let tenant = "aviato";
+    let (mut w, _router, _agent, id) = parked(tenant, 10).await;
+    // As a restore and a recovery publish would leave it: a newer map
+    // without the move (inserted behind the publish checks).
+    let control = connect(&w.control_db.url(0)).await;
+    let newest = w.control.latest().await.unwrap();
+    let mut doc = shard_router::map::MapDocument::parse(&newest.toml).unwrap();
+    doc.clear_move(tenant);
+    doc.set_version(newest.version + 1);
+    let toml = doc.render();
+    control
+        .execute(
+            "INSERT INTO shard_router_maps (version, map, map_json, checksum, note) \
+             SELECT $1, $2, map_json, md5($2), 'restored' FROM shard_router_maps WHERE version = $3",
+            &[&((newest.version + 1) as i64), &toml, &(newest.version as i64)],
+        )
+        .await
+        .unwrap();
+    let before = moves::status(&w.control, &id).await.unwrap().unwrap();
+    let err = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::MapChanged { .. }), "{err}");
+    let after = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(after.phase, before.phase);
+    let latest = w.control.latest().await.unwrap();
+    assert_eq!(latest.version, newest.version + 1, "nothing was published");
 }

@@ -25,6 +25,7 @@ use tokio_postgres::Client;
 
 pub use agent::{ControlAgent, ControlOptions};
 pub use load::{LoadOrder, LoadWindow, ReportedShard, ReportedTenant};
+pub(crate) use publish::MoverPublish;
 pub use publish::{PublishError, PublishOptions, Published};
 pub use rehoming::{tenants_rehomed, RehomeError, Rehomed};
 pub use schema::{schema_gaps, SchemaGap};
@@ -440,6 +441,23 @@ impl ControlPlane {
         }
     }
 
+    /// Whether the newest stored map (version `newest`) may not be what the
+    /// routers serve: a router reports a version above it, or a version whose
+    /// map here has another checksum (a restored control database).
+    pub(crate) async fn base_is_suspect(&self, newest: u64) -> Result<bool, ControlError> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM shard_router_routers r \
+                   LEFT JOIN shard_router_maps m ON m.version = r.applied_version \
+                   WHERE r.applied_version > $1 \
+                      OR (r.applied_checksum IS NOT NULL AND m.checksum IS DISTINCT FROM r.applied_checksum))",
+                &[&(newest as i64)],
+            )
+            .await?
+            .get(0))
+    }
+
     /// Inserts `toml` as `version`, refusing a version that is not above the
     /// newest, a newest that is no longer `base` (the version the publisher's
     /// checks ran against), a change of move entries by anyone but their mover,
@@ -450,7 +468,7 @@ impl ControlPlane {
         toml: &str,
         note: Option<&str>,
         base: Option<u64>,
-        mover: Option<&(String, i64)>,
+        mover: Option<&publish::MoverPublish>,
     ) -> Result<(), PublishError> {
         let tx = self
             .client
@@ -516,19 +534,21 @@ impl ControlPlane {
                 .get(0);
             publish::check_moves(&stored, toml, mover)?;
         }
-        if let Some((tenant, token)) = mover {
-            // The move row stays locked until this version is in.
-            let current: Option<i64> = tx
+        if let Some(mover) = mover {
+            // The move row stays locked until this version is in. Token,
+            // holder and intent must all still be this mover's: a restore can
+            // bring a token back, or roll the intent back under a live mover.
+            let current = tx
                 .query_opt(
-                    "SELECT lease_token FROM shard_router_moves WHERE tenant = $1 FOR UPDATE",
-                    &[tenant],
+                    "SELECT 1 FROM shard_router_moves WHERE tenant = $1 AND lease_token = $2 \
+                       AND lease_holder = $3 AND intent = $4 FOR UPDATE",
+                    &[&mover.tenant, &mover.token, &mover.holder, &mover.intent],
                 )
                 .await
-                .map_err(ControlError::from)?
-                .map(|r| r.get(0));
-            if current != Some(*token) {
+                .map_err(ControlError::from)?;
+            if current.is_none() {
                 return Err(PublishError::MoverFenced {
-                    tenant: tenant.clone(),
+                    tenant: mover.tenant.clone(),
                 });
             }
         }

@@ -14,8 +14,19 @@ pub struct PublishOptions {
     pub pin_existing: bool,
     /// Check everything, print the plan, publish nothing.
     pub dry_run: bool,
-    /// The mover publishing a change of its own move entry: tenant and lease token.
-    pub(crate) mover: Option<(String, i64)>,
+    /// The mover publishing a change of its own move entry.
+    pub(crate) mover: Option<MoverPublish>,
+}
+
+/// Who publishes a move's map change: the tenant, the lease's token and
+/// holder, and the intent recorded for the change. The publish is refused
+/// unless the move record still says all three.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MoverPublish {
+    pub(crate) tenant: String,
+    pub(crate) token: i64,
+    pub(crate) holder: String,
+    pub(crate) intent: String,
 }
 
 impl PublishOptions {
@@ -75,6 +86,13 @@ pub enum PublishError {
         /// The tenants, with where their data is and where the map would send them.
         tenants: Vec<Rehomed>,
     },
+    /// The shards' fences show tenants mid-move that the map does not: a move
+    /// is finishing, or the control database was restored from a backup.
+    #[error("refused: the shards' fences show {} mid-move, but the map has no move for them (a move finishing, or a control database restored from a backup?); finish or abort those moves (`shardctl tenant move TENANT --resume` or `--abort`), then publish", tenants.join(", "))]
+    MovingOnShards {
+        /// The tenants.
+        tenants: Vec<String>,
+    },
     /// Which tenants have data could not be checked.
     #[error(transparent)]
     Check(#[from] RehomeError),
@@ -116,8 +134,9 @@ pub enum PublishError {
         /// The newest version now.
         newest: u64,
     },
-    /// The mover no longer holds the move's lease.
-    #[error("refused: this mover no longer holds the lease of tenant {tenant}'s move")]
+    /// The mover no longer holds the move's lease, or the move record no
+    /// longer records the intent of this change (a restored control database).
+    #[error("refused: this mover no longer holds the lease of tenant {tenant}'s move, or the move no longer records this change's intent")]
     MoverFenced {
         /// The tenant.
         tenant: String,
@@ -161,7 +180,27 @@ impl ControlPlane {
                         offered: new.version(),
                     });
                 }
-                let rehomed = super::tenants_rehomed(&old, &new).await?;
+                check_moves(&stored.toml, &toml, options.mover.as_ref())?;
+                let mut rehomed = super::tenants_rehomed(&old, &new).await?;
+                // The shards' own word, whatever the stored base says: moves
+                // their fences show must be in the map, and when the base is
+                // suspect (a restored control database) every tenant with
+                // rows must be routed to them.
+                let suspect = self.base_is_suspect(old.version()).await?;
+                let mover = options.mover.as_ref().map(|m| m.tenant.as_str());
+                let truth =
+                    super::rehoming::check_against_shards(&new, old.version(), suspect, mover)
+                        .await?;
+                if !truth.moving_unshown.is_empty() {
+                    return Err(PublishError::MovingOnShards {
+                        tenants: truth.moving_unshown,
+                    });
+                }
+                for stranded in truth.stranded {
+                    if !rehomed.iter().any(|r| r.tenant == stranded.tenant) {
+                        rehomed.push(stranded);
+                    }
+                }
                 if !rehomed.is_empty() {
                     if !options.pin_existing {
                         return Err(PublishError::Rehoming { tenants: rehomed });
@@ -179,9 +218,6 @@ impl ControlPlane {
                 Some(MapDiff::between(&old, &new))
             }
         };
-        if let Some(stored) = &current {
-            check_moves(&stored.toml, &toml, options.mover.as_ref())?;
-        }
         if !options.dry_run {
             self.insert(
                 new.version(),
@@ -236,13 +272,13 @@ impl ControlPlane {
 pub(crate) fn check_moves(
     newest: &str,
     offered: &str,
-    mover: Option<&(String, i64)>,
+    mover: Option<&MoverPublish>,
 ) -> Result<(), PublishError> {
     let newest = MapDocument::parse(newest).map_err(PublishError::Rewrite)?;
     let offered = MapDocument::parse(offered).map_err(PublishError::Rewrite)?;
     let mut differing = offered.moves_differing(&newest);
-    if let Some((tenant, _)) = mover {
-        differing.retain(|t| t != tenant);
+    if let Some(mover) = mover {
+        differing.retain(|t| *t != mover.tenant);
     }
     if differing.is_empty() {
         Ok(())

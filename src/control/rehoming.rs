@@ -113,6 +113,97 @@ pub async fn tenants_rehomed(old: &ShardMap, new: &ShardMap) -> Result<Vec<Rehom
     Ok(rehomed)
 }
 
+/// What the shards say against a new map, beyond the diff with the stored
+/// newest map (the model's `publish_checks_shards`, issue 26.1).
+#[derive(Debug, Default)]
+pub(crate) struct ShardTruth {
+    /// Tenants whose fence on some shard says a move is in flight, while the
+    /// new map shows no move for them.
+    pub(crate) moving_unshown: Vec<String>,
+    /// Tenants with rows on a shard (not one their fence marks as left) that
+    /// the new map routes elsewhere: checked only when the stored base is
+    /// suspect.
+    pub(crate) stranded: Vec<Rehomed>,
+}
+
+/// Reads every shard of `new` for fences and, when `suspect` (routers serve
+/// maps the control database does not hold) or when a fence is newer than
+/// `newest_stored`, for every tenant with rows. `skip` is the tenant of the
+/// mover publishing (its own move's end is in flight).
+///
+/// A shard that cannot be reached is passed over for the fence check with a
+/// warning, but fails a full check: then nothing can be promised.
+pub(crate) async fn check_against_shards(
+    new: &ShardMap,
+    newest_stored: u64,
+    mut suspect: bool,
+    skip: Option<&str>,
+) -> Result<ShardTruth, RehomeError> {
+    let column = new.tenant_column();
+    let mut truth = ShardTruth::default();
+    let mut scans = Vec::new();
+    let mut fences: Vec<BTreeMap<String, (i64, bool)>> = Vec::new();
+    for shard in new.shards() {
+        let scan = match Scan::open(shard, column).await {
+            Ok(scan) => scan,
+            Err(e) if !suspect => {
+                tracing::warn!(shard = shard.name(), error = %e, "publish: shard unreachable; its fences were not checked");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let here = scan.fences().await?;
+        for (tenant, (min_version, moving)) in &here {
+            if *min_version as u64 > newest_stored {
+                suspect = true;
+            }
+            let shown = TenantId::new(tenant).is_ok_and(|id| new.move_of(&id).is_some());
+            if *moving && !shown && Some(tenant.as_str()) != skip {
+                truth.moving_unshown.push(tenant.clone());
+            }
+        }
+        fences.push(here);
+        scans.push(scan);
+    }
+    truth.moving_unshown.sort();
+    truth.moving_unshown.dedup();
+    if !suspect {
+        return Ok(truth);
+    }
+    if scans.len() != new.shards().len() {
+        // A shard skipped above while the base was not yet known suspect.
+        for shard in new.shards() {
+            Scan::open(shard, column).await?;
+        }
+    }
+    for (scan, fenced) in scans.iter().zip(&fences) {
+        for tenant in scan.all_tenants().await? {
+            if Some(tenant.as_str()) == skip
+                || fenced.get(&tenant).is_some_and(|(_, moving)| !moving)
+            {
+                continue; // rows the tenant left behind in a move
+            }
+            let Ok(id) = TenantId::new(&tenant) else {
+                continue;
+            };
+            if new.move_of(&id).is_some() {
+                continue;
+            }
+            let named = new.tenant_id(id.clone());
+            let to = new.shard(new.locate(&named).shard).name().to_owned();
+            if to != scan.shard || named != id {
+                truth.stranded.push(Rehomed {
+                    tenant,
+                    from: scan.shard.to_owned(),
+                    to,
+                });
+            }
+        }
+    }
+    truth.stranded.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+    Ok(truth)
+}
+
 /// One shard's tenant tables, read through a connection that sees every row.
 struct Scan<'a> {
     shard: &'a str,
@@ -191,6 +282,31 @@ impl<'a> Scan<'a> {
             found.extend(here);
         }
         Ok(found)
+    }
+
+    /// The shard's fence rows: tenant -> (min_version, moving).
+    async fn fences(&self) -> Result<BTreeMap<String, (i64, bool)>, ShardError> {
+        let exists: bool = self
+            .client
+            .query_one("SELECT to_regclass('shard_router_fence') IS NOT NULL", &[])
+            .await
+            .map_err(|e| ShardError::database(self.shard, e))?
+            .get(0);
+        if !exists {
+            return Ok(BTreeMap::new());
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT tenant, min_version, moving FROM shard_router_fence",
+                &[],
+            )
+            .await
+            .map_err(|e| ShardError::database(self.shard, e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect())
     }
 
     /// Distinct tenant ids in every tenant table.

@@ -1580,23 +1580,40 @@ const DRAIN_SQL: &str = "WITH d AS (DELETE FROM shard_router_capture WHERE xid =
 /// The tenant lock some sides take before their first move statement.
 const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock($1)";
 
+/// Runs the transaction's deferred constraint checks now.
+const CONSTRAINTS_NOW_SQL: &str = "SET CONSTRAINTS ALL IMMEDIATE";
+
 /// The primary's captured row images of this transaction, removed from the
 /// capture table; with `lock`, the tenant lock is taken first, in the same
-/// round trip.
+/// round trip. Deferred constraints (Django's `DEFERRABLE INITIALLY DEFERRED`
+/// foreign keys, deferrable unique keys, constraint triggers) are checked on
+/// the primary first, in that round trip too: a write the primary refuses is
+/// refused before any image reaches the other shard, whose replica mode would
+/// skip those checks (the model's `constraints_before_images`).
 async fn drain(
     client: &TenantClient,
     lock: Option<i64>,
 ) -> Result<Vec<apply::Image>, tokio_postgres::Error> {
     let drain = client.prepare_cached(DRAIN_SQL).await?;
+    let immediate = client.prepare_cached(CONSTRAINTS_NOW_SQL).await?;
     let images = match lock {
-        None => client.raw().query_one(&drain, &[]).await?,
+        None => {
+            let (checked, images) = tokio::join!(
+                client.raw().execute(&immediate, &[]),
+                client.raw().query_one(&drain, &[])
+            );
+            checked?;
+            images?
+        }
         Some(key) => {
             let lock = client.prepare_cached(LOCK_SQL).await?;
             let key: [&(dyn ToSql + Sync); 1] = [&key];
-            let (locked, images) = tokio::join!(
+            let (checked, locked, images) = tokio::join!(
+                client.raw().execute(&immediate, &[]),
                 client.raw().execute(&lock, &key),
                 client.raw().query_one(&drain, &[])
             );
+            checked?;
             locked?;
             images?
         }

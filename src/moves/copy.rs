@@ -44,7 +44,8 @@ async fn begin_with(
 ) -> Result<(), MoveError> {
     client
         .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL READ COMMITTED; {}{}{more}",
+            "BEGIN ISOLATION LEVEL READ COMMITTED; {}; {}{}{more}",
+            super::claim::CHECK_SQL,
             declare_version_sql(version),
             if replica {
                 "; SET LOCAL session_replication_role = replica"
@@ -91,7 +92,7 @@ pub(crate) struct Copy<'a> {
     /// The move's lease, renewed before a batch once 250 ms (or a twentieth
     /// of the lease, if shorter) have passed since the last renewal: a mover
     /// copies only while its lease surely holds, and one that lost it stops.
-    pub(crate) lease: (&'a crate::control::ControlPlane, super::record::Lease),
+    pub(crate) lease: (&'a crate::control::ControlPlane, &'a super::record::Lease),
     /// At most this many rows per second (`None`: as fast as it goes).
     pub(crate) max_rows_per_sec: Option<u64>,
 }
@@ -531,6 +532,33 @@ pub(crate) async fn carry_sequences(
         set.push(seq);
     }
     Ok(set)
+}
+
+/// Whether any tenant table on `client` holds a row of `tenant`.
+pub(crate) async fn tenant_has_rows(
+    client: &Client,
+    tables: &[TenantTable],
+    tenant: &TenantId,
+    column: &str,
+) -> Result<bool, MoveError> {
+    let col = quote_ident(column);
+    for table in tables {
+        let found: bool = client
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE {col} = $1)",
+                    table.name
+                ),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(MoveError::db)?
+            .get(0);
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Deletes the tenant's rows from every tenant table, children first, in one

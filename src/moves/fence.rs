@@ -215,8 +215,8 @@ const BOUND_FUNCTION: &str = "CREATE OR REPLACE FUNCTION shard_router_tx_bound()
 
 /// Raises the tenant's fence to `version` (never lowers it) and marks it moving.
 pub(crate) async fn raise(client: &Client, tenant: &str, version: u64) -> Result<(), MoveError> {
-    client
-        .execute(
+    claimed(client, |tx| async move {
+        tx.execute(
             "INSERT INTO shard_router_fence (tenant, min_version, moving) VALUES ($1, $2, true) \
              ON CONFLICT (tenant) DO UPDATE \
              SET min_version = greatest(shard_router_fence.min_version, EXCLUDED.min_version), moving = true",
@@ -224,28 +224,76 @@ pub(crate) async fn raise(client: &Client, tenant: &str, version: u64) -> Result
         )
         .await
         .map(|_| ())
-        .map_err(MoveError::db)
+    })
+    .await
 }
 
 /// After a move ends: the shard that keeps the tenant drops its fence row (its
 /// writers no longer need to declare a version), the shard that lost it keeps
 /// the row, no longer marked moving, so routers on old maps stay refused there.
 pub(crate) async fn settle(owner: &Client, former: &Client, tenant: &str) -> Result<(), MoveError> {
-    former
-        .execute(
+    claimed(former, |tx| async move {
+        tx.execute(
             "UPDATE shard_router_fence SET moving = false WHERE tenant = $1",
             &[&tenant],
         )
         .await
-        .map_err(MoveError::db)?;
-    owner
-        .execute(
+        .map(|_| ())
+    })
+    .await?;
+    claimed(owner, |tx| async move {
+        tx.execute(
             "DELETE FROM shard_router_fence WHERE tenant = $1",
             &[&tenant],
         )
         .await
         .map(|_| ())
-        .map_err(MoveError::db)
+    })
+    .await
+}
+
+/// Runs `step` in a transaction that first checks the mover's claim on the
+/// shard (see [`super::claim`]).
+async fn claimed<'c, F, Fut>(client: &'c Client, step: F) -> Result<(), MoveError>
+where
+    F: FnOnce(&'c Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    if let Err(e) = client
+        .batch_execute(&format!("BEGIN; {}", super::claim::CHECK_SQL))
+        .await
+    {
+        // A failed check leaves the session in an aborted transaction.
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(MoveError::db(e));
+    }
+    if let Err(e) = step(client).await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(MoveError::db(e));
+    }
+    client.batch_execute("COMMIT").await.map_err(MoveError::db)
+}
+
+/// The fence row of `tenant` on the shard behind `client`: `(min_version,
+/// moving)`, or `None` when it has none (or the shard never had a move).
+pub(crate) async fn of(
+    client: &Client,
+    tenant: &str,
+) -> Result<Option<(i64, bool)>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('shard_router_fence') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt(
+            "SELECT min_version, moving FROM shard_router_fence WHERE tenant = $1",
+            &[&tenant],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
 }
 
 /// Tenants whose move is in flight on the shard behind `client` (empty when the

@@ -30,6 +30,7 @@
 //! table `shard_router_moves`; [`resume`] continues from the last finished step.
 
 mod catalog;
+mod claim;
 pub mod fence;
 
 mod copy;
@@ -293,14 +294,17 @@ pub enum MoveError {
         /// The tenant.
         tenant: String,
     },
-    /// Another mover holds the move's lease.
-    #[error("tenant {tenant}'s move is held by mover {holder} for {left:?} more; if that mover died, retry once its lease runs out")]
+    /// Another live mover holds the move's lease: its session on the control
+    /// database holds the tenant's mover lock. A mover that dies, or loses its
+    /// control connection, frees it at once.
+    #[error("tenant {tenant}'s move is held by live mover {holder} (lease renewed {left:?} ahead); it keeps the move while its control connection lives, and a mover that died frees it at once: retry, or stop that mover")]
     LeaseHeld {
         /// The tenant.
         tenant: String,
         /// The holder (`host:pid`).
         holder: String,
-        /// Time left on its lease.
+        /// Time left on its recorded lease (informational: liveness is the
+        /// control connection).
         left: Duration,
     },
     /// Another mover took the move over; this one stopped without changing more.
@@ -335,6 +339,29 @@ pub enum MoveError {
         shard: String,
         /// The database's error.
         cause: String,
+    },
+    /// The newest map no longer shows the move where this step expects it (a
+    /// control database restored from a backup, then a map published over
+    /// it); the move stops before changing anything more.
+    #[error("tenant {tenant}'s move: map version {version} shows the tenant {found}, not the step before {expected}; the control database may have been restored. Nothing more was changed; see the moves guide on restores")]
+    MapChanged {
+        /// The tenant.
+        tenant: String,
+        /// The newest map's version.
+        version: u64,
+        /// The change this step makes.
+        expected: String,
+        /// What the map shows instead.
+        found: String,
+    },
+    /// The target holds rows of the tenant that no fence marks as left over
+    /// from an earlier move: they may be its only copy. Nothing was deleted.
+    #[error("shard {shard} holds rows of tenant {tenant} and no fence marks them stale: it may be the tenant's home (a map from a restored control database?); nothing was deleted. Check where the tenant's data is; remove those rows by hand if they are stale")]
+    TargetHoldsTenant {
+        /// The tenant.
+        tenant: String,
+        /// The target shard.
+        shard: String,
     },
     /// A shard of the move is no longer in the newest map.
     #[error("shard {shard} of the move is no longer in the map")]
@@ -503,6 +530,19 @@ pub async fn resume(
         return Err(no_move(tenant));
     }
     let lease = record::acquire(control, tenant, options.lease).await?;
+    // Re-read under the lease. An abort that stopped part way (its intent is
+    // `abort`) is finished as an abort, never carried forward: the model's
+    // `Resume` transition.
+    let recorded = match self::recorded(control, tenant).await {
+        Ok(r) => r,
+        Err(e) => {
+            record::release(control, tenant, &lease).await;
+            return Err(e);
+        }
+    };
+    if recorded.intent.as_deref() == Some("abort") {
+        return run_abort(control, tenant, lease, &recorded, options).await;
+    }
     run(control, tenant, lease, options, progress).await
 }
 
@@ -536,7 +576,7 @@ async fn run(
             record::phase(
                 mover.control,
                 tenant,
-                lease,
+                &mover.lease,
                 step.done_phase(),
                 json!({ format!("{}_ms", step.as_str()): started.elapsed().as_millis() as u64 }),
             )
@@ -596,19 +636,39 @@ pub async fn abort(
     }
     let lease = record::acquire(control, tenant, options.lease).await?;
     // Re-read under the lease: another mover may have moved on meanwhile.
-    let recorded = self::recorded(control, tenant).await?;
+    let recorded = match self::recorded(control, tenant).await {
+        Ok(r) => r,
+        Err(e) => {
+            record::release(control, tenant, &lease).await;
+            return Err(e);
+        }
+    };
     if recorded.intent.as_deref() == Some("complete") || recorded.phase == "complete" {
-        record::release(control, tenant, lease).await;
+        record::release(control, tenant, &lease).await;
         return Err(MoveError::Finished {
             tenant: tenant.to_string(),
         });
     }
-    let mut mover = Mover::new(control, tenant, &recorded, options, lease);
-    let result = mover.abort(&recorded).await;
-    let result = match result {
-        Ok(()) => record::phase(mover.control, tenant, lease, "aborted", json!({})).await,
-        Err(e) => Err(e),
-    };
+    run_abort(control, tenant, lease, &recorded, options).await
+}
+
+/// The abort's steps under a held lease: `AbortBegin` records the intent
+/// `abort` before anything else, so a resume finishes it as an abort.
+async fn run_abort(
+    control: &mut ControlPlane,
+    tenant: &TenantId,
+    lease: Lease,
+    recorded: &MoveStatus,
+    options: &MoveOptions,
+) -> Result<MoveStatus, MoveError> {
+    let mut mover = Mover::new(control, tenant, recorded, options, lease);
+    mover.aborting = true;
+    let result = async {
+        mover.abort_begin().await?;
+        mover.abort(recorded).await?;
+        record::phase(mover.control, tenant, &mover.lease, "aborted", json!({})).await
+    }
+    .await;
     mover.finish(result).await?;
     self::recorded(mover.control, tenant).await
 }
@@ -664,6 +724,8 @@ struct Mover<'a> {
     to: String,
     options: MoveOptions,
     lease: Lease,
+    /// An abort's routing steps keep the intent `abort`.
+    aborting: bool,
 }
 
 fn shard_named<'m>(map: &'m ShardMap, name: &str) -> Result<&'m Shard, MoveError> {
@@ -689,27 +751,34 @@ impl<'a> Mover<'a> {
             to: record.to.clone(),
             options: options.clone(),
             lease,
+            aborting: false,
         }
     }
 
     /// Records how the run ended and gives the lease up.
     async fn finish(&mut self, result: Result<(), MoveError>) -> Result<(), MoveError> {
         if let Err(e) = &result {
-            if !matches!(e, MoveError::LeaseLost { .. }) {
-                let _ = record::error(self.control, &self.tenant, self.lease, &e.to_string()).await;
+            let fenced_out = match e {
+                MoveError::LeaseLost { .. } => true,
+                MoveError::Database { cause } => claim::is_claim_refusal(cause),
+                _ => false,
+            };
+            if !fenced_out {
+                let _ =
+                    record::error(self.control, &self.tenant, &self.lease, &e.to_string()).await;
             }
         }
-        record::release(self.control, &self.tenant, self.lease).await;
+        record::release(self.control, &self.tenant, &self.lease).await;
         result
     }
 
     /// Merges `patch` into the move's recorded state (rows copied, checksums, versions).
     async fn note(&self, patch: serde_json::Value) -> Result<(), MoveError> {
-        record::progress(self.control, &self.tenant, self.lease, patch).await
+        record::progress(self.control, &self.tenant, &self.lease, patch).await
     }
 
     async fn renew(&self) -> Result<(), MoveError> {
-        record::renew(self.control, &self.tenant, self.lease).await
+        record::renew(self.control, &self.tenant, &self.lease).await
     }
 
     /// Both shards' clients, and the newest map.
@@ -720,6 +789,9 @@ impl<'a> Mover<'a> {
         // Every step checks: a role's rights can change while a move is parked.
         crate::pg::refuse_hidden_rows(&source, &self.from, map.tenant_column()).await?;
         crate::pg::refuse_hidden_rows(&target, &self.to, map.tenant_column()).await?;
+        // `ClaimShards`: nothing changes on a shard a newer mover claimed.
+        claim::claim(&source, &self.from, &self.tenant, &self.lease).await?;
+        claim::claim(&target, &self.to, &self.tenant, &self.lease).await?;
         Ok((map, source, target))
     }
 
@@ -730,17 +802,40 @@ impl<'a> Mover<'a> {
         fence::install(&source, column, &tables, self.options.wait).await?;
         let target_tables = catalog::tenant_tables(&target, column).await?;
         fence::install(&target, column, &target_tables, self.options.wait).await?;
-        // Stale rows of the tenant on the target (an earlier move, say) go first,
-        // before any row image can reach it.
-        copy::delete_rows(
-            &target,
-            Some(&source),
-            &target_tables,
-            &self.tenant,
-            column,
-            map.version(),
-        )
-        .await?;
+        // `ClearTarget`: stale rows of the tenant on the target go first,
+        // before any row image can reach it, but only rows a fence marks as
+        // left by an earlier move or abort (`moving = false`). Under a moving
+        // fence they are this move's own row images (a resumed start), or,
+        // after a restored control database, the tenant's home; rows without
+        // a fence may be its only copy.
+        match fence::of(&target, self.tenant.as_str())
+            .await
+            .map_err(MoveError::db)?
+        {
+            Some((_, false)) => {
+                copy::delete_rows(
+                    &target,
+                    Some(&source),
+                    &target_tables,
+                    &self.tenant,
+                    column,
+                    map.version(),
+                )
+                .await?
+            }
+            Some((_, true)) => {}
+            None => {
+                if copy::tenant_has_rows(&target, &target_tables, &self.tenant, column).await? {
+                    return Err(MoveError::TargetHoldsTenant {
+                        tenant: self.tenant.to_string(),
+                        shard: self.to.clone(),
+                    });
+                }
+            }
+        }
+        // The target is marked moving before any row image can reach it, so
+        // an abort knows that the tenant's rows there are the move's.
+        fence::raise(&target, self.tenant.as_str(), map.version()).await?;
         let version = self.route(MapChange::Phase("dual_write")).await?;
         // Let writes begun on the old map finish before the fence refuses
         // that map, then wait again for any that slipped in meanwhile.
@@ -760,7 +855,13 @@ impl<'a> Mover<'a> {
     /// reversed and complete, writers of either version keep both shards
     /// identical under the tenant locks, so they are not failed.
     async fn route(&mut self, change: MapChange) -> Result<u64, MoveError> {
-        record::intent(self.control, &self.tenant, self.lease, change.intent()).await?;
+        // `Intent`: an abort keeps `abort` through all its publishes.
+        let intent = if self.aborting {
+            "abort"
+        } else {
+            change.intent()
+        };
+        record::intent(self.control, &self.tenant, &self.lease, intent).await?;
         let stored = self.control.latest().await?;
         let map = stored.load()?;
         let mut doc =
@@ -782,9 +883,44 @@ impl<'a> Mover<'a> {
                 format!("move {tenant}: pinned to {shard}")
             }
         };
-        // Already published (a resumed move)? Then only wait and fence.
-        let already = match (change, map.move_of(&self.tenant)) {
-            (MapChange::Phase(phase), Some(route)) => route.phase.as_str() == phase,
+        // `Publish`: skipped when the newest map has the change already (a
+        // resumed move); refused unless it shows the phase before this one.
+        let already = self.entry_is(&map, change);
+        if !already {
+            self.refuse_unless_follows(&map, change)?;
+        }
+        let version = if already {
+            map.version()
+        } else {
+            doc.set_version(map.version() + 1);
+            let mut options = PublishOptions::with_note(&note);
+            options.mover = Some(crate::control::MoverPublish {
+                tenant: tenant.to_owned(),
+                token: self.lease.token,
+                holder: self.lease.holder.clone(),
+                intent: intent.to_owned(),
+            });
+            self.control.publish(&doc.render(), &options).await?.version
+        };
+        // `WaitForRouters`, then: the newest map must still show the change
+        // (a recovery publish after a restore can have dropped the move).
+        self.wait_for_routers(version).await?;
+        let newest = self.control.latest().await?.load()?;
+        if !self.entry_is(&newest, change) {
+            return Err(self.map_changed(&newest, change));
+        }
+        self.record_version(&note, version).await?;
+        Ok(version)
+    }
+
+    /// Whether `map`'s entry for the tenant is what `change` publishes.
+    fn entry_is(&self, map: &ShardMap, change: MapChange) -> bool {
+        match (change, map.move_of(&self.tenant)) {
+            (MapChange::Phase(phase), Some(route)) => {
+                route.phase.as_str() == phase
+                    && map.shard(route.from).name() == self.from
+                    && map.shard(route.to).name() == self.to
+            }
             (MapChange::PinTo(side), None) => {
                 let want = match side {
                     Side::Source => &self.from,
@@ -792,21 +928,53 @@ impl<'a> Mover<'a> {
                 };
                 map.pins()
                     .iter()
-                    .any(|(t, s)| *t == tenant && map.shard(*s).name() == want)
+                    .any(|(t, s)| *t == self.tenant.as_str() && map.shard(*s).name() == want)
             }
             _ => false,
+        }
+    }
+
+    /// A phase is published only over the one before it: `dual_write` over the
+    /// tenant on its source (or over `reversed`, aborting), `reversed` over
+    /// `dual_write`, the target's pin over `reversed`, the source's pin over
+    /// `dual_write` (or a move that never got published).
+    fn refuse_unless_follows(&self, map: &ShardMap, change: MapChange) -> Result<(), MoveError> {
+        let entry = map.move_of(&self.tenant);
+        let ours = entry.is_some_and(|route| {
+            map.shard(route.from).name() == self.from && map.shard(route.to).name() == self.to
+        });
+        let phase = entry.map(|route| route.phase.as_str());
+        let on_source =
+            entry.is_none() && map.shard(map.locate(&self.tenant).shard).name() == self.from;
+        let follows = match change {
+            MapChange::Phase("dual_write") => on_source || (ours && phase == Some("reversed")),
+            MapChange::Phase(_) => ours && phase == Some("dual_write"),
+            MapChange::PinTo(Side::Target) => ours && phase == Some("reversed"),
+            MapChange::PinTo(Side::Source) => on_source || (ours && phase == Some("dual_write")),
         };
-        let version = if already {
-            map.version()
+        if follows {
+            Ok(())
         } else {
-            doc.set_version(map.version() + 1);
-            let mut options = PublishOptions::with_note(&note);
-            options.mover = Some((tenant.to_owned(), self.lease.token));
-            self.control.publish(&doc.render(), &options).await?.version
+            Err(self.map_changed(map, change))
+        }
+    }
+
+    fn map_changed(&self, map: &ShardMap, change: MapChange) -> MoveError {
+        let found = match map.move_of(&self.tenant) {
+            Some(route) => format!(
+                "moving {} -> {} ({})",
+                map.shard(route.from).name(),
+                map.shard(route.to).name(),
+                route.phase.as_str()
+            ),
+            None => format!("on {}", map.shard(map.locate(&self.tenant).shard).name()),
         };
-        self.wait_for_routers(version).await?;
-        self.record_version(&note, version).await?;
-        Ok(version)
+        MoveError::MapChanged {
+            tenant: self.tenant.to_string(),
+            version: map.version(),
+            expected: change.intent().to_owned(),
+            found,
+        }
     }
 
     /// Waits for every live router to apply `version`, renewing the lease.
@@ -850,7 +1018,7 @@ impl<'a> Mover<'a> {
             column: &column,
             version: map.version(),
             batch_rows: self.options.batch_rows,
-            lease: (self.control, self.lease),
+            lease: (self.control, &self.lease),
             max_rows_per_sec: self.options.max_rows_per_sec,
         };
         let mut copied = serde_json::Map::new();
@@ -909,15 +1077,15 @@ impl<'a> Mover<'a> {
         }
         let version = self.route(MapChange::PinTo(Side::Target)).await?;
         let (map, source, target) = self.shards().await?;
+        // `FenceFormer`: from here a writer on any older map is refused on the
+        // source; those in flight (the only ones still taking the move lock)
+        // finish first (`WaitForLockHolders`), then `Settle`.
+        fence::raise(&source, self.tenant.as_str(), version).await?;
+        copy::wait_for_lock_holders(&source, &self.tenant, self.options.wait).await?;
         fence::settle(&target, &source, self.tenant.as_str()).await?;
         if self.options.purge_source {
             self.wait_for_every_router(version).await?;
             self.renew().await?;
-            // From here a writer on an older map is refused on the source;
-            // those in flight (the only ones taking the move lock now) finish first.
-            copy::wait_for_lock_holders(&source, &self.tenant, self.options.wait).await?;
-            fence::raise(&source, self.tenant.as_str(), version).await?;
-            fence::settle(&target, &source, self.tenant.as_str()).await?;
             let tables = catalog::tenant_tables(&source, map.tenant_column()).await?;
             copy::delete_rows(
                 &source,
@@ -1015,11 +1183,34 @@ impl<'a> Mover<'a> {
         }
     }
 
+    /// `AbortBegin`: the intent `abort` is recorded before anything else, so
+    /// a resume finishes the abort instead of carrying the move forward.
+    /// Refused once the newest map pins the tenant to the target: the complete
+    /// map may be live, and resume finishes that move.
+    async fn abort_begin(&mut self) -> Result<(), MoveError> {
+        let map = self.control.latest().await?.load()?;
+        if self.entry_is(&map, MapChange::PinTo(Side::Target)) {
+            return Err(MoveError::Finished {
+                tenant: self.tenant.to_string(),
+            });
+        }
+        record::intent(self.control, &self.tenant, &self.lease, "abort").await
+    }
+
     async fn abort(&mut self, recorded: &MoveStatus) -> Result<(), MoveError> {
         let map = self.control.latest().await?.load()?;
         let reversed = map
             .move_of(&self.tenant)
             .is_some_and(|route| route.phase.as_str() == "reversed");
+        let dual_write = map
+            .move_of(&self.tenant)
+            .is_some_and(|route| route.phase.as_str() == "dual_write");
+        if dual_write {
+            // An earlier abort may have published `dual_write` and stopped in
+            // its wait: routers may still read from the target. Wait for every
+            // one to apply it before pinning the source.
+            self.route(MapChange::Phase("dual_write")).await?;
+        }
         if reversed {
             // Reads go back to the source: it must hold exactly what the target
             // (the primary until now) holds.
@@ -1047,7 +1238,7 @@ impl<'a> Mover<'a> {
                     column: &column,
                     version: map.version(),
                     batch_rows: self.options.batch_rows,
-                    lease: (self.control, self.lease),
+                    lease: (self.control, &self.lease),
                     max_rows_per_sec: self.options.max_rows_per_sec,
                 };
                 for table in &tables {
@@ -1090,15 +1281,24 @@ impl<'a> Mover<'a> {
         }
         let column = map.tenant_column();
         let tables = catalog::tenant_tables(&target, column).await?;
-        copy::delete_rows(
-            &target,
-            Some(&source),
-            &tables,
-            &self.tenant,
-            column,
-            map.version(),
-        )
-        .await?;
+        // `AbortClearTarget`: only rows under a fence are the move's; a target
+        // without one never received any (its start refused the tenant's rows
+        // there, or never ran), and they stay.
+        if fence::of(&target, self.tenant.as_str())
+            .await
+            .map_err(MoveError::db)?
+            .is_some()
+        {
+            copy::delete_rows(
+                &target,
+                Some(&source),
+                &tables,
+                &self.tenant,
+                column,
+                map.version(),
+            )
+            .await?;
+        }
         if fence::moving_tenants(&source)
             .await
             .map_err(MoveError::db)?

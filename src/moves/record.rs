@@ -40,17 +40,60 @@ pub(crate) async fn load(
     Ok(row.as_ref().map(status_of))
 }
 
-/// Who this process is, as a lease holder.
+/// Who this mover is, as a lease holder: host, process, and a number that
+/// tells apart the movers of one process (and a process restarted with the
+/// same pid, through its start time).
 fn holder() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static STARTED: OnceLock<u128> = OnceLock::new();
+    let started = STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros())
+    });
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-    format!("{host}:{}", std::process::id())
+    format!(
+        "{host}:{}:{:x}.{}",
+        std::process::id(),
+        started % 0x1_0000_0000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
-/// A held lease: the fencing token every record and publish must present.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A held lease: the fencing token and holder every record, publish and
+/// shard-side step must present.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Lease {
     pub(crate) token: i64,
+    pub(crate) holder: String,
     pub(crate) duration: Duration,
+}
+
+/// Takes the tenant's mover lock on the control database for this session
+/// (`lock_keys::mover`): the lease's liveness. `false`: another live mover
+/// holds it.
+async fn lock_mover(control: &ControlPlane, tenant: &TenantId) -> Result<bool, MoveError> {
+    Ok(control
+        .client
+        .query_one(
+            "SELECT pg_try_advisory_lock($1)",
+            &[&crate::pg::lock_keys::mover(tenant)],
+        )
+        .await
+        .map_err(ControlError::from)?
+        .get(0))
+}
+
+async fn unlock_mover(control: &ControlPlane, tenant: &TenantId) {
+    let _ = control
+        .client
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&crate::pg::lock_keys::mover(tenant)],
+        )
+        .await;
 }
 
 /// Records a new move of `tenant` and takes its lease, unless the tenant has
@@ -62,6 +105,10 @@ pub(crate) async fn create(
     to: &str,
     duration: Duration,
 ) -> Result<Lease, MoveError> {
+    if !lock_mover(control, tenant).await? {
+        return Err(held(control, tenant).await);
+    }
+    let holder = holder();
     let row = control
         .client
         .query_opt(
@@ -79,18 +126,27 @@ pub(crate) async fn create(
                 &tenant.as_str(),
                 &from,
                 &to,
-                &holder(),
+                &holder,
                 &(duration.as_millis() as f64),
             ],
         )
         .await
-        .map_err(ControlError::from)?;
+        .map_err(ControlError::from);
+    let row = match row {
+        Ok(row) => row,
+        Err(e) => {
+            unlock_mover(control, tenant).await;
+            return Err(e.into());
+        }
+    };
     match row {
         Some(row) => Ok(Lease {
             token: row.get(0),
+            holder,
             duration,
         }),
         None => {
+            unlock_mover(control, tenant).await;
             let phase = load(control, tenant)
                 .await?
                 .map(|m| m.phase)
@@ -104,61 +160,85 @@ pub(crate) async fn create(
 }
 
 /// Takes the lease of the tenant's recorded move, with a new token, unless
-/// another mover holds it (then [`MoveError::LeaseHeld`]). A mover that died
-/// holds it until it runs out.
+/// another live mover holds it (then [`MoveError::LeaseHeld`]). Liveness is
+/// the mover lock on the control database, held for the session: a mover
+/// that died, or lost its connection, freed it at once.
 pub(crate) async fn acquire(
     control: &ControlPlane,
     tenant: &TenantId,
     duration: Duration,
 ) -> Result<Lease, MoveError> {
+    if !lock_mover(control, tenant).await? {
+        return Err(held(control, tenant).await);
+    }
+    let holder = holder();
     let row = control
         .client
         .query_opt(
             "UPDATE shard_router_moves SET lease_token = lease_token + 1, lease_holder = $2, \
                lease_until = clock_timestamp() + $3 * interval '1 millisecond', updated_at = now() \
-             WHERE tenant = $1 AND (lease_until IS NULL OR lease_until < clock_timestamp()) \
+             WHERE tenant = $1 \
              RETURNING lease_token",
-            &[&tenant.as_str(), &holder(), &(duration.as_millis() as f64)],
+            &[&tenant.as_str(), &holder, &(duration.as_millis() as f64)],
         )
         .await
-        .map_err(ControlError::from)?;
-    if let Some(row) = row {
-        return Ok(Lease {
+        .map_err(ControlError::from);
+    match row {
+        Ok(Some(row)) => Ok(Lease {
             token: row.get(0),
+            holder,
             duration,
-        });
-    }
-    match load(control, tenant).await? {
-        None => Err(MoveError::NoMove {
-            tenant: tenant.to_string(),
         }),
-        Some(m) => Err(MoveError::LeaseHeld {
+        Ok(None) => {
+            unlock_mover(control, tenant).await;
+            Err(MoveError::NoMove {
+                tenant: tenant.to_string(),
+            })
+        }
+        Err(e) => {
+            unlock_mover(control, tenant).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// [`MoveError::LeaseHeld`], naming the holder as recorded.
+async fn held(control: &ControlPlane, tenant: &TenantId) -> MoveError {
+    match load(control, tenant).await {
+        Ok(Some(m)) => MoveError::LeaseHeld {
             tenant: tenant.to_string(),
             holder: m.lease_holder.unwrap_or_default(),
             left: Duration::from_millis(m.lease_left_ms.unwrap_or(0)),
-        }),
+        },
+        Ok(None) => MoveError::LeaseHeld {
+            tenant: tenant.to_string(),
+            holder: "a mover starting it".to_owned(),
+            left: Duration::ZERO,
+        },
+        Err(e) => e,
     }
 }
 
 /// Renews the lease and applies `set` (an SQL fragment of our own over columns
-/// `$3`.. in `params`), only while `lease` is still the tenant's newest token.
-/// Fails with [`MoveError::LeaseLost`] when another mover took over.
+/// `$5`.. in `params`), only while `lease` is still the tenant's newest token
+/// and holder. Fails with [`MoveError::LeaseLost`] when another mover took
+/// over (or a restored control database no longer knows this lease).
 async fn update(
     control: &ControlPlane,
     tenant: &TenantId,
-    lease: Lease,
+    lease: &Lease,
     set: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<(), MoveError> {
     let sql = format!(
         "UPDATE shard_router_moves SET lease_until = clock_timestamp() + $2 * interval '1 millisecond', \
            updated_at = now(){set} \
-         WHERE tenant = $1 AND lease_token = $3"
+         WHERE tenant = $1 AND lease_token = $3 AND lease_holder = $4"
     );
     let ms = lease.duration.as_millis() as f64;
     let name = tenant.as_str();
     let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-        vec![&name as _, &ms as _, &lease.token as _];
+        vec![&name as _, &ms as _, &lease.token as _, &lease.holder as _];
     all.extend_from_slice(params);
     let n = control
         .client
@@ -177,7 +257,7 @@ async fn update(
 pub(crate) async fn renew(
     control: &ControlPlane,
     tenant: &TenantId,
-    lease: Lease,
+    lease: &Lease,
 ) -> Result<(), MoveError> {
     update(control, tenant, lease, "", &[]).await
 }
@@ -186,7 +266,7 @@ pub(crate) async fn renew(
 pub(crate) async fn phase(
     control: &ControlPlane,
     tenant: &TenantId,
-    lease: Lease,
+    lease: &Lease,
     phase: &str,
     patch: serde_json::Value,
 ) -> Result<(), MoveError> {
@@ -194,7 +274,7 @@ pub(crate) async fn phase(
         control,
         tenant,
         lease,
-        ", phase = $4, state = state || $5::text::jsonb, error = NULL",
+        ", phase = $5, state = state || $6::text::jsonb, error = NULL",
         &[&phase, &patch.to_string()],
     )
     .await
@@ -204,14 +284,14 @@ pub(crate) async fn phase(
 pub(crate) async fn progress(
     control: &ControlPlane,
     tenant: &TenantId,
-    lease: Lease,
+    lease: &Lease,
     patch: serde_json::Value,
 ) -> Result<(), MoveError> {
     update(
         control,
         tenant,
         lease,
-        ", state = state || $4::text::jsonb",
+        ", state = state || $5::text::jsonb",
         &[&patch.to_string()],
     )
     .await
@@ -222,30 +302,31 @@ pub(crate) async fn progress(
 pub(crate) async fn intent(
     control: &ControlPlane,
     tenant: &TenantId,
-    lease: Lease,
+    lease: &Lease,
     intent: &str,
 ) -> Result<(), MoveError> {
-    update(control, tenant, lease, ", intent = $4", &[&intent]).await
+    update(control, tenant, lease, ", intent = $5", &[&intent]).await
 }
 
 /// Records the error a step stopped on (kept until a step succeeds).
 pub(crate) async fn error(
     control: &ControlPlane,
     tenant: &TenantId,
-    lease: Lease,
+    lease: &Lease,
     error: &str,
 ) -> Result<(), MoveError> {
-    update(control, tenant, lease, ", error = $4", &[&error]).await
+    update(control, tenant, lease, ", error = $5", &[&error]).await
 }
 
-/// Gives the lease up, so the next mover need not wait for it to run out.
-pub(crate) async fn release(control: &ControlPlane, tenant: &TenantId, lease: Lease) {
+/// Gives the lease up, so the next mover need not wait for anything.
+pub(crate) async fn release(control: &ControlPlane, tenant: &TenantId, lease: &Lease) {
     let _ = control
         .client
         .execute(
             "UPDATE shard_router_moves SET lease_until = NULL, lease_holder = NULL \
-             WHERE tenant = $1 AND lease_token = $2",
-            &[&tenant.as_str(), &lease.token],
+             WHERE tenant = $1 AND lease_token = $2 AND lease_holder = $3",
+            &[&tenant.as_str(), &lease.token, &lease.holder],
         )
         .await;
+    unlock_mover(control, tenant).await;
 }

@@ -307,6 +307,15 @@ pub(crate) mod lock_keys {
         key(b"shard-router:fence-install")
     }
 
+    /// Held on the control database, for its session, by the mover of the
+    /// tenant's move: it ends with the mover's connection, so a dead mover
+    /// frees the move at once and a live one keeps it whatever it waits for.
+    pub(crate) fn mover(tenant: &TenantId) -> i64 {
+        let mut name = b"shard-router:mover:".to_vec();
+        name.extend_from_slice(tenant.as_str().as_bytes());
+        key(&name)
+    }
+
     /// Held per tenant by every write transaction during its move, and by
     /// the mover's phase changes.
     pub(crate) fn tenant_move(tenant: &TenantId) -> i64 {
@@ -390,9 +399,10 @@ mod tests {
             lock_keys::publish(),
             lock_keys::fence_install(),
             lock_keys::tenant_move(&tenant),
+            lock_keys::mover(&tenant),
         ];
         keys.sort_unstable();
         keys.dedup();
-        assert_eq!(keys.len(), 4);
+        assert_eq!(keys.len(), 5);
     }
 }
