@@ -75,6 +75,52 @@ async fn resume_when_free(
     panic!("the lease never ran out");
 }
 
+/// A mover, on a thread and runtime of its own as another process would be,
+/// started on `id` and paused in its first backfill batch's progress report;
+/// returns once it is paused. Sending on (or dropping) the sender wakes it.
+async fn paused_mover(
+    control_url: String,
+    id: TenantId,
+    options: MoveOptions,
+) -> (
+    std::thread::JoinHandle<Result<moves::MoveStatus, MoveError>>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let mover = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut control = ControlPlane::connect(&control_url).await.unwrap();
+            let mut sent = false;
+            moves::start(&mut control, &id, "b", &options, |p| {
+                if matches!(p, Progress::Copied { .. }) && !sent {
+                    sent = true;
+                    paused_tx.send(()).unwrap();
+                    let _ = go_rx.recv();
+                }
+            })
+            .await
+        })
+    });
+    tokio::task::spawn_blocking(move || paused_rx.recv().unwrap())
+        .await
+        .unwrap();
+    (mover, go_tx)
+}
+
+/// Waits for a [`paused_mover`]'s thread.
+async fn joined(
+    mover: std::thread::JoinHandle<Result<moves::MoveStatus, MoveError>>,
+) -> Result<moves::MoveStatus, MoveError> {
+    tokio::task::spawn_blocking(move || mover.join().unwrap())
+        .await
+        .unwrap()
+}
+
 /// Ends every session on the control database that holds a mover lock (as a
 /// mover's lost connection or a kill -9 would); returns how many.
 async fn terminate_movers(control_url: &str) -> i64 {
@@ -1328,30 +1374,9 @@ async fn a_second_mover_is_refused_and_a_mover_whose_lease_was_taken_stops() {
         .unwrap();
     let id = TenantId::new(tenant).unwrap();
     // Mover A pauses inside backfill (blocked in its progress callback).
-    let (paused_tx, paused_rx) = std::sync::mpsc::channel::<()>();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let go_rx = Mutex::new(go_rx);
-    let control_url = w.control_db.url(0);
-    let mover_a = {
-        let id = id.clone();
-        tokio::spawn(async move {
-            let mut control = ControlPlane::connect(&control_url).await.unwrap();
-            let mut options = fast();
-            options.batch_rows = 20;
-            let mut first = true;
-            moves::start(&mut control, &id, "b", &options, |p| {
-                if matches!(p, Progress::Copied { .. }) && first {
-                    first = false;
-                    paused_tx.send(()).unwrap();
-                    go_rx.lock().unwrap().recv().unwrap();
-                }
-            })
-            .await
-        })
-    };
-    tokio::task::spawn_blocking(move || paused_rx.recv().unwrap())
-        .await
-        .unwrap();
+    let mut options = fast();
+    options.batch_rows = 20;
+    let (mover_a, go_tx) = paused_mover(w.control_db.url(0), id.clone(), options).await;
     // An operator who thinks A hung: both a resume and an abort are refused.
     let err = moves::resume(&mut w.control, &id, &fast(), |_| {})
         .await
@@ -1378,7 +1403,7 @@ async fn a_second_mover_is_refused_and_a_mover_whose_lease_was_taken_stops() {
     // A wakes up: it can neither record, publish nor change a shard that B
     // claimed, and changes nothing more.
     go_tx.send(()).unwrap();
-    let err = mover_a.await.unwrap().unwrap_err();
+    let err = joined(mover_a).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -2042,40 +2067,11 @@ async fn a_dead_mover_frees_the_tenant_at_once() {
         .await
         .unwrap();
     let id = TenantId::new(tenant).unwrap();
-    let (paused_tx, paused_rx) = std::sync::mpsc::channel::<()>();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let go_rx = Mutex::new(go_rx);
     let control_url = w.control_db.url(0);
-    // The mover runs on a thread and runtime of its own, as another process
-    // would: blocked in its progress callback, it blocks nothing else.
-    let mover = {
-        let id = id.clone();
-        let control_url = control_url.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let mut control = ControlPlane::connect(&control_url).await.unwrap();
-                let mut options = fast();
-                options.batch_rows = 20;
-                options.lease = Duration::from_secs(60);
-                let mut sent = false;
-                moves::start(&mut control, &id, "b", &options, |p| {
-                    if matches!(p, Progress::Copied { .. }) && !sent {
-                        sent = true;
-                        paused_tx.send(()).unwrap();
-                        let _ = go_rx.lock().unwrap().recv();
-                    }
-                })
-                .await
-            })
-        })
-    };
-    tokio::task::spawn_blocking(move || paused_rx.recv().unwrap())
-        .await
-        .unwrap();
+    let mut options = fast();
+    options.batch_rows = 20;
+    options.lease = Duration::from_secs(60);
+    let (mover, go_tx) = paused_mover(control_url.clone(), id.clone(), options).await;
     // Its recorded lease has almost a minute left; its session ends.
     assert_eq!(terminate_movers(&control_url).await, 1);
     let started = std::time::Instant::now();
@@ -2087,9 +2083,7 @@ async fn a_dead_mover_frees_the_tenant_at_once() {
     assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 100);
     // The dead mover wakes: it changes nothing on the shards it lost.
     drop(go_tx);
-    let woke = tokio::task::spawn_blocking(move || mover.join().unwrap())
-        .await
-        .unwrap();
+    let woke = joined(mover).await;
     assert!(woke.is_err(), "{woke:?}");
     assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 100);
     let status = moves::status(&w.control, &id).await.unwrap().unwrap();

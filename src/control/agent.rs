@@ -126,6 +126,7 @@ impl ControlAgent {
         let control = ControlPlane {
             client: session.client,
             url: redact_url(url),
+            connect_url: url.to_owned(),
         };
         let latest = control.latest().await?;
         let map = latest.load()?;

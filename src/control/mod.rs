@@ -271,10 +271,19 @@ pub struct Rollout {
 /// }
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
 pub struct ControlPlane {
     pub(crate) client: Client,
     url: String,
+    /// The URL as given (secrets included), for a mover's own session.
+    connect_url: String,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("url", &self.url)
+            .finish()
+    }
 }
 
 impl ControlPlane {
@@ -290,7 +299,39 @@ impl ControlPlane {
         Ok(ControlPlane {
             client,
             url: redact_url(url),
+            connect_url: url.to_owned(),
         })
+    }
+
+    /// Tenants whose move is recorded and not finished.
+    pub(crate) async fn unfinished_moves(
+        &self,
+    ) -> Result<std::collections::BTreeSet<String>, ControlError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT tenant FROM shard_router_moves WHERE phase NOT IN ('complete', 'aborted')",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// A new session on the same control database, for a mover's lock: it
+    /// lives as long as the returned client, and the server drops it within
+    /// about 11 s of the mover's host going silent (TCP keepalives), so a
+    /// dead mover's lock ends even without a clean close.
+    pub(crate) async fn mover_session(&self) -> Result<Client, ControlError> {
+        let client = connect_client(&self.connect_url).await?;
+        client
+            .batch_execute(
+                "SET application_name = 'shard-router mover'; SET tcp_keepalives_idle = 5; \
+                 SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3",
+            )
+            .await?;
+        Ok(client)
     }
 
     /// The URL, password redacted.

@@ -187,9 +187,12 @@ impl ControlPlane {
                 // suspect (a restored control database) every tenant with
                 // rows must be routed to them.
                 let suspect = self.base_is_suspect(old.version()).await?;
-                let mover = options.mover.as_ref().map(|m| m.tenant.as_str());
+                // Moves the control database records as unfinished are in
+                // flight (their fences may be moving before or after their
+                // map entry); only a fence no record explains is refused.
+                let in_flight = self.unfinished_moves().await?;
                 let truth =
-                    super::rehoming::check_against_shards(&new, old.version(), suspect, mover)
+                    super::rehoming::check_against_shards(&new, old.version(), suspect, &in_flight)
                         .await?;
                 if !truth.moving_unshown.is_empty() {
                     return Err(PublishError::MovingOnShards {

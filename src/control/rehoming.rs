@@ -128,8 +128,9 @@ pub(crate) struct ShardTruth {
 
 /// Reads every shard of `new` for fences and, when `suspect` (routers serve
 /// maps the control database does not hold) or when a fence is newer than
-/// `newest_stored`, for every tenant with rows. `skip` is the tenant of the
-/// mover publishing (its own move's end is in flight).
+/// `newest_stored`, for every tenant with rows. `in_flight` are the tenants
+/// whose move the control database records as unfinished: their fences and
+/// rows are the move's business.
 ///
 /// A shard that cannot be reached is passed over for the fence check with a
 /// warning, but fails a full check: then nothing can be promised.
@@ -137,7 +138,7 @@ pub(crate) async fn check_against_shards(
     new: &ShardMap,
     newest_stored: u64,
     mut suspect: bool,
-    skip: Option<&str>,
+    in_flight: &BTreeSet<String>,
 ) -> Result<ShardTruth, RehomeError> {
     let column = new.tenant_column();
     let mut truth = ShardTruth::default();
@@ -158,7 +159,7 @@ pub(crate) async fn check_against_shards(
                 suspect = true;
             }
             let shown = TenantId::new(tenant).is_ok_and(|id| new.move_of(&id).is_some());
-            if *moving && !shown && Some(tenant.as_str()) != skip {
+            if *moving && !shown && !in_flight.contains(tenant) {
                 truth.moving_unshown.push(tenant.clone());
             }
         }
@@ -178,8 +179,7 @@ pub(crate) async fn check_against_shards(
     }
     for (scan, fenced) in scans.iter().zip(&fences) {
         for tenant in scan.all_tenants().await? {
-            if Some(tenant.as_str()) == skip
-                || fenced.get(&tenant).is_some_and(|(_, moving)| !moving)
+            if in_flight.contains(&tenant) || fenced.get(&tenant).is_some_and(|(_, moving)| !moving)
             {
                 continue; // rows the tenant left behind in a move
             }

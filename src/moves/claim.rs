@@ -96,6 +96,30 @@ pub(crate) async fn claim(
     Ok(())
 }
 
+/// The highest token a mover has claimed the shard behind `client` with, for
+/// `tenant` (0 when none).
+pub(crate) async fn highest(client: &Client, tenant: &TenantId) -> Result<i64, MoveError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('shard_router_move_claim') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(MoveError::db)?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    Ok(client
+        .query_opt(
+            "SELECT token FROM shard_router_move_claim WHERE tenant = $1",
+            &[&tenant.as_str()],
+        )
+        .await
+        .map_err(MoveError::db)?
+        .map_or(0, |r| r.get(0)))
+}
+
 /// The statement every mover transaction runs first (see [`claim`]).
 pub(crate) const CHECK_SQL: &str = "SELECT shard_router_claim_check()";
 

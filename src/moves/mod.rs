@@ -363,6 +363,25 @@ pub enum MoveError {
         /// The target shard.
         shard: String,
     },
+    /// Routers serve map versions the control database does not hold: it
+    /// was restored from a backup. The move changes nothing until the
+    /// recovery publish.
+    #[error("tenant {tenant}'s move: routers serve maps the control database (newest version {newest}) does not hold; it was restored from a backup? Nothing was changed; publish the recovery map first")]
+    ControlBehind {
+        /// The tenant.
+        tenant: String,
+        /// The newest version the control database holds.
+        newest: u64,
+    },
+    /// A shard's fence does not show the tenant moving while the move record
+    /// says it is (a move record restored from a backup); nothing is copied.
+    #[error("tenant {tenant}'s move: shard {shard}'s fence does not show it moving, though the move record does (a control database restored from a backup?); nothing was copied")]
+    FenceDisagrees {
+        /// The tenant.
+        tenant: String,
+        /// The shard.
+        shard: String,
+    },
     /// A shard of the move is no longer in the newest map.
     #[error("shard {shard} of the move is no longer in the map")]
     ShardGone {
@@ -506,7 +525,8 @@ pub async fn start(
             }
         }
     }
-    let lease = record::create(control, tenant, &from, to, options.lease).await?;
+    let floor = claim_floor(&map, tenant, &from, to).await?;
+    let lease = record::create(control, tenant, &from, to, options.lease, floor).await?;
     run(control, tenant, lease, options, progress).await
 }
 
@@ -529,7 +549,14 @@ pub async fn resume(
     if Step::after(&recorded.phase).is_none() {
         return Err(no_move(tenant));
     }
-    let lease = record::acquire(control, tenant, options.lease).await?;
+    let floor = claim_floor(
+        &control.latest().await?.load()?,
+        tenant,
+        &recorded.from,
+        &recorded.to,
+    )
+    .await?;
+    let lease = record::acquire(control, tenant, options.lease, floor).await?;
     // Re-read under the lease. An abort that stopped part way (its intent is
     // `abort`) is finished as an abort, never carried forward: the model's
     // `Resume` transition.
@@ -540,6 +567,11 @@ pub async fn resume(
             return Err(e);
         }
     };
+    if Step::after(&recorded.phase).is_none() {
+        // Finished meanwhile, by another mover.
+        record::release(control, tenant, &lease).await;
+        return Err(no_move(tenant));
+    }
     if recorded.intent.as_deref() == Some("abort") {
         return run_abort(control, tenant, lease, &recorded, options).await;
     }
@@ -589,6 +621,22 @@ async fn run(
     self::recorded(mover.control, tenant).await
 }
 
+/// The highest token any mover claimed the move's shards with: a new lease
+/// goes above it, whatever a restored control database remembers.
+async fn claim_floor(
+    map: &ShardMap,
+    tenant: &TenantId,
+    from: &str,
+    to: &str,
+) -> Result<i64, MoveError> {
+    let mut floor = 0;
+    for name in [from, to] {
+        let client = pg::connect_admin(shard_named(map, name)?).await?;
+        floor = floor.max(claim::highest(&client, tenant).await?);
+    }
+    Ok(floor)
+}
+
 fn no_move(tenant: &TenantId) -> MoveError {
     MoveError::NoMove {
         tenant: tenant.to_string(),
@@ -634,7 +682,14 @@ pub async fn abort(
             tenant: tenant.to_string(),
         });
     }
-    let lease = record::acquire(control, tenant, options.lease).await?;
+    let floor = claim_floor(
+        &control.latest().await?.load()?,
+        tenant,
+        &recorded.from,
+        &recorded.to,
+    )
+    .await?;
+    let lease = record::acquire(control, tenant, options.lease, floor).await?;
     // Re-read under the lease: another mover may have moved on meanwhile.
     let recorded = match self::recorded(control, tenant).await {
         Ok(r) => r,
@@ -648,6 +703,11 @@ pub async fn abort(
         return Err(MoveError::Finished {
             tenant: tenant.to_string(),
         });
+    }
+    if recorded.phase == "aborted" {
+        // Aborted meanwhile, by another mover.
+        record::release(control, tenant, &lease).await;
+        return Err(no_move(tenant));
     }
     run_abort(control, tenant, lease, &recorded, options).await
 }
@@ -1006,8 +1066,36 @@ impl<'a> Mover<'a> {
         self.note(json!({ "versions": { what: version } })).await
     }
 
+    /// Before a data step (`Backfill`, `Verify`, `AbortRecopy`): both shards'
+    /// fences must show the tenant moving, and the routers must serve maps
+    /// this control database holds. A move record restored from a backup
+    /// would otherwise copy the source's older rows over a target that has
+    /// been the tenant's home since.
+    async fn check_in_flight(&self, source: &Client, target: &Client) -> Result<(), MoveError> {
+        let newest = self.control.latest().await?.version;
+        if self.control.base_is_suspect(newest).await? {
+            return Err(MoveError::ControlBehind {
+                tenant: self.tenant.to_string(),
+                newest,
+            });
+        }
+        for (client, shard) in [(source, &self.from), (target, &self.to)] {
+            let fence = fence::of(client, self.tenant.as_str())
+                .await
+                .map_err(MoveError::db)?;
+            if !fence.is_some_and(|(_, moving)| moving) {
+                return Err(MoveError::FenceDisagrees {
+                    tenant: self.tenant.to_string(),
+                    shard: shard.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     async fn backfill(&mut self, progress: &mut impl FnMut(Progress)) -> Result<(), MoveError> {
         let (map, source, target) = self.shards().await?;
+        self.check_in_flight(&source, &target).await?;
         let column = map.tenant_column().to_owned();
         let tables = catalog::tenant_tables(&source, &column).await?;
         let copier = copy::Copy {
@@ -1033,6 +1121,7 @@ impl<'a> Mover<'a> {
     /// Verifies both copies; refuses on any difference.
     async fn verify(&mut self, progress: &mut impl FnMut(Progress)) -> Result<(), MoveError> {
         let (map, source, target) = self.shards().await?;
+        self.check_in_flight(&source, &target).await?;
         let column = map.tenant_column();
         let tables = catalog::tenant_tables(&source, column).await?;
         let (mismatches, sums) = copy::verify(
@@ -1228,6 +1317,7 @@ impl<'a> Mover<'a> {
                     |_| {},
                 )
             };
+            self.check_in_flight(&source, &target).await?;
             let (mismatches, _) = verify().await?;
             if !mismatches.is_empty() {
                 let copier = copy::Copy {
@@ -1278,6 +1368,13 @@ impl<'a> Mover<'a> {
                 // Row images from writers on older maps no longer reach the target.
                 fence::raise(&target, self.tenant.as_str(), version).await?;
             }
+        }
+        if let Some(version) = pinned.filter(|_| reversed || recorded.phase == "reversed") {
+            // Reads were served from the target: a router paused past its
+            // lease may still read there. Before the target's copy goes,
+            // every router that ever reported must have applied the pin (or
+            // been silent past the purge grace), as for a purge.
+            self.wait_for_every_router(version).await?;
         }
         let column = map.tenant_column();
         let tables = catalog::tenant_tables(&target, column).await?;

@@ -63,37 +63,46 @@ fn holder() -> String {
 }
 
 /// A held lease: the fencing token and holder every record, publish and
-/// shard-side step must present.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// shard-side step must present, and the session that holds the mover lock.
+#[derive(Debug)]
 pub(crate) struct Lease {
     pub(crate) token: i64,
     pub(crate) holder: String,
     pub(crate) duration: Duration,
+    /// Dropped with the lease (or the mover): the lock ends with it.
+    _session: MoverSession,
 }
 
-/// Takes the tenant's mover lock on the control database for this session
-/// (`lock_keys::mover`): the lease's liveness. `false`: another live mover
-/// holds it.
-async fn lock_mover(control: &ControlPlane, tenant: &TenantId) -> Result<bool, MoveError> {
-    Ok(control
-        .client
+/// The mover's own control-database session, holding the tenant's mover lock
+/// (`lock_keys::mover`): the lease's liveness. A session of its own, so the
+/// lock never stacks on a shared connection and ends when the mover drops it,
+/// crashes, or goes silent.
+struct MoverSession {
+    _client: tokio_postgres::Client,
+}
+
+impl std::fmt::Debug for MoverSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MoverSession")
+    }
+}
+
+/// Takes the tenant's mover lock on a session of its own. `None`: another
+/// live mover holds it.
+async fn lock_mover(
+    control: &ControlPlane,
+    tenant: &TenantId,
+) -> Result<Option<MoverSession>, MoveError> {
+    let session = control.mover_session().await?;
+    let locked: bool = session
         .query_one(
             "SELECT pg_try_advisory_lock($1)",
             &[&crate::pg::lock_keys::mover(tenant)],
         )
         .await
         .map_err(ControlError::from)?
-        .get(0))
-}
-
-async fn unlock_mover(control: &ControlPlane, tenant: &TenantId) {
-    let _ = control
-        .client
-        .execute(
-            "SELECT pg_advisory_unlock($1)",
-            &[&crate::pg::lock_keys::mover(tenant)],
-        )
-        .await;
+        .get(0);
+    Ok(locked.then_some(MoverSession { _client: session }))
 }
 
 /// Records a new move of `tenant` and takes its lease, unless the tenant has
@@ -104,20 +113,21 @@ pub(crate) async fn create(
     from: &str,
     to: &str,
     duration: Duration,
+    floor: i64,
 ) -> Result<Lease, MoveError> {
-    if !lock_mover(control, tenant).await? {
+    let Some(session) = lock_mover(control, tenant).await? else {
         return Err(held(control, tenant).await);
-    }
+    };
     let holder = holder();
     let row = control
         .client
         .query_opt(
             "INSERT INTO shard_router_moves (tenant, from_shard, to_shard, phase, state, lease_token, \
                lease_holder, lease_until) \
-             VALUES ($1, $2, $3, 'starting', '{}', 1, $4, clock_timestamp() + $5 * interval '1 millisecond') \
+             VALUES ($1, $2, $3, 'starting', '{}', $6::bigint + 1, $4, clock_timestamp() + $5 * interval '1 millisecond') \
              ON CONFLICT (tenant) DO UPDATE SET from_shard = EXCLUDED.from_shard, \
                to_shard = EXCLUDED.to_shard, phase = 'starting', state = '{}', error = NULL, \
-               intent = NULL, lease_token = shard_router_moves.lease_token + 1, \
+               intent = NULL, lease_token = greatest(shard_router_moves.lease_token, $6) + 1, \
                lease_holder = EXCLUDED.lease_holder, lease_until = EXCLUDED.lease_until, \
                started_at = now(), updated_at = now() \
              WHERE shard_router_moves.phase IN ('complete', 'aborted') \
@@ -128,25 +138,19 @@ pub(crate) async fn create(
                 &to,
                 &holder,
                 &(duration.as_millis() as f64),
+                &floor,
             ],
         )
         .await
-        .map_err(ControlError::from);
-    let row = match row {
-        Ok(row) => row,
-        Err(e) => {
-            unlock_mover(control, tenant).await;
-            return Err(e.into());
-        }
-    };
+        .map_err(ControlError::from)?;
     match row {
         Some(row) => Ok(Lease {
             token: row.get(0),
             holder,
             duration,
+            _session: session,
         }),
         None => {
-            unlock_mover(control, tenant).await;
             let phase = load(control, tenant)
                 .await?
                 .map(|m| m.phase)
@@ -159,7 +163,10 @@ pub(crate) async fn create(
     }
 }
 
-/// Takes the lease of the tenant's recorded move, with a new token, unless
+/// Takes the lease of the tenant's recorded move, with a new token above
+/// both the record's and `floor` (the highest claim on the move's shards: a
+/// control database restored from a backup would otherwise hand out a token
+/// the shards refuse), unless
 /// another live mover holds it (then [`MoveError::LeaseHeld`]). Liveness is
 /// the mover lock on the control database, held for the session: a mover
 /// that died, or lost its connection, freed it at once.
@@ -167,38 +174,39 @@ pub(crate) async fn acquire(
     control: &ControlPlane,
     tenant: &TenantId,
     duration: Duration,
+    floor: i64,
 ) -> Result<Lease, MoveError> {
-    if !lock_mover(control, tenant).await? {
+    let Some(session) = lock_mover(control, tenant).await? else {
         return Err(held(control, tenant).await);
-    }
+    };
     let holder = holder();
     let row = control
         .client
         .query_opt(
-            "UPDATE shard_router_moves SET lease_token = lease_token + 1, lease_holder = $2, \
+            "UPDATE shard_router_moves SET lease_token = greatest(lease_token, $4) + 1, \
+               lease_holder = $2, \
                lease_until = clock_timestamp() + $3 * interval '1 millisecond', updated_at = now() \
              WHERE tenant = $1 \
              RETURNING lease_token",
-            &[&tenant.as_str(), &holder, &(duration.as_millis() as f64)],
+            &[
+                &tenant.as_str(),
+                &holder,
+                &(duration.as_millis() as f64),
+                &floor,
+            ],
         )
         .await
-        .map_err(ControlError::from);
+        .map_err(ControlError::from)?;
     match row {
-        Ok(Some(row)) => Ok(Lease {
+        Some(row) => Ok(Lease {
             token: row.get(0),
             holder,
             duration,
+            _session: session,
         }),
-        Ok(None) => {
-            unlock_mover(control, tenant).await;
-            Err(MoveError::NoMove {
-                tenant: tenant.to_string(),
-            })
-        }
-        Err(e) => {
-            unlock_mover(control, tenant).await;
-            Err(e.into())
-        }
+        None => Err(MoveError::NoMove {
+            tenant: tenant.to_string(),
+        }),
     }
 }
 
@@ -318,7 +326,8 @@ pub(crate) async fn error(
     update(control, tenant, lease, ", error = $5", &[&error]).await
 }
 
-/// Gives the lease up, so the next mover need not wait for anything.
+/// Records the lease given up; the mover lock ends when the lease is
+/// dropped, which the caller does next.
 pub(crate) async fn release(control: &ControlPlane, tenant: &TenantId, lease: &Lease) {
     let _ = control
         .client
@@ -328,5 +337,4 @@ pub(crate) async fn release(control: &ControlPlane, tenant: &TenantId, lease: &L
             &[&tenant.as_str(), &lease.token, &lease.holder],
         )
         .await;
-    unlock_mover(control, tenant).await;
 }

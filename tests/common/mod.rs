@@ -197,6 +197,11 @@ impl Proxy {
         }
     }
 
+    /// Whether it is cut now.
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::SeqCst)
+    }
+
     /// Accepts connections again.
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
