@@ -2145,3 +2145,101 @@ async fn a_move_whose_entry_was_dropped_from_the_map_stops_and_changes_nothing()
     let latest = w.control.latest().await.unwrap();
     assert_eq!(latest.version, newest.version + 1, "nothing was published");
 }
+
+/// Issue 25.5: a move run without `--purge-source` leaves the tenant's rows
+/// on its former shard, where a data migration (a plain `UPDATE`, no map
+/// version declared) is refused by the fence. `moves::purge` (`shardctl
+/// tenant purge`) removes that copy once every router applied the newest map;
+/// the migration then runs, and the target keeps every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_removes_a_completed_moves_former_copy_and_migrations_run_there_again() {
+    let tenant = "gavin";
+    let (mut w, _router, _agent, id) = parked(tenant, 10).await;
+    let err = moves::purge(&mut w.control, &id, &fast())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::NotComplete { .. }), "{err}");
+    let status = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "complete");
+    let migration = "UPDATE projects SET name = upper(name)";
+    let former = connect(&w.shards.url(0)).await;
+    let err = former.batch_execute(migration).await.unwrap_err();
+    assert!(format!("{err:?}").contains("SRF01"), "{err:?}");
+    let status = moves::purge(&mut w.control, &id, &fast()).await.unwrap();
+    assert_eq!(status.state["purged"], serde_json::json!(true));
+    assert_eq!(count(&w.shards.url(0), "projects", tenant).await, 0);
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 10);
+    former.batch_execute(migration).await.unwrap();
+    // Idempotent.
+    let again = moves::purge(&mut w.control, &id, &fast()).await.unwrap();
+    assert_eq!(again.phase, "complete");
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 10);
+}
+
+/// Found by the nemesis (seed 43 of a 100-seed run): after a restore, the
+/// stored newest map still pins a tenant to a shard it has since left in a
+/// second move. The recovery publish with `--pin-existing` pinned it back to
+/// that stale copy (the check saw its rows there), routing it away from the
+/// writes made since. Rows under a fence that marks the shard as left are now
+/// a stale copy: no reason to refuse, never a place to pin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recovery_publish_never_pins_a_tenant_to_a_shard_it_left() {
+    let tenant = "bachman";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 5).await;
+    let (router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    moves::start(&mut w.control, &id, "b", &fast(), |_| {})
+        .await
+        .unwrap();
+    let backup = w.control.latest().await.unwrap().version;
+    moves::start(&mut w.control, &id, "a", &fast(), |_| {})
+        .await
+        .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            router.resolve(id.clone()).shard() == "a"
+        })
+        .await
+    );
+    let db = router.resolve(id.clone());
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(
+            "INSERT INTO projects VALUES ($1, $2, 'after-both-moves')",
+            &[&tenant, &Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    // The restore: the maps after the first move are gone.
+    connect(&w.control_db.url(0))
+        .await
+        .execute(
+            "DELETE FROM shard_router_maps WHERE version > $1",
+            &[&(backup as i64)],
+        )
+        .await
+        .unwrap();
+    // The documented recovery: the map from git (the tenant on `a`) above
+    // every router's version, with --pin-existing.
+    let above = router.version().max(backup) + 1;
+    let mut options = PublishOptions::default();
+    options.pin_existing = true;
+    let published = w
+        .control
+        .publish(
+            &map_toml(above, &w.shards, &format!("[tenants]\n{tenant} = \"a\"\n")),
+            &options,
+        )
+        .await
+        .unwrap();
+    assert!(published.pinned.is_empty(), "{:?}", published.pinned);
+    assert!(common::eventually(Duration::from_secs(5), || router.version() == above).await);
+    assert_eq!(router.resolve(id.clone()).shard(), "a");
+    assert_eq!(count_named(&w.shards.url(0), "after-both-moves").await, 1);
+}

@@ -199,6 +199,10 @@ impl ControlPlane {
                         tenants: truth.moving_unshown,
                     });
                 }
+                // Rows on a shard the tenant left in a move are a stale copy:
+                // never a reason to refuse, nor a place to pin it (after a
+                // restore, the stored base may still point there).
+                rehomed.retain(|r| !truth.former.contains(&(r.tenant.clone(), r.from.clone())));
                 for stranded in truth.stranded {
                     if !rehomed.iter().any(|r| r.tenant == stranded.tenant) {
                         rehomed.push(stranded);

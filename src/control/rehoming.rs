@@ -124,6 +124,10 @@ pub(crate) struct ShardTruth {
     /// the new map routes elsewhere: checked only when the stored base is
     /// suspect.
     pub(crate) stranded: Vec<Rehomed>,
+    /// (tenant, shard) pairs whose fence marks the shard as one the tenant
+    /// left in a move (`moving = false`): its rows there are a stale copy,
+    /// never where to pin it.
+    pub(crate) former: BTreeSet<(String, String)>,
 }
 
 /// Reads every shard of `new` for fences and, when `suspect` (routers serve
@@ -155,6 +159,11 @@ pub(crate) async fn check_against_shards(
         };
         let here = scan.fences().await?;
         for (tenant, (min_version, moving)) in &here {
+            if !*moving {
+                truth
+                    .former
+                    .insert((tenant.clone(), shard.name().to_owned()));
+            }
             if *min_version as u64 > newest_stored {
                 suspect = true;
             }

@@ -382,6 +382,14 @@ pub enum MoveError {
         /// The shard.
         shard: String,
     },
+    /// Purge needs a completed move.
+    #[error("tenant {tenant}'s move is {phase}, not complete; only a completed move's former copy can be purged")]
+    NotComplete {
+        /// The tenant.
+        tenant: String,
+        /// The move's phase.
+        phase: String,
+    },
     /// A shard of the move is no longer in the newest map.
     #[error("shard {shard} of the move is no longer in the map")]
     ShardGone {
@@ -729,6 +737,52 @@ async fn run_abort(
         record::phase(mover.control, tenant, &mover.lease, "aborted", json!({})).await
     }
     .await;
+    mover.finish(result).await?;
+    self::recorded(mover.control, tenant).await
+}
+
+/// Removes a completed move's copy of the tenant from its former shard (a
+/// move run without `purge_source`): once every router that ever reported
+/// has applied the newest map, or has been silent longer than
+/// `options.purge_grace`, the former shard's fence is raised to that map, the
+/// writers in flight there finish, and the tenant's rows are deleted. The
+/// fence row stays (`moving = false`), so a router still on an old map is
+/// refused there. Idempotent: a purged move is returned as it is.
+///
+/// Refused unless the move is complete and the newest map pins the tenant to
+/// its target.
+///
+/// ```no_run
+/// # use shard_router::{control::ControlPlane, moves::{self, MoveOptions}, TenantId};
+/// # async fn f(mut control: ControlPlane) -> Result<(), shard_router::moves::MoveError> {
+/// moves::purge(&mut control, &TenantId::new("acme").unwrap(), &MoveOptions::default()).await?;
+/// # Ok(()) }
+/// ```
+pub async fn purge(
+    control: &mut ControlPlane,
+    tenant: &TenantId,
+    options: &MoveOptions,
+) -> Result<MoveStatus, MoveError> {
+    let recorded = recorded(control, tenant).await?;
+    if recorded.phase != "complete" {
+        return Err(MoveError::NotComplete {
+            tenant: tenant.to_string(),
+            phase: recorded.phase,
+        });
+    }
+    if recorded.state.get("purged") == Some(&json!(true)) {
+        return Ok(recorded);
+    }
+    let floor = claim_floor(
+        &control.latest().await?.load()?,
+        tenant,
+        &recorded.from,
+        &recorded.to,
+    )
+    .await?;
+    let lease = record::acquire(control, tenant, options.lease, floor).await?;
+    let mut mover = Mover::new(control, tenant, &recorded, options, lease);
+    let result = mover.purge().await;
     mover.finish(result).await?;
     self::recorded(mover.control, tenant).await
 }
@@ -1173,21 +1227,48 @@ impl<'a> Mover<'a> {
         copy::wait_for_lock_holders(&source, &self.tenant, self.options.wait).await?;
         fence::settle(&target, &source, self.tenant.as_str()).await?;
         if self.options.purge_source {
-            self.wait_for_every_router(version).await?;
-            self.renew().await?;
-            let tables = catalog::tenant_tables(&source, map.tenant_column()).await?;
-            copy::delete_rows(
-                &source,
-                None,
-                &tables,
-                &self.tenant,
-                map.tenant_column(),
-                map.version(),
-            )
-            .await?;
-            self.note(json!({ "purged": true })).await?;
+            self.purge_rows(&map, &source, version).await?;
         }
         Ok(())
+    }
+
+    /// `moves::purge`: a completed move's former copy removed.
+    async fn purge(&mut self) -> Result<(), MoveError> {
+        let map = self.control.latest().await?.load()?;
+        if !self.entry_is(&map, MapChange::PinTo(Side::Target)) {
+            return Err(self.map_changed(&map, MapChange::PinTo(Side::Target)));
+        }
+        let (map, source, target) = self.shards().await?;
+        let version = map.version();
+        self.wait_for_every_router(version).await?;
+        // Writers on any older map are refused on the former shard from here.
+        fence::raise(&source, self.tenant.as_str(), version).await?;
+        copy::wait_for_lock_holders(&source, &self.tenant, self.options.wait).await?;
+        fence::settle(&target, &source, self.tenant.as_str()).await?;
+        self.purge_rows(&map, &source, version).await
+    }
+
+    /// Deletes the tenant's rows from the former shard, once every router
+    /// that ever reported applied `version` (or went silent past the grace).
+    async fn purge_rows(
+        &mut self,
+        map: &ShardMap,
+        source: &Client,
+        version: u64,
+    ) -> Result<(), MoveError> {
+        self.wait_for_every_router(version).await?;
+        self.renew().await?;
+        let tables = catalog::tenant_tables(source, map.tenant_column()).await?;
+        copy::delete_rows(
+            source,
+            None,
+            &tables,
+            &self.tenant,
+            map.tenant_column(),
+            map.version(),
+        )
+        .await?;
+        self.note(json!({ "purged": true })).await
     }
 
     /// Waits until every reachable read replica of `shard` has replayed what

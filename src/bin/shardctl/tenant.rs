@@ -37,8 +37,9 @@ pub(crate) enum TenantCommand {
         /// Seconds to wait for every live router at each new map version.
         #[arg(long, default_value = "30", value_name = "SECS")]
         wait: u64,
-        /// Seconds this mover's lease lasts without renewal; a mover that died
-        /// blocks others this long. Must exceed --wait.
+        /// Seconds the recorded lease runs ahead of its last renewal (shown by
+        /// move-status). Liveness is the mover's control session: a mover that
+        /// dies frees the tenant at once.
         #[arg(long, default_value = "60", value_name = "SECS")]
         lease: u64,
         /// Purge waits for every router that ever reported to apply the
@@ -48,6 +49,21 @@ pub(crate) enum TenantCommand {
         /// Backfill at most this many rows per second (default: no limit).
         #[arg(long, value_name = "ROWS")]
         max_rows_per_sec: Option<u64>,
+    },
+    /// Delete a completed move's copy of the tenant from its former shard,
+    /// once every router has applied the newest map (or been silent past
+    /// --purge-grace). For moves run without --purge-source.
+    Purge {
+        /// The tenant id.
+        tenant: String,
+        #[command(flatten)]
+        control: ControlArg,
+        /// Seconds to wait for every router.
+        #[arg(long, default_value = "30", value_name = "SECS")]
+        wait: u64,
+        /// Routers silent this many seconds are not waited for.
+        #[arg(long, default_value = "600", value_name = "SECS")]
+        purge_grace: u64,
     },
     /// Phase, rows copied per table, checksums, versions, timings and errors of a tenant's move.
     MoveStatus {
@@ -80,6 +96,26 @@ pub(crate) fn run(command: TenantCommand, json: bool) -> Result<(), String> {
                 print_move(&status, json);
                 Ok(())
             })
+        }
+        TenantCommand::Purge {
+            tenant,
+            control,
+            wait,
+            purge_grace,
+        } => {
+            let tenant = TenantId::new(&tenant).map_err(|e| format!("{tenant:?}: {e}"))?;
+            let mut options = MoveOptions::default();
+            options.wait = Duration::from_secs(wait);
+            options.purge_grace = Duration::from_secs(purge_grace);
+            let status = block_on(async {
+                let mut control = connect(&control.control).await?;
+                let tenant = as_named_by_map(&control, tenant).await?;
+                moves::purge(&mut control, &tenant, &options)
+                    .await
+                    .map_err(|e| format!("{e}"))
+            })?;
+            print_move(&status, json);
+            Ok(())
         }
         TenantCommand::Move {
             tenant,
