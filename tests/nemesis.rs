@@ -17,7 +17,7 @@
 //!   routes its tenant to, once the system is quiet (invariants 1 and 2), and
 //!   every move ended, as a completion or an abort.
 //!
-//! `NEMESIS_SEEDS=N` (default 3) seeds of `NEMESIS_SECS=S` (default 60)
+//! `NEMESIS_SEEDS=N` (default 3) seeds of `NEMESIS_SECS=S` (default 30)
 //! seconds each, from `NEMESIS_FIRST_SEED` (default 1). A seed fixes the fault
 //! schedule; the interleaving with the writers is the machine's. A failing
 //! seed is printed; run it again with `NEMESIS_FIRST_SEED=<seed>
@@ -622,7 +622,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn moves_under_faults_keep_every_acknowledged_write_where_its_tenant_is_routed() {
     let seeds = env_u64("NEMESIS_SEEDS", 3);
-    let secs = env_u64("NEMESIS_SECS", 60);
+    let secs = env_u64("NEMESIS_SECS", 30);
     let first = env_u64("NEMESIS_FIRST_SEED", 1);
     let started = Instant::now();
     let mut failures = Vec::new();
