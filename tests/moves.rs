@@ -2225,6 +2225,23 @@ async fn the_recovery_publish_never_pins_a_tenant_to_a_shard_it_left() {
         )
         .await
         .unwrap();
+    // A version below what the shards' fences require is refused, naming it.
+    let err = w
+        .control
+        .publish(
+            &map_toml(
+                backup + 1,
+                &w.shards,
+                &format!("[tenants]\n{tenant} = \"a\"\n"),
+            ),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, shard_router::control::PublishError::FencesAhead { needed, .. } if needed > backup + 1),
+        "{err:?}"
+    );
     // The documented recovery: the map from git (the tenant on `a`) above
     // every router's version, with --pin-existing.
     let above = router.version().max(backup) + 1;

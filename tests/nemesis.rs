@@ -322,10 +322,18 @@ async fn restore(c: &Cluster, dump: &Dump) -> Result<String, String> {
     let newest = control.latest().await.map(|m| m.version).unwrap_or(0);
     let mut options = PublishOptions::with_note("recovery after a restore");
     options.pin_existing = true;
-    match control
-        .publish(&git_map(above.max(newest) + 1, &c.shards), &options)
-        .await
-    {
+    let mut version = above.max(newest) + 1;
+    let mut outcome = control
+        .publish(&git_map(version, &c.shards), &options)
+        .await;
+    if let Err(shard_router::control::PublishError::FencesAhead { needed, .. }) = &outcome {
+        // As the refusal says: a version every fence accepts.
+        version = version.max(*needed);
+        outcome = control
+            .publish(&git_map(version, &c.shards), &options)
+            .await;
+    }
+    match outcome {
         Ok(p) => Ok(format!(
             "restored, recovery published v{} (pinned {:?})",
             p.version,

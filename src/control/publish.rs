@@ -93,6 +93,16 @@ pub enum PublishError {
         /// The tenants.
         tenants: Vec<String>,
     },
+    /// A shard's fence requires a higher map version than the one offered
+    /// (the control database was restored from a backup older than a move's
+    /// last step): writes under this map would be refused there.
+    #[error("refused: a shard's fence requires map version {needed} or later, above the offered {offered} (was the control database restored from a backup?); publish version {needed} or later")]
+    FencesAhead {
+        /// The version offered.
+        offered: u64,
+        /// The lowest version every fence accepts.
+        needed: u64,
+    },
     /// Which tenants have data could not be checked.
     #[error(transparent)]
     Check(#[from] RehomeError),
@@ -194,6 +204,12 @@ impl ControlPlane {
                 let truth =
                     super::rehoming::check_against_shards(&new, old.version(), suspect, &in_flight)
                         .await?;
+                if new.version() < truth.highest_fence {
+                    return Err(PublishError::FencesAhead {
+                        offered: new.version(),
+                        needed: truth.highest_fence,
+                    });
+                }
                 if !truth.moving_unshown.is_empty() {
                     return Err(PublishError::MovingOnShards {
                         tenants: truth.moving_unshown,

@@ -128,6 +128,9 @@ pub(crate) struct ShardTruth {
     /// left in a move (`moving = false`): its rows there are a stale copy,
     /// never where to pin it.
     pub(crate) former: BTreeSet<(String, String)>,
+    /// The highest version any fence requires: a map below it would have
+    /// that tenant's writes refused.
+    pub(crate) highest_fence: u64,
 }
 
 /// Reads every shard of `new` for fences and, when `suspect` (routers serve
@@ -167,6 +170,7 @@ pub(crate) async fn check_against_shards(
             if *min_version as u64 > newest_stored {
                 suspect = true;
             }
+            truth.highest_fence = truth.highest_fence.max(*min_version as u64);
             let shown = TenantId::new(tenant).is_ok_and(|id| new.move_of(&id).is_some());
             if *moving && !shown && !in_flight.contains(tenant) {
                 truth.moving_unshown.push(tenant.clone());
