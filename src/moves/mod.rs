@@ -557,24 +557,9 @@ pub async fn resume(
     if Step::after(&recorded.phase).is_none() {
         return Err(no_move(tenant));
     }
-    let floor = claim_floor(
-        &control.latest().await?.load()?,
-        tenant,
-        &recorded.from,
-        &recorded.to,
-    )
-    .await?;
-    let lease = record::acquire(control, tenant, options.lease, floor).await?;
-    // Re-read under the lease. An abort that stopped part way (its intent is
-    // `abort`) is finished as an abort, never carried forward: the model's
-    // `Resume` transition.
-    let recorded = match self::recorded(control, tenant).await {
-        Ok(r) => r,
-        Err(e) => {
-            record::release(control, tenant, &lease).await;
-            return Err(e);
-        }
-    };
+    // An abort that stopped part way (its intent is `abort`) is finished as
+    // an abort, never carried forward: the model's `Resume` transition.
+    let (lease, recorded) = take_over(control, tenant, &recorded, options).await?;
     if Step::after(&recorded.phase).is_none() {
         // Finished meanwhile, by another mover.
         record::release(control, tenant, &lease).await;
@@ -627,6 +612,32 @@ async fn run(
     .await;
     mover.finish(result).await?;
     self::recorded(mover.control, tenant).await
+}
+
+/// `Acquire` for resume, abort and purge: the lease of the recorded move,
+/// with a token above every claim on its shards, and the record re-read under
+/// it (another mover may have moved on meanwhile).
+async fn take_over(
+    control: &mut ControlPlane,
+    tenant: &TenantId,
+    recorded: &MoveStatus,
+    options: &MoveOptions,
+) -> Result<(Lease, MoveStatus), MoveError> {
+    let floor = claim_floor(
+        &control.latest().await?.load()?,
+        tenant,
+        &recorded.from,
+        &recorded.to,
+    )
+    .await?;
+    let lease = record::acquire(control, tenant, options.lease, floor).await?;
+    match self::recorded(control, tenant).await {
+        Ok(r) => Ok((lease, r)),
+        Err(e) => {
+            record::release(control, tenant, &lease).await;
+            Err(e)
+        }
+    }
 }
 
 /// The highest token any mover claimed the move's shards with: a new lease
@@ -690,22 +701,7 @@ pub async fn abort(
             tenant: tenant.to_string(),
         });
     }
-    let floor = claim_floor(
-        &control.latest().await?.load()?,
-        tenant,
-        &recorded.from,
-        &recorded.to,
-    )
-    .await?;
-    let lease = record::acquire(control, tenant, options.lease, floor).await?;
-    // Re-read under the lease: another mover may have moved on meanwhile.
-    let recorded = match self::recorded(control, tenant).await {
-        Ok(r) => r,
-        Err(e) => {
-            record::release(control, tenant, &lease).await;
-            return Err(e);
-        }
-    };
+    let (lease, recorded) = take_over(control, tenant, &recorded, options).await?;
     if recorded.intent.as_deref() == Some("complete") || recorded.phase == "complete" {
         record::release(control, tenant, &lease).await;
         return Err(MoveError::Finished {
@@ -773,14 +769,7 @@ pub async fn purge(
     if recorded.state.get("purged") == Some(&json!(true)) {
         return Ok(recorded);
     }
-    let floor = claim_floor(
-        &control.latest().await?.load()?,
-        tenant,
-        &recorded.from,
-        &recorded.to,
-    )
-    .await?;
-    let lease = record::acquire(control, tenant, options.lease, floor).await?;
+    let (lease, recorded) = take_over(control, tenant, &recorded, options).await?;
     let mut mover = Mover::new(control, tenant, &recorded, options, lease);
     let result = mover.purge().await;
     mover.finish(result).await?;
