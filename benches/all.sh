@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every figure of the README's "Benchmarks" section in one run:
+# Regenerates every figure of docs/benchmarks.md in one run:
 # pgbouncer for configuration D, the criterion benches, the rollout and move
 # benches, and the end-to-end load harness. Output: target/bench-figures.txt
 set -euo pipefail
@@ -18,6 +18,8 @@ cargo build --release --examples
   TARGET_CLUSTER=1 THROTTLES=none,20000,5000,1000 cargo bench --bench moves 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"
   echo "== BENCH_ROWS=1000000 cargo bench --bench moves (backfill figures)"
   BENCH_ROWS=1000000 cargo bench --bench moves 2>&1 | grep -A2 "^backfill of"
+  echo "== WHOLE_MOVE=300000,1000000 cargo bench --bench moves (slowest writes during whole moves)"
+  WHOLE_MOVE=300000,1000000 cargo bench --bench moves 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"
   echo "== load harness";                ./target/release/examples/load_harness --seconds 5 --connections 32 --rounds 5
 } | tee "$out"
 echo "figures written to $out"

@@ -307,6 +307,11 @@ async fn run(names: Vec<String>) {
     for client in [&source, &target] {
         client.batch_execute(SCHEMA).await.unwrap();
     }
+    let sizes = whole_move_sizes();
+    if !sizes.is_empty() {
+        whole_moves(&control_url, a, b, &source, &sizes).await;
+        return;
+    }
 
     // 1. The fence's cost per row.
     let insert = format!(
@@ -545,4 +550,155 @@ async fn run(names: Vec<String>) {
         "  tenant moving (dual_write):    p50 {m50:?}, p99 {m99:?} ({:.2}x p50)",
         m50.as_secs_f64() / s50.as_secs_f64()
     );
+}
+
+/// `WHOLE_MOVE`: tenant sizes (rows, comma-separated) for the whole-move
+/// figures; set, the bench runs only those (`WHOLE_MOVE=300000,1000000`).
+fn whole_move_sizes() -> Vec<i64> {
+    std::env::var("WHOLE_MOVE")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().expect("WHOLE_MOVE: row counts"))
+        .collect()
+}
+
+/// What one writer saw: each write's latency with the step the move was in
+/// when it began, and the writes refused (then retried).
+#[derive(Default)]
+struct Seen {
+    writes: Vec<(Duration, &'static str)>,
+    refused: usize,
+}
+
+/// Single-row writes of `tenant` through a router that follows the control
+/// database, one transaction each, until `stop`.
+async fn write_while(
+    router: ShardRouter,
+    tenant: &'static str,
+    step: std::sync::Arc<std::sync::Mutex<&'static str>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Seen {
+    let id = TenantId::new(tenant).unwrap();
+    let mut seen = Seen::default();
+    let mut n = 0i64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        n += 1;
+        let during = *step.lock().unwrap();
+        let started = Instant::now();
+        let written: Result<(), shard_router::DbError> = async {
+            let db = router.resolve(id.clone());
+            let mut w = db.write().await?;
+            w.execute(
+                "INSERT INTO items (tenant_id, id, n, body) VALUES ($1, gen_random_uuid(), $2, 'w')",
+                &[&tenant, &n],
+            )
+            .await?;
+            w.commit().await
+        }
+        .await;
+        match written {
+            Ok(()) => seen.writes.push((started.elapsed(), during)),
+            Err(_) => seen.refused += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    seen
+}
+
+/// 4. A whole move (start to complete, default options) of a tenant of each
+///    size while two writers of that tenant and a bystander on the same
+///    source write through a router that follows the control database: each
+///    one's slowest write, and in which step.
+async fn whole_moves(control_url: &str, a: &str, b: &str, source: &Client, sizes: &[i64]) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut control = ControlPlane::connect(control_url).await.unwrap();
+    control.init().await.unwrap();
+    let pins: String = sizes.iter().map(|n| format!("w{n} = \"a\"\n")).collect();
+    let map = format!(
+        "version = 1\n[shards.a]\nurl = \"{a}\"\n[shards.b]\nurl = \"{b}\"\n[tenants]\nbystander = \"a\"\n{pins}"
+    );
+    control
+        .publish(&map, &PublishOptions::default())
+        .await
+        .unwrap();
+    let mut options = shard_router::control::ControlOptions::default();
+    options.instance_id = format!("bench-{}", std::process::id());
+    let (router, _agent) = shard_router::control::ControlAgent::start(control_url, options)
+        .await
+        .unwrap();
+    for &rows in sizes {
+        let tenant: &'static str = Box::leak(format!("w{rows}").into_boxed_str());
+        source
+            .batch_execute(&format!(
+                "INSERT INTO items (tenant_id, id, n, body) SELECT '{tenant}', gen_random_uuid(), g, repeat('x', 64) \
+                 FROM generate_series(1, {rows}) g; VACUUM ANALYZE items"
+            ))
+            .await
+            .unwrap();
+        let step = Arc::new(Mutex::new("before"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = [tenant, tenant, "bystander"]
+            .into_iter()
+            .map(|t| tokio::spawn(write_while(router.clone(), t, step.clone(), stop.clone())))
+            .collect();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mover = {
+            let (control_url, step) = (control_url.to_owned(), step.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let mut control = ControlPlane::connect(&control_url).await.unwrap();
+                    let id = TenantId::new(tenant).unwrap();
+                    let started = Instant::now();
+                    moves::start(&mut control, &id, "b", &MoveOptions::default(), |p| {
+                        if let moves::Progress::Step(s) = p {
+                            *step.lock().unwrap() = s.as_str();
+                        }
+                    })
+                    .await
+                    .unwrap();
+                    *step.lock().unwrap() = "after";
+                    started.elapsed()
+                })
+            })
+        };
+        while !mover.is_finished() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let took = mover.join().unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut seen = Vec::new();
+        for w in writers {
+            seen.push(w.await.unwrap());
+        }
+        println!("whole move of {rows} rows (default options), two writers of the tenant and a bystander on the source, 2 ms between writes: {took:.1?}");
+        let report = |who: &str, seen: &[&Seen]| {
+            let mut all: Vec<(Duration, &str)> =
+                seen.iter().flat_map(|s| s.writes.iter().copied()).collect();
+            let refused: usize = seen.iter().map(|s| s.refused).sum();
+            all.sort();
+            let (slowest, step) = *all.last().unwrap();
+            let p99 = all[((all.len() as f64 * 0.99) as usize).min(all.len() - 1)].0;
+            let over_1s = all
+                .iter()
+                .filter(|(d, _)| *d > Duration::from_secs(1))
+                .count();
+            let over_100ms = all
+                .iter()
+                .filter(|(d, _)| *d > Duration::from_millis(100))
+                .count();
+            println!(
+                "  {who:<17} {} writes, slowest {slowest:.1?} (begun in {step}), p99 {p99:.1?}, {over_100ms} over 100 ms, {over_1s} over 1 s, {refused} refused and retried",
+                all.len()
+            );
+        };
+        report("moving tenant:", &[&seen[0], &seen[1]]);
+        report("bystander:", &[&seen[2]]);
+    }
 }

@@ -2260,3 +2260,190 @@ async fn the_recovery_publish_never_pins_a_tenant_to_a_shard_it_left() {
     assert_eq!(router.resolve(id.clone()).shard(), "a");
     assert_eq!(count_named(&w.shards.url(0), "after-both-moves").await, 1);
 }
+
+/// Verify checks a tenant in key ranges, each under the tenant lock on both
+/// shards (issue 25.3): the tenant's writes go through between ranges instead
+/// of waiting behind the whole tenant, and a difference in any range, or in
+/// rows past the source's last key, is still found.
+#[tokio::test]
+async fn verify_checks_key_ranges_and_lets_the_tenants_writes_through_between_them() {
+    let tenant = "piedpiper";
+    let (mut w, router, _agent, id) = parked_after(tenant, 400, Step::Backfill).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let commits = Arc::new(Mutex::new(Vec::<std::time::Instant>::new()));
+    let writes = tokio::spawn({
+        let (router, id, stop, commits) =
+            (router.clone(), id.clone(), stop.clone(), commits.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                let written: Result<(), shard_router::DbError> = async {
+                    let mut w = router.resolve(id.clone()).write().await?;
+                    w.execute(
+                        "INSERT INTO projects VALUES ($1, $2, 'between')",
+                        &[&id.as_str(), &Uuid::new_v4()],
+                    )
+                    .await?;
+                    w.commit().await
+                }
+                .await;
+                if written.is_ok() {
+                    commits.lock().unwrap().push(std::time::Instant::now());
+                }
+            }
+        }
+    });
+    // 400 projects, 800 tasks, 800 comments; ranges of 4 × 10 = 40 rows.
+    let mut options = until(Step::Verify);
+    options.batch_rows = 10;
+    let mut ranges = Vec::new();
+    moves::resume(&mut w.control, &id, &options, |p| {
+        if let Progress::Verified { .. } = p {
+            ranges.push(std::time::Instant::now());
+        }
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    writes.await.unwrap();
+    assert!(ranges.len() >= 50, "{} ranges", ranges.len());
+    let (first, last) = (ranges[0], *ranges.last().unwrap());
+    let between = commits
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|at| **at > first && **at < last)
+        .count();
+    assert!(
+        between > 0,
+        "no write of the tenant committed while verify ran"
+    );
+
+    // A row changed in the middle of the key order, around the fence.
+    let target = connect(&w.shards.url(1)).await;
+    let around_fence = |sql: String| {
+        format!(
+            "ALTER TABLE projects DISABLE TRIGGER shard_router_fence; {sql}; \
+             ALTER TABLE projects ENABLE ALWAYS TRIGGER shard_router_fence;"
+        )
+    };
+    let middle: Uuid = target
+        .query_one(
+            "SELECT id FROM projects WHERE tenant_id = $1 ORDER BY id OFFSET 200 LIMIT 1",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    target
+        .batch_execute(&around_fence(format!(
+            "UPDATE projects SET name = 'tampered' WHERE id = '{middle}'"
+        )))
+        .await
+        .unwrap();
+    // Cutover verifies again before it switches reads.
+    let mut cutover = until(Step::Cutover);
+    cutover.batch_rows = 10;
+    let mismatch = |err: MoveError| match err {
+        MoveError::VerifyFailed { mismatches, .. } => {
+            assert_eq!(mismatches.len(), 1, "{mismatches:?}");
+            assert_eq!(mismatches[0].table, "public.projects");
+            mismatches[0].clone()
+        }
+        other => panic!("expected VerifyFailed, got {other}"),
+    };
+    let err = moves::resume(&mut w.control, &id, &cutover, |_| {})
+        .await
+        .unwrap_err();
+    let found = mismatch(err);
+    assert_eq!(found.source_rows, found.target_rows);
+    assert!(found.checksums_differ);
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.phase, "verified", "cutover refused");
+
+    // Put it back; then a row only the target has, past the source's last key.
+    let name: String = connect(&w.shards.url(0))
+        .await
+        .query_one("SELECT name FROM projects WHERE id = $1", &[&middle])
+        .await
+        .unwrap()
+        .get(0);
+    target
+        .batch_execute(&around_fence(format!(
+            "UPDATE projects SET name = '{name}' WHERE id = '{middle}'; \
+             INSERT INTO projects VALUES ('{tenant}', 'ffffffff-ffff-ffff-ffff-ffffffffffff', 'stray')"
+        )))
+        .await
+        .unwrap();
+    let err = moves::resume(&mut w.control, &id, &cutover, |_| {})
+        .await
+        .unwrap_err();
+    let found = mismatch(err);
+    assert_eq!(found.target_rows, found.source_rows + 1);
+    assert_eq!(
+        router.resolve(id.clone()).shard(),
+        "a",
+        "reads stay on the source"
+    );
+}
+
+/// Issue 25.8: under `tenant_case = "lower"` a move refuses to start while
+/// the source holds rows naming the tenant in another case (a move matches
+/// the column exactly and would leave them behind), and changes nothing;
+/// once they are stored lowercased, the move takes every row.
+#[tokio::test]
+async fn under_lower_case_ids_a_move_refuses_rows_stored_in_another_case() {
+    let tenant = "umbrella";
+    let control_db = Shards::create(1).await;
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(SCHEMA).await;
+    let mut control = ControlPlane::connect(&control_db.url(0)).await.unwrap();
+    control.init().await.unwrap();
+    let lower = map_toml(1, &shards, &format!("[tenants]\n{tenant} = \"a\"\n")).replacen(
+        '\n',
+        "\ntenant_case = \"lower\"\n",
+        1,
+    );
+    control
+        .publish(&lower, &PublishOptions::default())
+        .await
+        .unwrap();
+    seed(&shards.url(0), tenant, 10).await;
+    let source = connect(&shards.url(0)).await;
+    source
+        .execute(
+            "INSERT INTO projects VALUES ('Umbrella', $1, 'stored by an older client')",
+            &[&Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    let err = moves::start(&mut control, &id, "b", &fast(), |_| {})
+        .await
+        .unwrap_err();
+    match &err {
+        MoveError::RowsInAnotherCase { table, rows, .. } => {
+            assert_eq!((table.as_str(), *rows), ("public.projects", 1), "{err}");
+        }
+        other => panic!("expected RowsInAnotherCase, got {other}"),
+    }
+    assert!(
+        moves::status(&control, &id).await.unwrap().is_none(),
+        "nothing recorded"
+    );
+    assert_eq!(
+        control.latest().await.unwrap().version,
+        1,
+        "nothing published"
+    );
+    assert_eq!(count(&shards.url(1), "projects", tenant).await, 0);
+
+    source
+        .batch_execute("UPDATE projects SET tenant_id = lower(tenant_id)")
+        .await
+        .unwrap();
+    let status = moves::start(&mut control, &id, "b", &fast(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "complete");
+    assert_eq!(count(&shards.url(1), "projects", tenant).await, 11);
+}

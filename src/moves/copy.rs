@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 use super::catalog::TenantTable;
@@ -299,8 +300,16 @@ impl Copy<'_> {
     }
 }
 
-/// Per-table row counts and content checksums of the tenant on both shards,
-/// taken under the tenant lock on both shards: what differs.
+/// Per-table row counts and content checksums of the tenant on both shards:
+/// what differs. The tenant's rows are checked in key ranges of
+/// `chunk_rows` rows, each under the tenant lock on both shards (the source's
+/// first, as writers take them), so a writer of the tenant waits for one range
+/// at most, never for the whole tenant. Writes between two ranges go through
+/// dual writes to both shards, as every write after verify does: equal ranges
+/// stay equal, and a one-sided write is recorded by its writer (and caught by
+/// `check_in_flight`). Each side's checksum chains the ranges' checksums in
+/// key order, so equal checksums mean equal rows.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn verify(
     source: &Client,
     target: &Client,
@@ -308,73 +317,211 @@ pub(crate) async fn verify(
     tenant: &TenantId,
     column: &str,
     version: u64,
+    chunk_rows: usize,
+    lease: (&crate::control::ControlPlane, &super::record::Lease),
     mut progress: impl FnMut(Progress),
 ) -> Result<(Vec<Mismatch>, serde_json::Map<String, serde_json::Value>), MoveError> {
-    let col = quote_ident(column);
-    // Under both shards' tenant locks (the source's first, as writers take
-    // them): no writer is between its two COMMITs while the sums are taken.
-    let (on_source, on_target) =
-        tokio::join!(begin(source, version, false), begin(target, version, false));
-    if let Err(e) = on_source.and(on_target) {
-        let _ = tokio::join!(
-            source.batch_execute("ROLLBACK"),
-            target.batch_execute("ROLLBACK")
-        );
-        return Err(e);
-    }
-    let result = async {
-        lock(source, tenant).await?;
-        lock(target, tenant).await?;
-        let mut mismatches = Vec::new();
-        let mut sums = serde_json::Map::new();
-        for table in tables {
-            let sql = format!(
-                "SELECT count(*), coalesce(md5(string_agg(to_jsonb(t)::text, E'\\n' ORDER BY {})), '') \
-                 FROM {} t WHERE {col} = $1",
-                table.key.join(", "),
-                table.name
+    let mut mismatches = Vec::new();
+    let mut sums = serde_json::Map::new();
+    let mut renewed: Option<Instant> = None;
+    let renew_every = (lease.1.duration / 20).min(Duration::from_millis(250));
+    let tenant_str = tenant.as_str();
+    for table in tables {
+        let ranges = KeyRanges::new(table, column, chunk_rows);
+        let (mut source_rows, mut target_rows) = (0i64, 0i64);
+        let (mut source_sum, mut target_sum) = (String::new(), String::new());
+        let mut after: Option<String> = None;
+        loop {
+            if renewed.is_none_or(|at| at.elapsed() >= renew_every) {
+                super::record::renew(lease.0, tenant, lease.1).await?;
+                renewed = Some(Instant::now());
+            }
+            let (on_source, on_target) =
+                tokio::join!(begin(source, version, false), begin(target, version, false));
+            if let Err(e) = on_source.and(on_target) {
+                let _ = tokio::join!(
+                    source.batch_execute("ROLLBACK"),
+                    target.batch_execute("ROLLBACK")
+                );
+                return Err(e);
+            }
+            let range = async {
+                lock(source, tenant).await?;
+                lock(target, tenant).await?;
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tenant_str];
+                params.extend(after.iter().map(|k| k as &(dyn ToSql + Sync)));
+                let end: Option<String> = source
+                    .query_opt(&ranges.end_after(after.is_some()), &params)
+                    .await
+                    .map_err(MoveError::db)?
+                    .map(|r| r.get(0));
+                params.extend(end.iter().map(|k| k as &(dyn ToSql + Sync)));
+                let sql = ranges.checksum(after.is_some(), end.is_some());
+                let mut source_params = params.clone();
+                source_params.push(&source_sum);
+                let mut target_params = params;
+                target_params.push(&target_sum);
+                let (on_source, on_target) = tokio::join!(
+                    source.query_one(&sql, &source_params),
+                    target.query_one(&sql, &target_params),
+                );
+                let (on_source, on_target) = (
+                    on_source.map_err(MoveError::db)?,
+                    on_target.map_err(MoveError::db)?,
+                );
+                Ok::<_, MoveError>((
+                    end,
+                    (on_source.get::<_, i64>(0), on_source.get::<_, String>(1)),
+                    (on_target.get::<_, i64>(0), on_target.get::<_, String>(1)),
+                ))
+            }
+            .await;
+            // Both sides hold the lock until their own COMMIT (a read-only
+            // transaction: nothing to keep on an error).
+            let (on_source, on_target) = tokio::join!(
+                source.batch_execute("COMMIT"),
+                target.batch_execute("COMMIT")
             );
-            let (source_rows, source_sum) = count_and_sum(source, &sql, tenant).await?;
-            let (target_rows, target_sum) = count_and_sum(target, &sql, tenant).await?;
-            progress(Progress::Verified {
-                table: table.name.clone(),
-                rows: source_rows,
-            });
-            sums.insert(
-                table.name.clone(),
-                serde_json::json!({"source_rows": source_rows, "target_rows": target_rows,
-                       "source_md5": source_sum, "target_md5": target_sum}),
-            );
-            if source_rows != target_rows || source_sum != target_sum {
-                mismatches.push(Mismatch {
+            let (end, (s_rows, s_sum), (t_rows, t_sum)) = range?;
+            on_source.and(on_target).map_err(MoveError::db)?;
+            source_rows += s_rows;
+            target_rows += t_rows;
+            source_sum = s_sum;
+            target_sum = t_sum;
+            if s_rows > 0 {
+                progress(Progress::Verified {
                     table: table.name.clone(),
-                    source_rows,
-                    target_rows,
-                    checksums_differ: source_sum != target_sum,
+                    rows: s_rows,
                 });
             }
+            match end {
+                Some(end) => after = Some(end),
+                None => break,
+            }
         }
-        Ok((mismatches, sums))
+        sums.insert(
+            table.name.clone(),
+            serde_json::json!({"source_rows": source_rows, "target_rows": target_rows,
+                   "source_md5": source_sum, "target_md5": target_sum}),
+        );
+        if source_rows != target_rows || source_sum != target_sum {
+            mismatches.push(Mismatch {
+                table: table.name.clone(),
+                source_rows,
+                target_rows,
+                checksums_differ: source_sum != target_sum,
+            });
+        }
     }
-    .await;
-    let _ = tokio::join!(
-        source.batch_execute("COMMIT"),
-        target.batch_execute("COMMIT")
-    );
-    result
+    Ok((mismatches, sums))
 }
 
-/// Runs a verify query: (rows, md5 of their contents in key order).
-async fn count_and_sum(
+/// The statements that walk one table's rows of a tenant in key ranges: a
+/// range's last key, and a range's count and checksum. Keys travel as JSON
+/// rows read back through `jsonb_populate_record`, whatever the key's types.
+struct KeyRanges<'a> {
+    table: &'a TenantTable,
+    column: String,
+    chunk_rows: usize,
+}
+
+impl<'a> KeyRanges<'a> {
+    fn new(table: &'a TenantTable, column: &str, chunk_rows: usize) -> Self {
+        KeyRanges {
+            table,
+            column: quote_ident(column),
+            chunk_rows: chunk_rows.max(1),
+        }
+    }
+
+    /// `$1` the tenant, then the key after which the range starts (when
+    /// `after`), then the key that ends it (when `through`); returns the next
+    /// free parameter number too.
+    fn filter(&self, after: bool, through: bool) -> (String, usize) {
+        let order = self.table.key.join(", ");
+        let key_vs = |op: &str, param: usize| {
+            format!(
+                " AND ({order}) {op} (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, \
+                 ${param}::text::jsonb) r)",
+                name = self.table.name,
+                keys = self
+                    .table
+                    .key
+                    .iter()
+                    .map(|k| format!("r.{k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let mut sql = format!("{} = $1", self.column);
+        let mut next = 2;
+        if after {
+            sql += &key_vs(">", next);
+            next += 1;
+        }
+        if through {
+            sql += &key_vs("<=", next);
+            next += 1;
+        }
+        (sql, next)
+    }
+
+    /// The key that ends the range after `$2`: `None` when fewer than
+    /// `chunk_rows` rows remain (the last range runs to the end).
+    fn end_after(&self, after: bool) -> String {
+        let order = self.table.key.join(", ");
+        format!(
+            "SELECT to_jsonb(r)::text FROM (SELECT {order} FROM {name} t WHERE {filter} \
+             ORDER BY {order} LIMIT 1 OFFSET {skip}) r",
+            name = self.table.name,
+            filter = self.filter(after, false).0,
+            skip = self.chunk_rows - 1,
+        )
+    }
+
+    /// The range's rows and `md5(prior || rows in key order)`, `prior` (the
+    /// last parameter) being the checksum of the ranges before: the last
+    /// range's covers the whole table.
+    fn checksum(&self, after: bool, through: bool) -> String {
+        let (filter, prior) = self.filter(after, through);
+        format!(
+            "SELECT count(*), md5(${prior}::text || coalesce(string_agg(to_jsonb(t)::text, \
+             E'\\n' ORDER BY {order}), '')) FROM {name} t WHERE {filter}",
+            order = self.table.key.join(", "),
+            name = self.table.name,
+        )
+    }
+}
+
+/// The first tenant table holding rows whose tenant column is `tenant` in
+/// another case (`ACME` for `acme`), and how many: under `tenant_case =
+/// "lower"` those are the tenant's rows too, but every step of a move matches
+/// the column exactly. A scan of each table (no index serves `lower()`), run
+/// once before a move under that policy.
+pub(crate) async fn rows_in_another_case(
     client: &Client,
-    sql: &str,
+    tables: &[TenantTable],
     tenant: &TenantId,
-) -> Result<(i64, String), MoveError> {
-    let row = client
-        .query_one(sql, &[&tenant.as_str()])
-        .await
-        .map_err(MoveError::db)?;
-    Ok((row.get(0), row.get(1)))
+    column: &str,
+) -> Result<Option<(String, i64)>, MoveError> {
+    let col = quote_ident(column);
+    for table in tables {
+        let rows: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {} WHERE lower({col}) = $1 AND {col} <> $1",
+                    table.name
+                ),
+                &[&tenant.as_str()],
+            )
+            .await
+            .map_err(MoveError::db)?
+            .get(0);
+        if rows > 0 {
+            return Ok(Some((table.name.clone(), rows)));
+        }
+    }
+    Ok(None)
 }
 
 /// Waits until every transaction that holds or waits for a write lock on a

@@ -131,7 +131,8 @@ pub struct MoveOptions {
     pub wait: Duration,
     /// Rows per backfill batch (each under the tenant lock, so the moving
     /// tenant's own writes wait at most one batch: about 30 ms at the
-    /// default). Default 2500.
+    /// default). Verify checks four times as many rows per lock (a checksum
+    /// costs about a quarter of a copy per row). Default 2500.
     pub batch_rows: usize,
     /// Backfill throttle: at most this many rows per second, so a move cannot
     /// starve the source's other tenants. Batches then shrink to at most
@@ -142,14 +143,24 @@ pub struct MoveOptions {
     pub purge_source: bool,
     /// Stop after this step. Default: run to complete.
     pub until: Step,
-    /// How long this mover's lease lasts without renewal (it renews at every
-    /// step, batch and wait). Another mover can take the move over only after
-    /// a dead mover's lease ran out. Default 60 s.
+    /// How long the move record shows this mover's lease past its last
+    /// renewal (`shardctl tenant status` prints it; the mover renews at every
+    /// step, batch and wait). The lease's liveness is the mover's own control
+    /// session, not this clock: a mover that dies or loses that connection
+    /// frees the tenant at once, and a live one keeps it whatever it waits
+    /// for. Default 60 s.
     pub lease: Duration,
     /// Purging the source waits until every router that ever reported
     /// (including stopped ones) has applied the complete map, or has been
     /// silent for longer than this. Default 10 minutes.
     pub purge_grace: Duration,
+}
+
+impl MoveOptions {
+    /// Rows verify checks under one hold of the tenant lock.
+    fn verify_rows(&self) -> usize {
+        self.batch_rows.max(1).saturating_mul(4)
+    }
 }
 
 impl Default for MoveOptions {
@@ -179,11 +190,12 @@ pub enum Progress {
         /// Rows in this batch.
         rows: u64,
     },
-    /// Verify checked `table`.
+    /// Verify found `rows` more rows of `table` equal on both shards so far
+    /// (one key range, checked under the tenant lock).
     Verified {
         /// The table.
         table: String,
-        /// Its rows on the source.
+        /// The source's rows in this range.
         rows: i64,
     },
 }
@@ -354,6 +366,21 @@ pub enum MoveError {
         /// What the map shows instead.
         found: String,
     },
+    /// Under `tenant_case = "lower"`, the source holds rows whose tenant column
+    /// names the tenant in another case (`ACME` for `acme`): a move copies,
+    /// verifies, fences and purges the tenant's rows by its id as the map
+    /// names it, so it would leave those behind. Nothing was changed.
+    #[error("shard {shard} holds {rows} row(s) of {table} whose tenant column names tenant {tenant} in another case; tenant_case = \"lower\" names it {tenant}, and a move would leave those rows behind. Nothing was changed. Store the ids lowercased first, e.g. UPDATE {table} SET <tenant column> = lower(<tenant column>) WHERE lower(<tenant column>) = '{tenant}'")]
+    RowsInAnotherCase {
+        /// The tenant, as the map names it.
+        tenant: String,
+        /// The source shard.
+        shard: String,
+        /// The first table with such rows.
+        table: String,
+        /// How many rows of that table.
+        rows: i64,
+    },
     /// The target holds rows of the tenant that no fence marks as left over
     /// from an earlier move: they may be its only copy. Nothing was deleted.
     #[error("shard {shard} holds rows of tenant {tenant} and no fence marks them stale: it may be the tenant's home (a map from a restored control database?); nothing was deleted. Check where the tenant's data is; remove those rows by hand if they are stale")]
@@ -492,6 +519,18 @@ pub async fn start(
         let client = pg::connect_admin(shard).await?;
         crate::pg::refuse_hidden_rows(&client, name, map.tenant_column()).await?;
         let tables = catalog::tenant_tables(&client, map.tenant_column()).await?;
+        if map.tenant_case() == crate::map::TenantCase::Lower && name == from {
+            if let Some((table, rows)) =
+                copy::rows_in_another_case(&client, &tables, tenant, map.tenant_column()).await?
+            {
+                return Err(MoveError::RowsInAnotherCase {
+                    tenant: tenant.to_string(),
+                    shard: from.clone(),
+                    table,
+                    rows,
+                });
+            }
+        }
         if let Some((table, column)) =
             copy::shared_sequence_keys(&client, &tables, map.tenant_column())
                 .await?
@@ -1174,6 +1213,8 @@ impl<'a> Mover<'a> {
             &self.tenant,
             column,
             map.version(),
+            self.options.verify_rows(),
+            (self.control, &self.lease),
             progress,
         )
         .await?;
@@ -1384,6 +1425,8 @@ impl<'a> Mover<'a> {
                     &self.tenant,
                     &column,
                     map.version(),
+                    self.options.verify_rows(),
+                    (self.control, &self.lease),
                     |_| {},
                 )
             };

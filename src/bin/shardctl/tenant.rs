@@ -147,15 +147,20 @@ pub(crate) fn run(command: TenantCommand, json: bool) -> Result<(), String> {
                 )
             };
             let mut copied = 0u64;
+            let mut verified = 0i64;
             let progress = |p: Progress| match p {
-                Progress::Step(step) => bar.set_message(format!("{}...", step.as_str())),
+                Progress::Step(step) => {
+                    verified = 0;
+                    bar.set_message(format!("{}...", step.as_str()))
+                }
                 Progress::Copied { table, rows } => {
                     copied += rows;
                     bar.set_message(format!("backfill: {copied} rows copied ({table})"));
                     bar.tick();
                 }
                 Progress::Verified { table, rows } => {
-                    bar.set_message(format!("verify: {table} ({rows} rows) matches so far"));
+                    verified += rows;
+                    bar.set_message(format!("verify: {verified} rows checked ({table})"));
                     bar.tick();
                 }
                 _ => {}
