@@ -1,4 +1,45 @@
-#![doc = include_str!("../README.md")]
+//! A tenant-sharding router for SaaS backends on Postgres, as a [tower] layer.
+//!
+//! For each request, [`ShardRouterLayer`] finds the tenant (a header, a
+//! subdomain, a path segment or your own extractor), looks it up in a
+//! versioned [`ShardMap`], and hands your handler a [`TenantDb`]: pooled
+//! connections (deadpool-postgres over tokio-postgres) to that tenant's shard.
+//!
+//! ```rust,no_run
+//! use axum::{routing::get, Json, Router};
+//! use shard_router::{tenant::HeaderExtractor, DbError, ShardMap, ShardRouter, ShardRouterLayer, TenantDb};
+//!
+//! async fn count_notes(db: TenantDb) -> Result<Json<i64>, DbError> {
+//!     let client = db.read().await?;
+//!     let row = client
+//!         .query_one("SELECT count(*) FROM notes WHERE tenant_id = $1", &[&db.tenant().as_str()])
+//!         .await?;
+//!     Ok(Json(row.get(0)))
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let router = ShardRouter::new(ShardMap::from_file("shard-map.toml")?)?;
+//! let app: Router = Router::new()
+//!     .route("/notes", get(count_notes))
+//!     .layer(ShardRouterLayer::new(router, HeaderExtractor::default()));
+//! # Ok(()) }
+//! ```
+//!
+//! - [`TenantDb`]: reads, snapshots, single writes and transactions for one
+//!   tenant, on one map version for the whole request.
+//! - [`ShardRouter`]: the live map and the pools; [`ShardRouter::fan_out`] for
+//!   work on every shard.
+//! - [`control`]: maps published to a control database and followed by every
+//!   router; [`watch`] for a map file.
+//! - [`moves`]: moving a tenant between shards online (`shardctl tenant move`).
+//! - [`migrate`]: one schema on every shard.
+//! - [`guide`]: one page per task, from handlers to benchmarks.
+//!
+//! Features: `grpc` (tonic statuses and the handle from a `tonic::Request`),
+//! `chrono`, `time`, `serde_json` (column types), `cli` (the `shardctl`
+//! binary).
+//!
+//! [tower]: https://docs.rs/tower
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations, unreachable_pub)]
 
@@ -6,6 +47,7 @@ pub mod accounting;
 pub mod control;
 pub mod db;
 pub mod fan_out;
+pub mod guide;
 pub mod layer;
 mod limit;
 pub mod map;

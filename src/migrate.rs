@@ -185,17 +185,37 @@ fn transaction_control(sql: &str) -> Option<(usize, String)> {
                 continue;
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                i += 2;
-                while i + 1 < bytes.len() && !(bytes[i] == b'*' && bytes[i + 1] == b'/') {
-                    i += 1;
+                // Block comments nest in Postgres.
+                let mut depth = 0;
+                while i < bytes.len() {
+                    if bytes[i] == b'/' && bytes.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
                 }
-                i += 2;
                 continue;
             }
             b'\'' | b'"' => {
+                // In an escape string (`E'...'`, the E not ending a longer
+                // word) a backslash escapes the next character, `\'` included.
+                let escapes = c == b'\''
+                    && i >= 1
+                    && matches!(bytes[i - 1], b'E' | b'e')
+                    && (i < 2 || !(bytes[i - 2].is_ascii_alphanumeric() || bytes[i - 2] == b'_'));
                 at_start = false;
                 i += 1;
                 while i < bytes.len() && bytes[i] != c {
+                    if escapes && bytes[i] == b'\\' {
+                        i += 1;
+                    }
                     i += 1;
                 }
                 i += 1;
@@ -727,6 +747,20 @@ mod tests {
             transaction_control("PREPARE TRANSACTION 'x';"),
             Some((1, "PREPARE".into()))
         );
+        // Issue 26.9: `\'` does not end an escape string, so the COMMIT
+        // after it is found; in a plain string a backslash is just a character.
+        assert_eq!(
+            transaction_control("SELECT E'it\\'s'; COMMIT;"),
+            Some((2, "COMMIT".into()))
+        );
+        assert_eq!(
+            transaction_control("SELECT 'C:\\'; COMMIT;"),
+            Some((2, "COMMIT".into()))
+        );
+        assert_eq!(
+            transaction_control("SELECT e'a\\\\'; ROLLBACK;"),
+            Some((2, "ROLLBACK".into()))
+        );
         for fine in [
             "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$\nBEGIN\n  PERFORM 1;\nEND $$;",
             "CREATE FUNCTION g() RETURNS void LANGUAGE plpgsql AS $body$ BEGIN COMMIT; END $body$;",
@@ -734,6 +768,8 @@ mod tests {
             "-- COMMIT;\nCREATE TABLE \"commit\" (a int); /* ROLLBACK; */",
             "DO $$ BEGIN END $$; CREATE INDEX i ON t (a);",
             "PREPARE q AS SELECT 1;",
+            "SELECT E'it\\'s; COMMIT; x';",
+            "/* outer /* inner */ COMMIT; */ SELECT 1;",
         ] {
             assert_eq!(transaction_control(fine), None, "{fine}");
         }

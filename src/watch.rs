@@ -179,8 +179,21 @@ async fn follow(
             continue;
         }
         seen = Some(content.clone());
-        reload(&router, &path, content, options.allow_rehoming).await;
+        if reload(&router, &path, content, options.allow_rehoming).await == Reload::Retry {
+            // Refused for a reason that may pass (a shard not reachable yet):
+            // the same content is tried again at the next tick.
+            seen = None;
+        }
     }
+}
+
+/// What became of one reload.
+#[derive(Debug, PartialEq, Eq)]
+enum Reload {
+    /// Applied, unchanged, or refused for good (until the file changes).
+    Done,
+    /// Refused because a check could not run: try the same content again.
+    Retry,
 }
 
 fn read(path: &Path) -> Option<Vec<u8>> {
@@ -208,10 +221,16 @@ async fn settled(path: &Path, mut content: Vec<u8>, settle: Duration) -> Option<
     None
 }
 
-async fn reload(router: &ShardRouter, path: &Path, content: Vec<u8>, allow_rehoming: bool) {
+async fn reload(
+    router: &ShardRouter,
+    path: &Path,
+    content: Vec<u8>,
+    allow_rehoming: bool,
+) -> Reload {
     let refuse = |reason: String| {
         tracing::warn!(path = %path.display(), %reason, live_version = router.version(), "shard map refused; keeping the live map");
         router.update_source(|s| s.last_refused = Some(reason));
+        Reload::Done
     };
     // Parsing a big map is slow: keep it off the threads that serve requests.
     let loaded = tokio::task::spawn_blocking(move || match String::from_utf8(content) {
@@ -225,6 +244,9 @@ async fn reload(router: &ShardRouter, path: &Path, content: Vec<u8>, allow_rehom
         Err(reason) => return refuse(reason),
     };
     let live = router.table();
+    if let Some(reason) = moves_written_by_hand(live.map(), &map) {
+        return refuse(reason);
+    }
     if !allow_rehoming && map.version() > live.map().version() {
         match tenants_rehomed(live.map(), &map).await {
             Ok(rehomed) if rehomed.is_empty() => {}
@@ -242,16 +264,62 @@ async fn reload(router: &ShardRouter, path: &Path, content: Vec<u8>, allow_rehom
                     if rehomed.len() > 10 { ", ..." } else { "" }
                 ));
             }
-            Err(e) => return refuse(format!("version {}: {e}", map.version())),
+            Err(e) => {
+                refuse(format!("version {}: {e} (trying again)", map.version()));
+                return Reload::Retry;
+            }
         }
     }
     match router.apply(map) {
+        Err(e @ crate::router::ApplyError::Pool { .. }) => {
+            refuse(format!("{e} (trying again)"));
+            Reload::Retry
+        }
         Err(e) => refuse(e.to_string()),
         Ok(applied) => {
             if let Applied::Swapped { from, to, .. } = applied {
                 tracing::info!(path = %path.display(), from, to, "shard map reloaded");
+                // A refusal of an earlier content no longer describes the file.
+                router.update_source(|s| s.last_refused = None);
             }
             router.update_source(|s| s.last_confirmed = Some(SystemTime::now()));
+            Reload::Done
         }
     }
+}
+
+/// Why `new` may not come from a file: it starts a move, or changes one's
+/// route, that the live map does not have. Moves are started and stepped by
+/// `shardctl tenant move` through the control database, which fences and
+/// copies the tenant's rows; a `[moves]` entry written by hand would send
+/// writes to a shard holding none of them.
+fn moves_written_by_hand(live: &crate::ShardMap, new: &crate::ShardMap) -> Option<String> {
+    let named = |map: &crate::ShardMap| -> Vec<(String, String, String, crate::map::MovePhase)> {
+        map.moves()
+            .into_iter()
+            .map(|(tenant, route)| {
+                let name = |i| map.shard(i).name().to_owned();
+                (
+                    tenant.to_owned(),
+                    name(route.from),
+                    name(route.to),
+                    route.phase,
+                )
+            })
+            .collect()
+    };
+    let live_moves = named(live);
+    let added: Vec<String> = named(new)
+        .into_iter()
+        .filter(|m| !live_moves.contains(m))
+        .map(|(tenant, ..)| tenant)
+        .collect();
+    (!added.is_empty()).then(|| {
+        format!(
+            "version {}: [moves] entries for {} are not the live map's; moves run through \
+             `shardctl tenant move` with a control database, never from a map file",
+            new.version(),
+            added.join(", ")
+        )
+    })
 }

@@ -1250,3 +1250,151 @@ async fn the_recovery_publish_after_a_restore_is_checked_against_the_shards() {
     let db = router.resolve(TenantId::new(&t1).unwrap());
     assert_eq!(db.shard(), "b");
 }
+
+/// Issue 26.9: in file mode, a map refused because a check could not run (a
+/// shard's database not there yet) is tried again and applied once it can be,
+/// and the refusal is cleared; a hand-written `[moves]` entry is refused.
+#[tokio::test]
+async fn file_mode_retries_a_map_refused_for_a_passing_reason_and_refuses_hand_written_moves() {
+    use shard_router::watch::WatchOptions;
+    let mut shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    // Shard b's database is created later.
+    let later = format!("{}_later", shards.names[1]);
+    let later_url = common::db_url(&later);
+    let shard = |name: &str, url: &str| format!("[shards.{name}]\nurl = \"{url}\"\n");
+    let two = |v: u64| {
+        format!(
+            "version = {v}\n{}{}",
+            shard("a", &shards.url(0)),
+            shard("b", &later_url)
+        )
+    };
+    let path = std::env::temp_dir().join(format!("file-retry-{}.toml", std::process::id()));
+    std::fs::write(&path, two(1)).unwrap();
+    let router = ShardRouter::new(MapLoader::new().load_file(&path).unwrap()).unwrap();
+    let mut options = WatchOptions::default();
+    options.interval = Duration::from_millis(20);
+    options.settle = Duration::from_millis(50);
+    let _watcher = FileWatcher::with_options(router.clone(), &path, options);
+
+    // Version 2 adds shard c: the ring changes, so every old shard is scanned
+    // for tenants that would change shard, and b cannot be reached.
+    let three = format!("{}{}", two(2), shard("c", &shards.url(1)));
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &three).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || router
+            .status()
+            .last_refused
+            .is_some_and(|r| r.contains("trying again")))
+        .await,
+        "{:?}",
+        router.status()
+    );
+    assert_eq!(router.version(), 1);
+    common::connect(&common::db_url("postgres"))
+        .await
+        .batch_execute(&format!("CREATE DATABASE {later}"))
+        .await
+        .unwrap();
+    shards.names.push(later); // dropped with the others
+    common::connect(&later_url)
+        .await
+        .batch_execute(NOTES_SCHEMA)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || router.version() == 2).await,
+        "the same file applied once b is there: {:?}",
+        router.status()
+    );
+    assert!(
+        router.status().last_refused.is_none(),
+        "{:?}",
+        router.status()
+    );
+
+    // A `[moves]` entry written by hand: refused, the live map kept.
+    let moving =
+        three.replace("version = 2", "version = 3") + "[moves.acme]\nfrom = \"a\"\nto = \"c\"\n";
+    std::fs::write(&tmp, &moving).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || router
+            .status()
+            .last_refused
+            .is_some_and(|r| r.contains("never from a map file")))
+        .await,
+        "{:?}",
+        router.status()
+    );
+    assert_eq!(router.version(), 2);
+    assert!(router.table().map().moves().is_empty());
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Issue 26.2: a `tenant_column` that no table on a shard has, while the
+/// shard has tables, is refused by name, in one version and in two (first the
+/// typo, then the pin dropped), and nothing is stored.
+#[tokio::test]
+async fn a_misspelt_tenant_column_is_refused_by_name_and_cannot_blind_the_check() {
+    let (_control_db, shards, mut control) = setup(2).await;
+    // A tenant the ring puts on b, pinned to a, with a row on a.
+    let ring = common::map(1, &shards, "");
+    let tenant = (0..100)
+        .map(|i| format!("t{i}"))
+        .find(|t| {
+            ring.shard(ring.locate(&TenantId::new(t).unwrap()).shard)
+                .name()
+                == "b"
+        })
+        .unwrap();
+    common::connect(&shards.url(0))
+        .await
+        .execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ($1, gen_random_uuid(), 'x')",
+            &[&tenant],
+        )
+        .await
+        .unwrap();
+    let pin = format!("[tenants]\n{tenant} = \"a\"\n");
+    control
+        .publish(&map_toml(1, &shards, &pin), &PublishOptions::default())
+        .await
+        .unwrap();
+    let typo = |v: u64, extra: &str| {
+        map_toml(v, &shards, extra).replacen('\n', "\ntenant_column = \"tenant_idd\"\n", 1)
+    };
+    let refused_by_name = |err: PublishError| {
+        let text = err.to_string();
+        assert!(
+            text.contains("no table has the tenant column \"tenant_idd\""),
+            "{text}"
+        );
+        assert!(text.contains("public.notes"), "{text}");
+    };
+    // In one version: the typo and the pin dropped.
+    refused_by_name(
+        control
+            .publish(&typo(2, ""), &PublishOptions::default())
+            .await
+            .unwrap_err(),
+    );
+    // In two: the typo alone (pin kept) is refused just the same.
+    refused_by_name(
+        control
+            .publish(&typo(2, &pin), &PublishOptions::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(history_len(&control).await, 1, "nothing stored");
+    // With the column spelt right, the row is seen: dropping the pin is refused.
+    let err = control
+        .publish(&map_toml(2, &shards, ""), &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PublishError::Rehoming { .. }), "{err}");
+    assert_eq!(history_len(&control).await, 1);
+}

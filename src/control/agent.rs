@@ -11,6 +11,10 @@ use crate::map::{redact_url, MapLoader};
 use crate::router::{MapSource, MoveFailure};
 use crate::{Applied, ShardRouter};
 
+/// How long a map refused for a reason that may pass waits before it is
+/// tried again.
+const RETRY_REFUSED: Duration = Duration::from_secs(5);
+
 /// How a router follows the control database.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -220,8 +224,10 @@ struct Follower {
     history: LoadHistory,
     options: ControlOptions,
     started_at: SystemTime,
-    /// The newest version refused, so a poll does not log it again.
-    refused: Option<u64>,
+    /// The newest version refused, so a poll does not log it again, and when
+    /// to try it again if the refusal may pass (a shard's pool could not be
+    /// built yet).
+    refused: Option<(u64, Option<Instant>)>,
     /// The checksum of the live map as stored in the control database.
     checksum: Option<String>,
     /// The control database does not hold the live map (said once).
@@ -324,7 +330,13 @@ impl Follower {
                 let version = row.get::<_, i64>(0) as u64;
                 let text: String = row.get(1);
                 let json: bool = row.get(2);
-                if self.refused != Some(version) {
+                let settled = match self.refused {
+                    Some((refused, retry_at)) if refused == version => {
+                        retry_at.is_none_or(|at| Instant::now() < at)
+                    }
+                    _ => false,
+                };
+                if !settled {
                     self.apply(version, text, json, row.get(3)).await;
                 }
             }
@@ -383,22 +395,33 @@ impl Follower {
             } else {
                 loader.load_str(&text)
             }
-            .map_err(|e| e.to_string())
-            .and_then(|map| router.apply(map).map_err(|e| e.to_string()))
+            .map_err(|e| (e.to_string(), false))
+            .and_then(|map| {
+                router.apply(map).map_err(|e| {
+                    // A pool that could not be built (a certificate file not
+                    // there yet, say) may be built later: tried again.
+                    let transient = matches!(e, crate::router::ApplyError::Pool { .. });
+                    (e.to_string(), transient)
+                })
+            })
         })
         .await
-        .unwrap_or_else(|e| Err(format!("map loading panicked: {e}")));
+        .unwrap_or_else(|e| Err((format!("map loading panicked: {e}"), false)));
         match outcome {
             Ok(Applied::Swapped { from, to, .. }) => {
                 tracing::info!(from, to, "applied map from the control database");
                 self.checksum = Some(checksum);
                 self.diverged = false;
+                self.refused = None;
+                // An earlier refusal no longer describes what this router serves.
+                self.router.update_source(|s| s.last_refused = None);
             }
             Ok(_) => {}
-            Err(reason) => {
-                tracing::error!(version, live = self.router.version(), %reason,
+            Err((reason, transient)) => {
+                tracing::error!(version, live = self.router.version(), %reason, transient,
                     "map version refused; keeping the live map");
-                self.refused = Some(version);
+                let retry_at = transient.then(|| Instant::now() + RETRY_REFUSED);
+                self.refused = Some((version, retry_at));
                 self.router.update_source(|s| {
                     s.last_refused = Some(format!("version {version}: {reason}"));
                 });

@@ -43,11 +43,16 @@ pub struct RehomeError(#[from] pub ShardError);
 pub async fn tenants_rehomed(old: &ShardMap, new: &ShardMap) -> Result<Vec<Rehomed>, RehomeError> {
     let moving = |t: &TenantId| old.move_of(t).is_some() || new.move_of(t).is_some();
     let name = |map: &ShardMap, t: &TenantId| map.shard(map.locate(t).shard).name().to_owned();
-    let column = old.tenant_column();
+    // The rows are found by the new map's column: the one that will route
+    // them. A changed column (or a new case policy, which can send a tenant's
+    // requests to another id: under `lower`, `ACME` becomes `acme`) has every
+    // shard scanned.
+    let column = new.tenant_column();
     let mut rehomed = Vec::new();
-    // A new case policy can send a tenant's requests to another id (under
-    // `lower`, `ACME` becomes `acme`): every shard is scanned.
-    if old.same_ring(new) && old.tenant_case() == new.tenant_case() {
+    if old.same_ring(new)
+        && old.tenant_case() == new.tenant_case()
+        && old.tenant_column() == new.tenant_column()
+    {
         // Only named tenants can change shard: look them up per old shard, one
         // connection and one query per tenant table for all of them.
         let mut by_shard: BTreeMap<ShardIndex, BTreeMap<String, String>> = BTreeMap::new();
@@ -154,7 +159,7 @@ pub(crate) async fn check_against_shards(
     for shard in new.shards() {
         let scan = match Scan::open(shard, column).await {
             Ok(scan) => scan,
-            Err(e) if !suspect => {
+            Err(e @ ShardError::Unreachable { .. }) if !suspect => {
                 tracing::warn!(shard = shard.name(), error = %e, "publish: shard unreachable; its fences were not checked");
                 continue;
             }
@@ -254,7 +259,7 @@ impl<'a> Scan<'a> {
             )
             .await
             .map_err(|e| ShardError::database(shard.name(), e))?;
-        let tables = rows
+        let tables: Vec<TenantTable> = rows
             .iter()
             .map(|r| TenantTable {
                 name: r.get(0),
@@ -262,6 +267,33 @@ impl<'a> Scan<'a> {
                 text: r.get(2),
             })
             .collect();
+        if tables.is_empty() {
+            // No tenant table: a new shard, or a misspelt column that would
+            // make every check below find "no data".
+            let others: Vec<String> = client
+                .query(
+                    "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' AND NOT c.relispartition \
+                       AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                       AND n.nspname NOT LIKE 'pg_toast%' \
+                       AND c.relname NOT LIKE 'shard\\_router\\_%' \
+                     ORDER BY 1 LIMIT 5",
+                    &[],
+                )
+                .await
+                .map_err(|e| ShardError::database(shard.name(), e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if !others.is_empty() {
+                return Err(ShardError::NoTenantColumn {
+                    shard: shard.name().to_owned(),
+                    column: column.to_owned(),
+                    tables: others,
+                });
+            }
+        }
         Ok(Scan {
             shard: shard.name(),
             client,

@@ -57,7 +57,8 @@ pub struct MapDiff {
 pub struct ShardChange {
     /// The shard.
     pub shard: String,
-    /// What differs: `url`, `admin_url`, `weight`, `pool`.
+    /// What differs: `url`, `admin_url`, `weight`, `pool`, `replicas`,
+    /// `max_replica_lag_ms`.
     pub changed: Vec<&'static str>,
 }
 
@@ -142,6 +143,18 @@ impl MapDiff {
                     }
                     if before.pool() != shard.pool() {
                         what.push("pool");
+                    }
+                    let replicas = |s: &super::Shard| {
+                        s.replicas()
+                            .iter()
+                            .map(|r| (r.url().to_owned(), r.weight(), *r.pool()))
+                            .collect::<Vec<_>>()
+                    };
+                    if replicas(before) != replicas(shard) {
+                        what.push("replicas");
+                    }
+                    if before.max_replica_lag() != shard.max_replica_lag() {
+                        what.push("max_replica_lag_ms");
                     }
                     if !what.is_empty() {
                         diff.shards_changed.push(ShardChange {
@@ -374,5 +387,22 @@ mod tests {
         assert_eq!(json["tenants_changing_shard"][0]["tenant"], "acme");
         let text = diff.to_string();
         assert!(text.contains("~ pin acme: a -> b"), "{text}");
+    }
+
+    #[test]
+    fn replicas_added_or_changed_are_a_shard_change() {
+        let base = "[shards.a]\nurl = \"postgres://h/a\"\n";
+        let old = load(&format!("version = 1\n{base}"));
+        let new = load(&format!(
+            "version = 2\n{base}replicas = [{{ url = \"postgres://r1/a\" }}]\nmax_replica_lag_ms = 500\n"
+        ));
+        let diff = MapDiff::between(&old, &new);
+        assert!(!diff.is_empty());
+        assert_eq!(
+            diff.shards_changed[0].changed,
+            ["replicas", "max_replica_lag_ms"]
+        );
+        let text = diff.to_string();
+        assert!(!text.contains("no routing or shard changes"), "{text}");
     }
 }

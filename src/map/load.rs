@@ -142,7 +142,7 @@ impl MapLoader {
     pub fn load_json(&self, json: &str) -> Result<ShardMap, MapError> {
         let raw = serde_json::from_str(json).map_err(|e| MapError::Parse {
             origin: "json".to_owned(),
-            cause: e.to_string(),
+            cause: without_values(&e.to_string()),
         })?;
         self.finish(raw, "json")
     }
@@ -174,7 +174,7 @@ impl MapLoader {
                 .and_then(|c| c.try_deserialize())
                 .map_err(|e| MapError::Parse {
                     origin: format!("environment overrides of {origin}"),
-                    cause: e.to_string(),
+                    cause: without_values(&e.to_string()),
                 })?;
             raw.apply(overrides)?;
         }
@@ -204,10 +204,39 @@ fn parse_error_without_source(text: &str, e: &toml::de::Error) -> String {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line}, column {column}: {}", e.message())
+            format!(
+                "line {line}, column {column}: {}",
+                without_values(e.message())
+            )
         }
-        None => e.message().to_owned(),
+        None => without_values(e.message()),
     }
+}
+
+/// A deserializer's message with every quoted value elided: serde quotes the
+/// value it could not take (`invalid type: string "postgres://app:S3cret@…",
+/// expected struct RawShard`), and a value in a map may be a URL with its
+/// password. Field names (serde quotes them with backticks) stay.
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '"' {
+            // Skip to the closing quote (serde writes the value with Rust's
+            // escapes, so `\"` does not close it).
+            let mut escaped = false;
+            for c in chars.by_ref() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '"' if !escaped => break,
+                    _ => escaped = false,
+                }
+            }
+            out.push_str("…\"");
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -221,6 +250,34 @@ mod tests {
             .to_string();
         assert!(!err.contains("s3cret"), "{err}");
         assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn a_type_error_never_echoes_the_value() {
+        // A shard given as a bare URL string: the value is in serde's message.
+        let text = "version = 1\n[shards]\na = \"postgres://app:S3cret@db/a\"\n";
+        let err = super::MapLoader::without_env()
+            .load_str(text)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("S3cret"), "{err}");
+        assert!(err.contains("invalid type"), "{err}");
+        let json = r#"{"version": 1, "shards": {"a": "postgres://app:S3cret@db/a"}}"#;
+        let err = super::MapLoader::without_env()
+            .load_json(json)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("S3cret"), "{err}");
+        let vars = vars(&[("SR__SHARDS__A__POOL__MAX_SIZE", "S3cret")]);
+        let err = super::MapLoader::with_env_vars("SR", vars)
+            .load_str(FILE)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("S3cret"), "{err}");
+        assert_eq!(
+            super::without_values(r#"invalid type: string "a\"b", expected `url`"#),
+            r#"invalid type: string "…", expected `url`"#
+        );
     }
 
     use super::*;

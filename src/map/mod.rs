@@ -784,16 +784,23 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return redact_key_values(url);
     };
-    let (authority_and_path, query) = match rest.split_once('?') {
-        Some((head, query)) => (head, Some(query)),
-        None => (rest, None),
+    // Credentials end at the first `@`, as tokio-postgres reads a URL: a
+    // password may hold an unencoded `?`, `/` or `#`, so the query is looked
+    // for only after them.
+    let (userinfo, after) = match rest.split_once('@') {
+        Some((userinfo, after)) => (Some(userinfo), after),
+        None => (None, rest),
     };
-    let head = match authority_and_path.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => authority_and_path.to_owned(),
+    let (host_and_path, query) = match after.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (after, None),
+    };
+    let head = match userinfo {
+        Some(userinfo) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host_and_path}"),
+            None => format!("{userinfo}@{host_and_path}"),
         },
-        None => authority_and_path.to_owned(),
+        None => host_and_path.to_owned(),
     };
     match query {
         None => format!("{scheme}://{head}"),
@@ -922,6 +929,13 @@ mod redaction_tests {
             ),
             ("host=db sslpassword=s3cret", "host=db sslpassword=***"),
             ("postgres://db/a", "postgres://db/a"),
+            // Unencoded `?`, `/` and `#` in a password (issue 26.5): the
+            // credentials end at the first `@`, as tokio-postgres reads them.
+            ("postgres://app:s3?cr/et#x@db/a", "postgres://app:***@db/a"),
+            (
+                "postgres://app:s3?cret@db/a?sslmode=require&password=s3",
+                "postgres://app:***@db/a?sslmode=require&password=***",
+            ),
         ] {
             let got = redact_url(url);
             assert_eq!(got, want, "{url}");

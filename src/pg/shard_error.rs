@@ -93,6 +93,18 @@ pub enum ShardError {
         /// The moving tenants.
         tenants: Vec<String>,
     },
+    /// The map's `tenant_column` is on no table of the shard, while the shard
+    /// has tables: a misspelt column would make every check see "no data".
+    /// Nothing ran there.
+    #[error("shard {shard}: no table has the tenant column {column:?} (the map's tenant_column), but the shard has tables ({}); check the column's spelling", tables.join(", "))]
+    NoTenantColumn {
+        /// The shard.
+        shard: String,
+        /// The map's tenant column.
+        column: String,
+        /// Some of the shard's tables (at most five).
+        tables: Vec<String>,
+    },
     /// A statement failed, or reading the shard's history did.
     #[error("shard {shard}: {}", error_text(&**.cause))]
     Database {
@@ -111,7 +123,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 impl ShardError {
     /// A stable word for the failure, for scripts: `unreachable`, `drift`,
     /// `missing`, `failed`, `row_security`, `lock_timeout`,
-    /// `move_in_flight` or `database`.
+    /// `move_in_flight`, `no_tenant_column` or `database`.
     ///
     /// ```
     /// use shard_router::migrate::ShardError;
@@ -128,6 +140,7 @@ impl ShardError {
             ShardError::RowSecurity { .. } => "row_security",
             ShardError::LockTimeout { .. } => "lock_timeout",
             ShardError::MoveInFlight { .. } => "move_in_flight",
+            ShardError::NoTenantColumn { .. } => "no_tenant_column",
             ShardError::Database { .. } => "database",
         }
     }
