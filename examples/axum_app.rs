@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example axum_app -- --map shard-map.toml --listen 127.0.0.1:3000
-//! cargo run --release --example axum_app -- --control postgres://postgres@127.0.0.1/control --listen 127.0.0.1:3000
+//! SHARD_ROUTER_CONTROL=postgres://postgres@127.0.0.1/control cargo run --release --example axum_app -- --listen 127.0.0.1:3000
 //! curl -H 'x-tenant-id: acme' -H 'content-type: application/json' -d '{"body":"hi"}' localhost:3000/notes
 //! curl -H 'x-tenant-id: acme' localhost:3000/notes
 //! ```

@@ -16,8 +16,10 @@ pub struct MapSource {
     /// The shard map file (reloaded on change and on SIGHUP).
     #[arg(long, required_unless_present = "control")]
     pub map: Option<PathBuf>,
-    /// Or: follow the control database at this URL.
-    #[arg(long, conflicts_with = "map")]
+    /// Or: follow the control database at this URL (a file given with
+    /// `--map` wins). Prefer the environment variable: a command line is
+    /// visible to every user of the machine.
+    #[arg(long, env = "SHARD_ROUTER_CONTROL")]
     pub control: Option<String>,
 }
 
