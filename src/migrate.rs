@@ -212,12 +212,22 @@ fn transaction_control(sql: &str) -> Option<(usize, String)> {
                     && (i < 2 || !(bytes[i - 2].is_ascii_alphanumeric() || bytes[i - 2] == b'_'));
                 at_start = false;
                 i += 1;
-                while i < bytes.len() && bytes[i] != c {
+                while i < bytes.len() {
                     if escapes && bytes[i] == b'\\' {
+                        i += 2;
+                    } else if bytes[i] == c && bytes.get(i + 1) == Some(&c) {
+                        i += 2; // a doubled quote stands for one, in either kind
+                    } else if bytes[i] == c {
+                        break;
+                    } else {
                         i += 1;
                     }
-                    i += 1;
                 }
+                i += 1;
+                continue;
+            }
+            // `$` inside an identifier (`price$usd`) is just a character.
+            b'$' if i > 0 && (bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_') => {
                 i += 1;
                 continue;
             }
@@ -760,6 +770,14 @@ mod tests {
         assert_eq!(
             transaction_control("SELECT e'a\\\\'; ROLLBACK;"),
             Some((2, "ROLLBACK".into()))
+        );
+        assert_eq!(
+            transaction_control("INSERT INTO t VALUES (E'It''s Bob\\'s');\nCOMMIT;"),
+            Some((2, "COMMIT".into()))
+        );
+        assert_eq!(
+            transaction_control("SELECT price$usd$ FROM t; COMMIT;"),
+            Some((2, "COMMIT".into()))
         );
         for fine in [
             "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$\nBEGIN\n  PERFORM 1;\nEND $$;",

@@ -154,6 +154,7 @@ async fn follow(
             None
         }
     };
+    let mut retry_at: Option<std::time::Instant> = None;
     let mut ticker = tokio::time::interval(options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -178,14 +179,23 @@ async fn follow(
         if !forced && seen.as_deref() == Some(&content[..]) {
             continue;
         }
+        if !forced && retry_at.is_some_and(|at| std::time::Instant::now() < at) {
+            continue;
+        }
+        retry_at = None;
         seen = Some(content.clone());
         if reload(&router, &path, content, options.allow_rehoming).await == Reload::Retry {
             // Refused for a reason that may pass (a shard not reachable yet):
-            // the same content is tried again at the next tick.
+            // the same content is tried again, after a pause.
             seen = None;
+            retry_at = Some(std::time::Instant::now() + RETRY_AFTER);
         }
     }
 }
+
+/// How long a map refused for a reason that may pass waits before it is tried
+/// again (each try connects to the shards).
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What became of one reload.
 #[derive(Debug, PartialEq, Eq)]
@@ -264,10 +274,11 @@ async fn reload(
                     if rehomed.len() > 10 { ", ..." } else { "" }
                 ));
             }
-            Err(e) => {
+            Err(e @ crate::control::RehomeError(crate::pg::ShardError::Unreachable { .. })) => {
                 refuse(format!("version {}: {e} (trying again)", map.version()));
                 return Reload::Retry;
             }
+            Err(e) => return refuse(format!("version {}: {e}", map.version())),
         }
     }
     match router.apply(map) {

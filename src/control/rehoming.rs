@@ -254,6 +254,7 @@ impl<'a> Scan<'a> {
                  WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' AND NOT c.relispartition \
                    AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                    AND n.nspname NOT LIKE 'pg_toast%' \
+                   AND c.relname NOT LIKE 'shard\\_router\\_%' \
                  ORDER BY 1",
                 &[&column],
             )
@@ -269,7 +270,8 @@ impl<'a> Scan<'a> {
             .collect();
         if tables.is_empty() {
             // No tenant table: a new shard, or a misspelt column that would
-            // make every check below find "no data".
+            // make every check below find "no data". The router's own tables
+            // and extensions' (PostGIS's `spatial_ref_sys`) do not count.
             let others: Vec<String> = client
                 .query(
                     "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
@@ -278,6 +280,8 @@ impl<'a> Scan<'a> {
                        AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                        AND n.nspname NOT LIKE 'pg_toast%' \
                        AND c.relname NOT LIKE 'shard\\_router\\_%' \
+                       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                                       AND d.objid = c.oid AND d.deptype = 'e') \
                      ORDER BY 1 LIMIT 5",
                     &[],
                 )

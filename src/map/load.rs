@@ -218,6 +218,15 @@ fn parse_error_without_source(text: &str, e: &toml::de::Error) -> String {
 /// expected struct RawShard`), and a value in a map may be a URL with its
 /// password. Field names (serde quotes them with backticks) stay.
 fn without_values(message: &str) -> String {
+    // serde names an unknown enum variant in backticks: the value, too.
+    const VARIANT: &str = "unknown variant `";
+    let mut message = message.to_owned();
+    if let Some(at) = message.find(VARIANT) {
+        let start = at + VARIANT.len();
+        if let Some(len) = message[start..].find('`') {
+            message.replace_range(start..start + len, "…");
+        }
+    }
     let mut out = String::with_capacity(message.len());
     let mut chars = message.chars();
     while let Some(c) = chars.next() {
@@ -274,6 +283,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("S3cret"), "{err}");
+        let err = super::MapLoader::without_env()
+            .load_str("version = 1\ntenant_case = \"postgres://app:S3cret@db\"\n[shards.a]\nurl = \"postgres://h/a\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("S3cret"), "{err}");
+        assert_eq!(
+            super::without_values(
+                "unknown variant `postgres://a:S3cret@h`, expected `exact` or `lower`"
+            ),
+            "unknown variant `…`, expected `exact` or `lower`"
+        );
         assert_eq!(
             super::without_values(r#"invalid type: string "a\"b", expected `url`"#),
             r#"invalid type: string "…", expected `url`"#

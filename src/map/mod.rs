@@ -784,36 +784,30 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return redact_key_values(url);
     };
-    // Credentials end at the first `@`, as tokio-postgres reads a URL: a
-    // password may hold an unencoded `?`, `/` or `#`, so the query is looked
-    // for only after them.
-    let (userinfo, after) = match rest.split_once('@') {
-        Some((userinfo, after)) => (Some(userinfo), after),
-        None => (None, rest),
-    };
-    let (host_and_path, query) = match after.split_once('?') {
-        Some((head, query)) => (head, Some(query)),
-        None => (after, None),
-    };
-    let head = match userinfo {
-        Some(userinfo) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host_and_path}"),
-            None => format!("{userinfo}@{host_and_path}"),
-        },
-        None => host_and_path.to_owned(),
-    };
-    match query {
-        None => format!("{scheme}://{head}"),
-        Some(query) => {
-            let params: Vec<String> = query
-                .split('&')
-                .map(|p| match p.split_once('=') {
-                    Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
-                    _ => p.to_owned(),
-                })
-                .collect();
-            format!("{scheme}://{head}?{}", params.join("&"))
+    // First every secret parameter's value, wherever it stands (a value may
+    // hold an `@`): up to the next `&`.
+    let mut rest = rest.to_owned();
+    let mut from = 0;
+    while let Some(at) = rest[from..].find('=').map(|i| from + i) {
+        let key_start = rest[..at].rfind(['?', '&']).map_or(0, |i| i + 1);
+        let value_end = rest[at..].find('&').map_or(rest.len(), |i| at + i);
+        if is_secret_key(&rest[key_start..at]) && rest[..key_start].contains('?') {
+            rest.replace_range(at + 1..value_end, "***");
+            from = at + 4;
+        } else {
+            from = at + 1;
         }
+    }
+    // Then the credentials: whatever comes before the last `@` (a password
+    // may hold an unencoded `@`, `?`, `/` or `#`; tokio-postgres ends the
+    // credentials at the first `@`, libpq at the last before the path, and
+    // redacting too much is harmless).
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.find([':', '/', '?', '#']) {
+            Some(end) => format!("{scheme}://{}:***@{host}", &userinfo[..end]),
+            None => format!("{scheme}://{rest}"),
+        },
+        None => format!("{scheme}://{rest}"),
     }
 }
 
@@ -935,6 +929,11 @@ mod redaction_tests {
             (
                 "postgres://app:s3?cret@db/a?sslmode=require&password=s3",
                 "postgres://app:***@db/a?sslmode=require&password=***",
+            ),
+            ("postgres://app:P@s3w0rd@db/a", "postgres://app:***@db/a"),
+            (
+                "postgres://db/a?user=app&password=p@s3",
+                "postgres://db/a?user=app&password=***",
             ),
         ] {
             let got = redact_url(url);

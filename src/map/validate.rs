@@ -357,9 +357,16 @@ impl RawMap {
             None | Some("exact") => TenantCase::Exact,
             Some("lower") => TenantCase::Lower,
             Some(other) => {
+                // A short word is echoed (a typo to see); anything else may be
+                // a value pasted into the wrong key, a URL with its password.
+                let got = if other.len() <= 16 && other.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    format!(", got {other:?}")
+                } else {
+                    String::new()
+                };
                 problems.add(
                     "tenant_case",
-                    format!("must be \"exact\" or \"lower\", got {other:?}"),
+                    format!("must be \"exact\" or \"lower\"{got}"),
                 );
                 TenantCase::Exact
             }

@@ -40,6 +40,7 @@ pub(crate) async fn tenant_tables(
              WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' \
                AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                AND n.nspname NOT LIKE 'pg_toast%' \
+               AND c.relname NOT LIKE 'shard\\_router\\_%' \
                AND NOT c.relispartition \
              ORDER BY 2",
             &[&column],

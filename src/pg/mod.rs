@@ -266,6 +266,7 @@ pub(crate) async fn refuse_hidden_rows(
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute t ON t.attrelid = c.oid AND t.attname = $1 AND NOT t.attisdropped \
              WHERE c.relkind IN ('r', 'p') AND c.relrowsecurity \
+               AND c.relname NOT LIKE 'shard\\_router\\_%' \
                AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE')) \
                AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user)",
             &[&column],
