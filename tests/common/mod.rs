@@ -266,8 +266,9 @@ impl Drop for Server {
 /// `shardctl` with `SHARD_ROUTER_CONTROL` set to `control_url`, run without blocking the runtime.
 pub async fn shardctl(control_url: &str, args: &[&str]) -> std::process::Output {
     // Built only with the `cli` feature (the README's test command has it).
-    let binary = option_env!("CARGO_BIN_EXE_shardctl")
-        .expect("shardctl is built with the `cli` feature: cargo test --all-features");
+    let Some(binary) = option_env!("CARGO_BIN_EXE_shardctl") else {
+        panic!("shardctl is built with the `cli` feature: cargo test --all-features");
+    };
     tokio::process::Command::new(binary)
         .args(args)
         .env("SHARD_ROUTER_CONTROL", control_url)
