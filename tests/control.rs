@@ -39,6 +39,17 @@ async fn setup(shards: usize) -> (Shards, Shards, ControlPlane) {
     (control_db, shard_dbs, control)
 }
 
+/// Whether `router` reports a refusal that says `text` within `limit`.
+async fn refused_within(router: &ShardRouter, limit: Duration, text: &str) -> bool {
+    eventually(limit, || {
+        router
+            .status()
+            .last_refused
+            .is_some_and(|r| r.contains(text))
+    })
+    .await
+}
+
 async fn history_len(control: &ControlPlane) -> usize {
     control.history().await.unwrap().len()
 }
@@ -509,10 +520,11 @@ async fn file_mode_applies_valid_edits_refuses_invalid_ones_and_never_stops_serv
     // Same version, different content: refused too.
     std::fs::write(&path, map_toml(2, &shards, "")).unwrap();
     assert!(
-        eventually(Duration::from_secs(3), || router
-            .status()
-            .last_refused
-            .is_some_and(|r| r.contains("already live with different content")))
+        refused_within(
+            &router,
+            Duration::from_secs(3),
+            "already live with different content"
+        )
         .await
     );
     assert_eq!(router.version(), 2);
@@ -615,12 +627,11 @@ async fn a_control_database_restored_from_an_older_backup_is_noticed_and_never_c
     // The router says so, keeps serving its map, and is not counted as having
     // applied anything here.
     assert!(
-        eventually(Duration::from_secs(5), || router
-            .status()
-            .last_refused
-            .is_some_and(
-                |r| r.contains("newest map is version 2, below version 3")
-            ))
+        refused_within(
+            &router,
+            Duration::from_secs(5),
+            "newest map is version 2, below version 3"
+        )
         .await,
         "{:?}",
         router.status()
@@ -750,11 +761,7 @@ async fn file_mode_never_applies_a_half_written_file_and_refuses_rehoming_tenant
     std::fs::write(&tmp, map_toml(3, &shards, "")).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     assert!(
-        eventually(Duration::from_secs(3), || router
-            .status()
-            .last_refused
-            .is_some_and(|r| r.contains("would re-home 1 tenant(s)")))
-        .await,
+        refused_within(&router, Duration::from_secs(3), "would re-home 1 tenant(s)").await,
         "{:?}",
         router.status()
     );
@@ -1285,11 +1292,7 @@ async fn file_mode_retries_a_map_refused_for_a_passing_reason_and_refuses_hand_w
     std::fs::write(&tmp, &three).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || router
-            .status()
-            .last_refused
-            .is_some_and(|r| r.contains("trying again")))
-        .await,
+        refused_within(&router, Duration::from_secs(5), "trying again").await,
         "{:?}",
         router.status()
     );
@@ -1322,11 +1325,7 @@ async fn file_mode_retries_a_map_refused_for_a_passing_reason_and_refuses_hand_w
     std::fs::write(&tmp, &moving).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || router
-            .status()
-            .last_refused
-            .is_some_and(|r| r.contains("never from a map file")))
-        .await,
+        refused_within(&router, Duration::from_secs(5), "never from a map file").await,
         "{:?}",
         router.status()
     );

@@ -995,6 +995,23 @@ async fn a_commit_refused_by_one_side_is_recorded_and_verify_refuses_cutover() {
 
 /// Inserts a project named `name` for the tenant in a writer whose commit must
 /// fail; returns that error.
+/// One project of `id` written through `router`, in a transaction of its own.
+async fn insert_project(
+    router: &ShardRouter,
+    id: &TenantId,
+    name: &str,
+) -> Result<(), shard_router::DbError> {
+    let db = router.resolve(id.clone());
+    let mut writer = db.write().await?;
+    writer
+        .execute(
+            "INSERT INTO projects VALUES ($1, $2, $3)",
+            &[&id.as_str(), &Uuid::new_v4(), &name],
+        )
+        .await?;
+    writer.commit().await
+}
+
 async fn insert_project_refused(
     router: &ShardRouter,
     id: &TenantId,
@@ -1333,16 +1350,9 @@ async fn abort_once_the_complete_map_is_published_is_refused_and_resume_finishes
         router.resolve(id.clone()).location().reason == shard_router::map::Reason::Pin
     })
     .await;
-    let db = router.resolve(id.clone());
-    let mut writer = db.write().await.unwrap();
-    writer
-        .execute(
-            "INSERT INTO projects VALUES ($1, $2, 'after-complete')",
-            &[&tenant, &Uuid::new_v4()],
-        )
+    insert_project(&router, &id, "after-complete")
         .await
         .unwrap();
-    writer.commit().await.unwrap();
     // Abort would send reads back to a source without that write: refused.
     let err = moves::abort(&mut w.control, &id, &fast())
         .await
@@ -1926,16 +1936,7 @@ async fn a_resumed_abort_finishes_as_an_abort_and_keeps_the_writes_made_meanwhil
         })
         .await
     );
-    let db = router.resolve(id.clone());
-    let mut writer = db.write().await.unwrap();
-    writer
-        .execute(
-            "INSERT INTO projects VALUES ($1, $2, 'between')",
-            &[&tenant, &Uuid::new_v4()],
-        )
-        .await
-        .unwrap();
-    writer.commit().await.unwrap();
+    insert_project(&router, &id, "between").await.unwrap();
     // Still paused: resume continues the abort, and stops again in its wait.
     let err = moves::resume(&mut w.control, &id, &options, |_| {})
         .await
@@ -2206,16 +2207,9 @@ async fn the_recovery_publish_never_pins_a_tenant_to_a_shard_it_left() {
         })
         .await
     );
-    let db = router.resolve(id.clone());
-    let mut writer = db.write().await.unwrap();
-    writer
-        .execute(
-            "INSERT INTO projects VALUES ($1, $2, 'after-both-moves')",
-            &[&tenant, &Uuid::new_v4()],
-        )
+    insert_project(&router, &id, "after-both-moves")
         .await
         .unwrap();
-    writer.commit().await.unwrap();
     // The restore: the maps after the first move are gone.
     connect(&w.control_db.url(0))
         .await
@@ -2276,17 +2270,7 @@ async fn verify_checks_key_ranges_and_lets_the_tenants_writes_through_between_th
             (router.clone(), id.clone(), stop.clone(), commits.clone());
         async move {
             while !stop.load(Ordering::Relaxed) {
-                let written: Result<(), shard_router::DbError> = async {
-                    let mut w = router.resolve(id.clone()).write().await?;
-                    w.execute(
-                        "INSERT INTO projects VALUES ($1, $2, 'between')",
-                        &[&id.as_str(), &Uuid::new_v4()],
-                    )
-                    .await?;
-                    w.commit().await
-                }
-                .await;
-                if written.is_ok() {
+                if insert_project(&router, &id, "between").await.is_ok() {
                     commits.lock().unwrap().push(std::time::Instant::now());
                 }
             }

@@ -70,6 +70,48 @@ pub(crate) async fn lock(client: &Client, tenant: &TenantId) -> Result<(), MoveE
         .map_err(MoveError::db)
 }
 
+/// `(key) op (key held in value)`: the table's key compared with a key given
+/// as a JSON row (`value`, SQL yielding text), read back through
+/// `jsonb_populate_record` whatever the key's types.
+fn key_compared(table: &TenantTable, op: &str, value: &str) -> String {
+    let keys: Vec<String> = table.key.iter().map(|k| format!("r.{k}")).collect();
+    format!(
+        "({}) {op} (SELECT {} FROM jsonb_populate_record(NULL::{}, ({value})::jsonb) r)",
+        table.key.join(", "),
+        keys.join(", "),
+        table.name
+    )
+}
+
+/// Renews the move's lease before a batch or a range unless that was done
+/// moments ago (250 ms, or a twentieth of the lease if shorter): a mover
+/// paused past its lease finds it lost on waking, and renewing after every
+/// short batch would add a control-database commit to each.
+struct Renewal<'a> {
+    lease: (&'a crate::control::ControlPlane, &'a super::record::Lease),
+    every: Duration,
+    last: Option<Instant>,
+}
+
+impl<'a> Renewal<'a> {
+    fn new(lease: (&'a crate::control::ControlPlane, &'a super::record::Lease)) -> Self {
+        let every = (lease.1.duration / 20).min(Duration::from_millis(250));
+        Renewal {
+            lease,
+            every,
+            last: None,
+        }
+    }
+
+    async fn if_due(&mut self, tenant: &TenantId) -> Result<(), MoveError> {
+        if self.last.is_none_or(|at| at.elapsed() >= self.every) {
+            super::record::renew(self.lease.0, tenant, self.lease.1).await?;
+            self.last = Some(Instant::now());
+        }
+        Ok(())
+    }
+}
+
 /// Rows per batch for a configured size and throttle: at most
 /// `rate / 20` (at least 50) under a throttle.
 fn batch_rows_under(configured: usize, max_rows_per_sec: Option<u64>) -> usize {
@@ -142,16 +184,7 @@ impl Copy<'_> {
         // settings, so no value is ever spliced into SQL. The table's key
         // compared with a key held in a setting, as a JSON row.
         let key_vs = |op: &str, setting: &str| {
-            format!(
-                "({order}) {op} (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, \
-                 current_setting('{setting}')::jsonb) r)",
-                keys = table
-                    .key
-                    .iter()
-                    .map(|k| format!("r.{k}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
+            key_compared(table, op, &format!("current_setting('{setting}')"))
         };
         let descending = table
             .key
@@ -200,17 +233,9 @@ impl Copy<'_> {
         let mut total = 0u64;
         let mut last: Option<String> = None;
         let started = Instant::now();
-        // The lease is checked and renewed before a batch unless that was done
-        // moments ago: a mover paused past its lease finds it lost on waking,
-        // and renewing after every short batch would add a control-database
-        // commit to each.
-        let renew_every = (self.lease.1.duration / 20).min(Duration::from_millis(250));
-        let mut renewed: Option<Instant> = None;
+        let mut renewal = Renewal::new(self.lease);
         loop {
-            if renewed.is_none_or(|at| at.elapsed() >= renew_every) {
-                super::record::renew(self.lease.0, self.tenant, self.lease.1).await?;
-                renewed = Some(Instant::now());
-            }
+            renewal.if_due(self.tenant).await?;
             let (a, b) = tokio::join!(
                 begin_batch(from, self.version, false),
                 begin_batch(to, self.version, true)
@@ -327,8 +352,7 @@ pub(crate) async fn verify(
 ) -> Result<(Vec<Mismatch>, serde_json::Map<String, serde_json::Value>), MoveError> {
     let mut mismatches = Vec::new();
     let mut sums = serde_json::Map::new();
-    let mut renewed: Option<Instant> = None;
-    let renew_every = (lease.1.duration / 20).min(Duration::from_millis(250));
+    let mut renewal = Renewal::new(lease);
     let tenant_str = tenant.as_str();
     for table in tables {
         let ranges = KeyRanges::new(table, column, chunk_rows);
@@ -336,10 +360,7 @@ pub(crate) async fn verify(
         let (mut source_sum, mut target_sum) = (String::new(), String::new());
         let mut after: Option<String> = None;
         loop {
-            if renewed.is_none_or(|at| at.elapsed() >= renew_every) {
-                super::record::renew(lease.0, tenant, lease.1).await?;
-                renewed = Some(Instant::now());
-            }
+            renewal.if_due(tenant).await?;
             // Through the key's index whatever the statistics say (a freshly
             // copied target is not analyzed yet), as backfill batches do.
             let (on_source, on_target) = tokio::join!(
@@ -446,19 +467,10 @@ impl<'a> KeyRanges<'a> {
     /// `after`), then the key that ends it (when `through`); returns the next
     /// free parameter number too.
     fn filter(&self, after: bool, through: bool) -> (String, usize) {
-        let order = self.table.key.join(", ");
         let key_vs = |op: &str, param: usize| {
             format!(
-                " AND ({order}) {op} (SELECT {keys} FROM jsonb_populate_record(NULL::{name}, \
-                 ${param}::text::jsonb) r)",
-                name = self.table.name,
-                keys = self
-                    .table
-                    .key
-                    .iter()
-                    .map(|k| format!("r.{k}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                " AND {}",
+                key_compared(self.table, op, &format!("${param}::text"))
             )
         };
         let mut sql = format!("{} = $1", self.column);
