@@ -633,10 +633,11 @@ async fn whole_moves(control_url: &str, a: &str, b: &str, source: &Client, sizes
         source
             .batch_execute(&format!(
                 "INSERT INTO items (tenant_id, id, n, body) SELECT '{tenant}', gen_random_uuid(), g, repeat('x', 64) \
-                 FROM generate_series(1, {rows}) g; VACUUM ANALYZE items"
+                 FROM generate_series(1, {rows}) g"
             ))
             .await
             .unwrap();
+        source.batch_execute("VACUUM ANALYZE items").await.unwrap();
         let step = Arc::new(Mutex::new("before"));
         let stop = Arc::new(AtomicBool::new(false));
         let writers: Vec<_> = [tenant, tenant, "bystander"]
