@@ -579,7 +579,11 @@ pub async fn status(
 
 /// Brings every shard of `map` to the latest version of `migrations`.
 ///
-/// Shards are migrated one after another; `on_applied` is called after each
+/// Each shard's database first gets the shard's identity
+/// (`shard_router_identity`: its name and a UUID) unless it has one (another
+/// shard's is logged; a publish refuses to point this shard at it). Shards
+/// are migrated one after another;
+/// `on_applied` is called after each
 /// file applied on a shard (for progress bars). A shard that is unreachable,
 /// has drifted, or fails a file is reported and skipped; the others go on.
 /// Running it again finishes what an earlier run could not.
@@ -604,16 +608,27 @@ pub async fn migrate(
     for shard in map.shards() {
         let mut applied = Vec::new();
         let outcome = match connect(shard).await {
-            Ok(mut client) => {
-                apply_pending(
-                    shard.name(),
-                    &mut client,
-                    migrations,
-                    &mut applied,
-                    &mut on_applied,
-                )
-                .await
-            }
+            // The database takes the shard's identity first (or is refused
+            // as another shard's): a publish later checks URLs against it.
+            Ok(mut client) => match crate::control::identity::ensure(&client, shard.name()).await {
+                Ok(identity) => {
+                    if identity.shard != shard.name() {
+                        // Migrating is the same on any shard; a publish that
+                        // points this name here is what gets refused.
+                        tracing::warn!(shard = shard.name(), claims = %identity.shard,
+                            "this database is another shard's (shard_router_identity)");
+                    }
+                    apply_pending(
+                        shard.name(),
+                        &mut client,
+                        migrations,
+                        &mut applied,
+                        &mut on_applied,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         reports.push(ShardReport {

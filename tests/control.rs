@@ -1143,6 +1143,9 @@ async fn plan_balances_a_skewed_placement_apply_carries_it_out_and_a_second_plan
         let tenant = m["tenant"].as_str().unwrap();
         let on_b = common::notes_of(&shards.url(1), tenant).await;
         assert_eq!(on_b, 50, "{tenant}'s notes moved to b");
+        // Issue 25.5: plan --apply removes the former copy by default.
+        let on_a = common::notes_of(&shards.url(0), tenant).await;
+        assert_eq!(on_a, 0, "{tenant}'s former copy on a purged");
     }
     let second = plan(vec![]).await;
     assert!(second["moves"].as_array().unwrap().is_empty(), "{second}");
@@ -1396,4 +1399,72 @@ async fn a_misspelt_tenant_column_is_refused_by_name_and_cannot_blind_the_check(
         .unwrap_err();
     assert!(matches!(err, PublishError::Rehoming { .. }), "{err}");
     assert_eq!(history_len(&control).await, 1);
+}
+
+/// Issue 26.3: each shard database carries an identity (written by the first
+/// publish that sees it, or by `shardctl migrate`). A shard's URL re-pointed
+/// at another database, or two shard names on one database, are refused and
+/// nothing is stored; `reassign` rewrites the identity when the operator says
+/// the database holds the shard's data.
+#[tokio::test]
+async fn a_shard_url_pointed_at_another_database_is_refused_unless_reassigned() {
+    let (_control_db, shards, mut control) = setup(2).await;
+    let other = Shards::create(1).await;
+    other.run_everywhere(NOTES_SCHEMA).await;
+    common::connect(&shards.url(1))
+        .await
+        .execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ('t1', gen_random_uuid(), 'x')",
+            &[],
+        )
+        .await
+        .unwrap();
+    control
+        .publish(&map_toml(1, &shards, ""), &PublishOptions::default())
+        .await
+        .unwrap();
+    let identity = |url: String| async move {
+        common::connect(&url)
+            .await
+            .query_opt("SELECT shard FROM shard_router_identity", &[])
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get::<_, String>(0))
+    };
+    assert_eq!(identity(shards.url(0)).await.as_deref(), Some("a"));
+    assert_eq!(identity(shards.url(1)).await.as_deref(), Some("b"));
+    let with_b = |v: u64, url: &str| {
+        format!(
+            "version = {v}\n[shards.a]\nurl = \"{}\"\n[shards.b]\nurl = \"{url}\"\n",
+            shards.url(0)
+        )
+    };
+    // b re-pointed at a database with the same schema and no identity.
+    let err = control
+        .publish(&with_b(2, &other.url(0)), &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::ShardIdentity { shard, .. } if shard == "b"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("without an identity"), "{err}");
+    // b pointed at shard a's database.
+    let err = control
+        .publish(&with_b(2, &shards.url(0)), &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("shard a's"), "{err}");
+    assert_eq!(history_len(&control).await, 1, "nothing stored");
+    assert_eq!(identity(other.url(0)).await, None, "nothing written");
+    // The operator says the other database holds b's data now.
+    let mut reassign = PublishOptions::default();
+    reassign.reassign = true;
+    control
+        .publish(&with_b(2, &other.url(0)), &reassign)
+        .await
+        .unwrap();
+    assert_eq!(identity(other.url(0)).await.as_deref(), Some("b"));
+    assert_eq!(history_len(&control).await, 2);
 }

@@ -14,6 +14,7 @@
 //! overrides, so secrets such as passwords can stay out of the control database.
 
 mod agent;
+pub(crate) mod identity;
 mod load;
 mod publish;
 mod rehoming;

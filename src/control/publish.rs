@@ -14,6 +14,10 @@ pub struct PublishOptions {
     pub pin_existing: bool,
     /// Check everything, print the plan, publish nothing.
     pub dry_run: bool,
+    /// The operator says that a database a shard's URL now points at (one
+    /// without that shard's identity, or another shard's) holds that shard's
+    /// data: its identity is rewritten instead of the publish being refused.
+    pub reassign: bool,
     /// The mover publishing a change of its own move entry.
     pub(crate) mover: Option<MoverPublish>,
 }
@@ -144,6 +148,15 @@ pub enum PublishError {
         /// The newest version now.
         newest: u64,
     },
+    /// A shard's URL points at a database that is another shard's, or at
+    /// another database than the one the shard had (`shard_router_identity`).
+    #[error("refused: shard {shard}: {reason}; fix its url, or, if that database now holds shard {shard}'s data, publish with --reassign")]
+    ShardIdentity {
+        /// The shard.
+        shard: String,
+        /// What the identities say.
+        reason: String,
+    },
     /// The mover no longer holds the move's lease, or the move record no
     /// longer records the intent of this change (a restored control database).
     #[error("refused: this mover no longer holds the lease of tenant {tenant}'s move, or the move no longer records this change's intent")]
@@ -180,10 +193,11 @@ impl ControlPlane {
         let mut new = MapLoader::new().load_str(&toml)?;
         let current = self.latest_opt().await?;
         let mut pinned = Vec::new();
+        let mut old_map = None;
         let diff = match &current {
             None => None,
             Some(stored) => {
-                let old = stored.load()?;
+                let old: &crate::ShardMap = old_map.insert(stored.load()?);
                 if new.version() <= old.version() {
                     return Err(PublishError::NotNewer {
                         newest: old.version(),
@@ -191,7 +205,7 @@ impl ControlPlane {
                     });
                 }
                 check_moves(&stored.toml, &toml, options.mover.as_ref())?;
-                let mut rehomed = super::tenants_rehomed(&old, &new).await?;
+                let mut rehomed = super::tenants_rehomed(old, &new).await?;
                 // The shards' own word, whatever the stored base says: moves
                 // their fences show must be in the map, and when the base is
                 // suspect (a restored control database) every tenant with
@@ -232,15 +246,21 @@ impl ControlPlane {
                     new = MapLoader::new().load_str(&toml)?;
                     pinned = rehomed;
                 }
-                let gaps = super::schema_gaps(&old, &new)
+                let gaps = super::schema_gaps(old, &new)
                     .await
                     .map_err(PublishError::SchemaCheck)?;
                 if let Some(gap) = gaps.into_iter().next() {
                     return Err(PublishError::SchemaMissing(gap));
                 }
-                Some(MapDiff::between(&old, &new))
+                Some(MapDiff::between(old, &new))
             }
         };
+        super::identity::check_and_write(old_map.as_ref(), &new, options.reassign, options.dry_run)
+            .await
+            .map_err(|p| PublishError::ShardIdentity {
+                shard: p.shard,
+                reason: p.reason,
+            })?;
         if !options.dry_run {
             self.insert(
                 new.version(),

@@ -303,6 +303,11 @@ pub(crate) mod lock_keys {
         key(b"shard-router:publish")
     }
 
+    /// Held per shard database while its identity is written.
+    pub(crate) fn identity() -> i64 {
+        key(b"shard-router:identity")
+    }
+
     /// Held per shard while the move fence's triggers are installed.
     pub(crate) fn fence_install() -> i64 {
         key(b"shard-router:fence-install")

@@ -185,6 +185,15 @@ pub(crate) struct PlanArgs {
     /// With --apply: seconds to wait for every live router at each new map version.
     #[arg(long, default_value = "30", value_name = "SECS")]
     wait: u64,
+    /// With --apply: keep each moved tenant's rows on its former shard
+    /// (`shardctl tenant purge` removes them later). By default they are
+    /// removed once every router has applied the move's last map.
+    #[arg(long)]
+    keep_source: bool,
+    /// With --apply: a router silent for longer than this does not hold up
+    /// removing a former copy.
+    #[arg(long, default_value = "600", value_name = "SECS")]
+    purge_grace: u64,
 }
 
 pub(crate) fn plan(args: &PlanArgs, json: bool) -> Result<(), String> {
@@ -251,6 +260,8 @@ pub(crate) fn plan(args: &PlanArgs, json: bool) -> Result<(), String> {
         let mut move_options = MoveOptions::default();
         move_options.max_rows_per_sec = args.max_rows_per_sec;
         move_options.wait = std::time::Duration::from_secs(args.wait);
+        move_options.purge_source = !args.keep_source;
+        move_options.purge_grace = std::time::Duration::from_secs(args.purge_grace);
         let mut done = Vec::new();
         for m in &planned.moves {
             let tenant =

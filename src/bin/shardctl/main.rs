@@ -83,7 +83,7 @@ impl MapSourceArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(control_after_subcommand(std::env::args_os().collect()));
     let json = cli.json;
     let result = match cli.command {
         Command::Map(command) => map::run(command, json),
@@ -105,6 +105,41 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `--control URL` given before the subcommand, as `--json` may be, moved to
+/// the end of the command line, where the subcommand that takes it reads it
+/// (clap reads an option only at the level that defines it, and each command
+/// defines its own `--control`).
+fn control_after_subcommand(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut head = Vec::new();
+    let mut moved = Vec::new();
+    let mut rest = args.into_iter();
+    if let Some(program) = rest.next() {
+        head.push(program);
+    }
+    while let Some(arg) = rest.next() {
+        match arg.to_str() {
+            Some("--control") => {
+                moved.push(arg);
+                moved.extend(rest.next());
+            }
+            Some(flag) if flag.starts_with("--control=") => moved.push(arg),
+            Some(flag) if flag.starts_with('-') => head.push(arg),
+            _ => {
+                // The subcommand: everything from here stays in order.
+                head.push(arg);
+                head.extend(rest.by_ref());
+            }
+        }
+    }
+    match head.iter().position(|a| a == "--") {
+        Some(at) => {
+            head.splice(at..at, moved);
+        }
+        None => head.extend(moved),
+    }
+    head
 }
 
 // Every command reads maps through these two: a file with the environment's
@@ -150,4 +185,31 @@ pub(crate) fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
 
 pub(crate) async fn connect(url: &str) -> Result<ControlPlane, String> {
     ControlPlane::connect(url).await.map_err(|e| format!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_before_the_subcommand_is_read_by_it() {
+        let args = |line: &str| line.split(' ').map(std::ffi::OsString::from).collect();
+        let moved = |line: &str| {
+            super::control_after_subcommand(args(line))
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            moved("shardctl --json --control postgres://c routers"),
+            "shardctl --json routers --control postgres://c"
+        );
+        assert_eq!(
+            moved("shardctl --control=postgres://c map show"),
+            "shardctl map show --control=postgres://c"
+        );
+        assert_eq!(
+            moved("shardctl map show --control postgres://c"),
+            "shardctl map show --control postgres://c"
+        );
+    }
 }

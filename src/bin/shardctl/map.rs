@@ -77,6 +77,11 @@ pub(crate) struct PublishArgs {
     /// Check and print the plan; publish nothing.
     #[arg(long)]
     dry_run: bool,
+    /// A shard's url now points at a database that holds its data though its
+    /// identity says otherwise (a restored copy, a new server): rewrite that
+    /// database's identity instead of refusing.
+    #[arg(long)]
+    reassign: bool,
 }
 
 pub(crate) fn run(command: MapCommand, json: bool) -> Result<(), String> {
@@ -147,6 +152,7 @@ fn publish(
     options.note = args.note.clone();
     options.pin_existing = args.pin_existing;
     options.dry_run = args.dry_run;
+    options.reassign = args.reassign;
     block_on(async {
         let mut control = connect(url).await?;
         let published = action(&mut control, &options)

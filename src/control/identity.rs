@@ -1,0 +1,205 @@
+//! Which shard a database is: `shard_router_identity` on each shard database
+//! holds the shard's name and a UUID, written by `shardctl migrate` and by the
+//! first publish that sees the database. A publish refuses a map that points a
+//! shard's URL at a database that is another shard, or at another database
+//! than the one the shard had, unless the operator says it now holds that
+//! shard's data (`reassign`).
+
+use tokio_postgres::Client;
+
+use crate::map::Shard;
+use crate::pg::{self, ShardError};
+use crate::ShardMap;
+
+/// A database's identity: the shard it belongs to and its UUID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Identity {
+    pub(crate) shard: String,
+    pub(crate) id: String,
+}
+
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS shard_router_identity (\
+     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), \
+     shard text NOT NULL, \
+     id uuid NOT NULL DEFAULT gen_random_uuid(), \
+     written_at timestamptz NOT NULL DEFAULT now())";
+
+/// The identity of the database behind `client`, if it has one.
+pub(crate) async fn read(client: &Client) -> Result<Option<Identity>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('shard_router_identity') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt("SELECT shard, id::text FROM shard_router_identity", &[])
+        .await?
+        .map(|r| Identity {
+            shard: r.get(0),
+            id: r.get(1),
+        }))
+}
+
+/// Gives the database behind `client` the identity of `shard` unless it has
+/// one, and returns the identity it has (another shard's, possibly: the
+/// caller decides what that means).
+pub(crate) async fn ensure(client: &Client, shard: &str) -> Result<Identity, ShardError> {
+    write(client, shard, "ON CONFLICT DO NOTHING").await?;
+    read(client)
+        .await
+        .map_err(|e| ShardError::database(shard, e))?
+        .ok_or_else(|| ShardError::database(shard, "the identity just written is not there"))
+}
+
+/// Creates the identity table if needed and inserts `shard`'s identity, with
+/// `on_conflict` deciding about an existing one; one writer at a time per
+/// database.
+async fn write(client: &Client, shard: &str, on_conflict: &str) -> Result<(), ShardError> {
+    let key = crate::pg::lock_keys::identity();
+    let written = client
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({key}); {CREATE}; \
+             INSERT INTO shard_router_identity (shard) VALUES ({}) {on_conflict}; COMMIT",
+            quote_literal(shard)
+        ))
+        .await;
+    if let Err(e) = written {
+        // The session goes on (a migration runs on it next).
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(ShardError::database(shard, e));
+    }
+    Ok(())
+}
+
+/// `text` as an SQL string literal (shard names are validated identifiers,
+/// quoted all the same).
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Writes `shard`'s name over the database's identity (a reassignment the
+/// operator asked for), keeping its UUID.
+async fn reassign(client: &Client, shard: &str) -> Result<(), ShardError> {
+    write(
+        client,
+        shard,
+        "ON CONFLICT (singleton) DO UPDATE SET shard = EXCLUDED.shard, written_at = now()",
+    )
+    .await
+}
+
+/// Why a map may not point a shard at a database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IdentityProblem {
+    pub(crate) shard: String,
+    pub(crate) reason: String,
+}
+
+/// Checks every shard of `new` against the identities its databases carry
+/// (and, for a shard whose URL changed, the one its database had under
+/// `old`); then, unless `dry_run`, gives every database that has none the
+/// identity of its shard (and with `reassign`, the identity of the shard that
+/// now points at it). A database that cannot be reached is passed over here:
+/// the other checks of a publish say what it means for them.
+pub(crate) async fn check_and_write(
+    old: Option<&ShardMap>,
+    new: &ShardMap,
+    reassign_allowed: bool,
+    dry_run: bool,
+) -> Result<(), IdentityProblem> {
+    let mut to_write: Vec<(&Shard, bool)> = Vec::new();
+    for shard in new.shards() {
+        let Some((client, found)) = open(shard).await else {
+            continue;
+        };
+        drop(client);
+        let problem = |reason: String| IdentityProblem {
+            shard: shard.name().to_owned(),
+            reason,
+        };
+        if let Some(found) = &found {
+            if found.shard != shard.name() && !reassign_allowed {
+                return Err(problem(format!(
+                    "the database at its url is shard {}'s (its shard_router_identity says so): \
+                     two shard names would share one database",
+                    found.shard
+                )));
+            }
+        }
+        let before = old
+            .and_then(|old| old.shard_index(shard.name()).map(|i| old.shard(i)))
+            .filter(|before| before.url() != shard.url());
+        if let Some(before) = before {
+            let had = match open(before).await {
+                Some((_, had)) => had,
+                None => None,
+            };
+            match (&had, &found) {
+                (Some(had), Some(found)) if had.id != found.id && !reassign_allowed => {
+                    return Err(problem(format!(
+                        "its new url points at another database (identity {}) than the one it had \
+                         (identity {})",
+                        found.id, had.id
+                    )));
+                }
+                (Some(had), None) if !reassign_allowed => {
+                    return Err(problem(format!(
+                        "its new url points at a database without an identity, while the one it \
+                         had is shard {}'s (identity {})",
+                        had.shard, had.id
+                    )));
+                }
+                _ => {}
+            }
+        }
+        let mismatched = found.as_ref().is_some_and(|f| f.shard != shard.name());
+        if found.is_none() || mismatched {
+            to_write.push((shard, mismatched));
+        }
+    }
+    if dry_run {
+        return Ok(());
+    }
+    for (shard, overwrite) in to_write {
+        let written = async {
+            let client = pg::connect_admin(shard).await?;
+            if overwrite {
+                reassign(&client, shard.name()).await
+            } else {
+                ensure(&client, shard.name()).await.map(|_| ())
+            }
+        }
+        .await;
+        if let Err(e) = written {
+            return Err(IdentityProblem {
+                shard: shard.name().to_owned(),
+                reason: format!("its identity could not be written: {e}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An administrative connection to `shard` and its database's identity;
+/// `None` when it cannot be reached or read.
+async fn open(shard: &Shard) -> Option<(Client, Option<Identity>)> {
+    let client = match pg::connect_admin(shard).await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(shard = shard.name(), error = %e, "publish: shard unreachable; its identity was not checked");
+            return None;
+        }
+    };
+    match read(&client).await {
+        Ok(found) => Some((client, found)),
+        Err(e) => {
+            tracing::warn!(shard = shard.name(), error = %e, "publish: the shard's identity could not be read");
+            None
+        }
+    }
+}
