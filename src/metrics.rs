@@ -16,6 +16,8 @@
 //! | `shard_router_statements_total` | counter | `shard`, `outcome` = `ok`, `error` |
 //! | `shard_router_fence_refusals_total` | counter | `shard` |
 //! | `shard_router_move_in_flight` | gauge (1) | `tenant`, `from`, `to`, `phase` |
+//! | `shard_router_replica_healthy` | gauge (0 or 1) | `shard`, `replica` (its position in the map, from 0) |
+//! | `shard_router_replica_lag_seconds` | gauge | `shard`, `replica` (absent while unknown) |
 //! | `shard_router_tenant_db_seconds_total` | counter | `shard`, `tenant` (top N per shard) |
 //! | `shard_router_tenant_statements_total` | counter | `shard`, `tenant` (top N per shard) |
 //!
@@ -209,6 +211,52 @@ impl ShardRouter {
                         label(map.shard(m.to).name()),
                         m.phase.as_str()
                     )
+                })
+                .collect(),
+        );
+        // Replicas by position, never by URL (it may carry a password).
+        let replicas: Vec<(String, usize, crate::replicas::ReplicaStatus)> = map
+            .shards()
+            .iter()
+            .filter_map(|shard| {
+                let index = map.shard_index(shard.name())?;
+                let status = table.read_replicas(index)?.status();
+                Some((label(shard.name()), status))
+            })
+            .flat_map(|(s, status)| {
+                status
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(i, r)| (s.clone(), i, r))
+            })
+            .collect();
+        section(
+            "shard_router_replica_healthy",
+            "gauge",
+            "Whether each replica serves reads: reachable, in recovery, within the lag bound.",
+            replicas
+                .iter()
+                .map(|(s, i, r)| {
+                    format!(
+                        "shard_router_replica_healthy{{shard=\"{s}\",replica=\"{i}\"}} {}",
+                        u8::from(r.healthy)
+                    )
+                })
+                .collect(),
+        );
+        section(
+            "shard_router_replica_lag_seconds",
+            "gauge",
+            "How far behind its primary each replica was at most, at the last probe.",
+            replicas
+                .iter()
+                .filter_map(|(s, i, r)| {
+                    r.lag_ms.map(|lag| {
+                        format!(
+                            "shard_router_replica_lag_seconds{{shard=\"{s}\",replica=\"{i}\"}} {}",
+                            lag as f64 / 1000.0
+                        )
+                    })
                 })
                 .collect(),
         );

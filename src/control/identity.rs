@@ -102,10 +102,11 @@ pub(crate) struct IdentityProblem {
 
 /// Checks every shard of `new` against the identities its databases carry
 /// (and, for a shard whose URL changed, the one its database had under
-/// `old`); then, unless `dry_run`, gives every database that has none the
-/// identity of its shard (and with `reassign`, the identity of the shard that
-/// now points at it). A database that cannot be reached is passed over here:
-/// the other checks of a publish say what it means for them.
+/// `old`). Then, unless `dry_run`, gives every database that has none the
+/// identity of its shard, where the role may create the table (otherwise
+/// `shardctl migrate` does), and with `reassign` rewrites the identity of a
+/// database the shard now points at. A database that cannot be reached is
+/// passed over here: the other checks of a publish say what it means for them.
 pub(crate) async fn check_and_write(
     old: Option<&ShardMap>,
     new: &ShardMap,
@@ -175,11 +176,21 @@ pub(crate) async fn check_and_write(
             }
         }
         .await;
-        if let Err(e) = written {
-            return Err(IdentityProblem {
-                shard: shard.name().to_owned(),
-                reason: format!("its identity could not be written: {e}"),
-            });
+        match written {
+            Ok(()) => {}
+            // Asked for: it must hold.
+            Err(e) if overwrite => {
+                return Err(IdentityProblem {
+                    shard: shard.name().to_owned(),
+                    reason: format!("its identity could not be rewritten: {e}"),
+                })
+            }
+            // A role that may not create tables (the router's, say): the
+            // identity comes with the next `shardctl migrate` instead.
+            Err(e) => {
+                tracing::warn!(shard = shard.name(), error = %e,
+                    "publish: the shard's identity could not be written; `shardctl migrate` writes it");
+            }
         }
     }
     Ok(())
