@@ -48,6 +48,7 @@ pub mod control;
 pub mod db;
 pub mod fan_out;
 pub mod guide;
+mod hash;
 pub mod layer;
 mod limit;
 pub mod map;

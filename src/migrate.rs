@@ -36,7 +36,7 @@ use refinery::{Migration, Runner, Target};
 use tokio_postgres::Client;
 
 use crate::map::ShardMap;
-use crate::pg::{connect_admin as connect, lock_keys};
+use crate::pg::lock_keys;
 pub use crate::pg::{BoxError, ShardError};
 
 /// The table on each shard that records applied migrations.
@@ -568,7 +568,7 @@ pub async fn status(
 ) -> Vec<(String, Result<ShardStatus, ShardError>)> {
     let mut out = Vec::with_capacity(map.shards().len());
     for shard in map.shards() {
-        let status = match connect(shard).await {
+        let status = match shard.connect_admin().await {
             Ok(mut client) => shard_status(shard.name(), &mut client, migrations).await,
             Err(e) => Err(e),
         };
@@ -607,7 +607,7 @@ pub async fn migrate(
     let mut reports = Vec::with_capacity(map.shards().len());
     for shard in map.shards() {
         let mut applied = Vec::new();
-        let outcome = match connect(shard).await {
+        let outcome = match shard.connect_admin().await {
             // The database takes the shard's identity first (or is refused
             // as another shard's): a publish later checks URLs against it.
             Ok(mut client) => match crate::control::identity::ensure(&client, shard.name()).await {

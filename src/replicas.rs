@@ -76,9 +76,9 @@ impl ShardReplicas {
         let mut replicas = Vec::with_capacity(shard.replicas().len());
         for replica in shard.replicas() {
             let connector = replica.endpoint.tls.connector()?;
-            let pool = crate::router::pool_for(
+            let pool = crate::pg::pool_for(
                 &replica.endpoint.config,
-                replica.pool(),
+                &replica.pool().limits(),
                 connector,
                 false,
             )?;

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 
 use crate::accounting::{ShardLoad, ShardTenants, DEFAULT_TOP_TENANTS};
 use crate::limit::TenantLimiter;
@@ -759,60 +759,10 @@ fn build_pool_with(
     connector: crate::pg::Connector,
     replica: bool,
 ) -> Result<Pool, String> {
-    pool_for(shard.pg_config(), shard.pool(), connector, replica)
-}
-
-/// A pool of connections to `config` (a shard or one of its read replicas);
-/// `replica_mode` for applying a moving tenant's row images.
-pub(crate) fn pool_for(
-    config: &tokio_postgres::Config,
-    settings: &crate::map::PoolSettings,
-    connector: crate::pg::Connector,
-    replica: bool,
-) -> Result<Pool, String> {
-    let mut pg = config.clone();
-    pg.connect_timeout(settings.connect_timeout);
-    if pg.get_application_name().is_none() {
-        pg.application_name("shard-router");
-    }
-    if replica {
-        // Row images from the primary: the shard's own triggers, defaults and
-        // foreign-key checks must not change or refuse them, and their
-        // statements are the same every time, so plan them once.
-        let mode = "-c session_replication_role=replica -c plan_cache_mode=force_generic_plan";
-        let options = match pg.get_options() {
-            Some(own) => format!("{own} {mode}"),
-            None => mode.to_owned(),
-        };
-        pg.options(&options);
-    }
-    let manager = Manager::from_config(
-        pg,
+    crate::pg::pool_for(
+        shard.pg_config(),
+        &shard.pool().limits(),
         connector,
-        ManagerConfig {
-            // A cheap `is_closed` check; what the router sets per checkout is
-            // set again at the next one.
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        // A single-statement write goes out alone (autocommit, see
-        // `TenantDb::execute`); the fence trigger sees a fence raised after the
-        // statement took its snapshot only under READ COMMITTED, whatever the
-        // database's or role's default.
-        .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
-            Box::pin(async move {
-                client
-                    .batch_execute("SET default_transaction_isolation = 'read committed'")
-                    .await
-                    .map_err(deadpool_postgres::HookError::Backend)
-            })
-        }))
-        .max_size(settings.max_size)
-        .wait_timeout(Some(settings.wait_timeout))
-        .create_timeout(Some(settings.connect_timeout))
-        .recycle_timeout(Some(settings.connect_timeout))
-        .runtime(Runtime::Tokio1)
-        .build()
-        .map_err(|e| e.to_string())
+        replica,
+    )
 }

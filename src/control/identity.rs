@@ -8,7 +8,7 @@
 use tokio_postgres::Client;
 
 use crate::map::Shard;
-use crate::pg::{self, ShardError};
+use crate::pg::ShardError;
 use crate::ShardMap;
 
 /// A database's identity: the shard it belongs to and its UUID.
@@ -168,7 +168,7 @@ pub(crate) async fn check_and_write(
     }
     for (shard, overwrite) in to_write {
         let written = async {
-            let client = pg::connect_admin(shard).await?;
+            let client = shard.connect_admin().await?;
             if overwrite {
                 reassign(&client, shard.name()).await
             } else {
@@ -199,7 +199,7 @@ pub(crate) async fn check_and_write(
 /// An administrative connection to `shard` and its database's identity;
 /// `None` when it cannot be reached or read.
 async fn open(shard: &Shard) -> Option<(Client, Option<Identity>)> {
-    let client = match pg::connect_admin(shard).await {
+    let client = match shard.connect_admin().await {
         Ok(client) => client,
         Err(e) => {
             tracing::warn!(shard = shard.name(), error = %e, "publish: shard unreachable; its identity was not checked");

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::map::{MapDiff, Shard, ShardIndex};
-use crate::pg::{self, ShardError};
+use crate::pg::ShardError;
 use crate::{ShardMap, TenantId};
 
 /// A tenant with data that a new map would place on another shard.
@@ -241,7 +241,7 @@ impl<'a> Scan<'a> {
     /// Connects for administrative work, refuses a role that row-level security
     /// blinds, and reads the tenant tables.
     async fn open(shard: &'a Shard, column: &str) -> Result<Scan<'a>, ShardError> {
-        let client = pg::connect_admin(shard).await?;
+        let client = shard.connect_admin().await?;
         crate::pg::refuse_hidden_rows(&client, shard.name(), column).await?;
         let rows = client
             .query(

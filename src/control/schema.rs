@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::pg::{self, ShardError};
+use crate::pg::ShardError;
 use crate::ShardMap;
 
 /// What a new shard lacks, compared with a shard already in the map.
@@ -64,7 +64,7 @@ pub async fn schema_gaps(old: &ShardMap, new: &ShardMap) -> Result<Vec<SchemaGap
 
 /// `schema.table.column` of every user table, the router's own tables left out.
 async fn columns(shard: &crate::map::Shard) -> Result<BTreeSet<String>, ShardError> {
-    let client = pg::connect_admin(shard).await?;
+    let client = shard.connect_admin().await?;
     let rows = client
         .query(
             "SELECT format('%I.%I.%I', table_schema, table_name, column_name) \

@@ -200,6 +200,23 @@ impl Replica {
 }
 
 impl Shard {
+    /// Connects for administrative work (the shard's `admin_url` if set, else
+    /// its `url`) with the shard's own connect timeout.
+    pub(crate) async fn connect_admin(
+        &self,
+    ) -> Result<tokio_postgres::Client, crate::pg::ShardError> {
+        let (client, connection) = self
+            .admin_endpoint()
+            .connect(self.pool().connect_timeout)
+            .await
+            .map_err(|cause| crate::pg::ShardError::Unreachable {
+                shard: self.name().to_owned(),
+                cause,
+            })?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
     /// The shard's streaming replicas (`replicas`), in the order written.
     ///
     /// ```
@@ -390,6 +407,17 @@ pub struct PoolSettings {
     /// Connections unused for this long are closed (`idle_timeout_ms`; 0 in
     /// the map: never). Default 10 minutes.
     pub idle_timeout: Option<Duration>,
+}
+
+impl PoolSettings {
+    /// What a pool built from these settings may hold and wait.
+    pub(crate) fn limits(&self) -> crate::pg::PoolLimits {
+        crate::pg::PoolLimits {
+            max_size: self.max_size,
+            wait_timeout: self.wait_timeout,
+            connect_timeout: self.connect_timeout,
+        }
+    }
 }
 
 impl Default for PoolSettings {

@@ -29,9 +29,7 @@ use super::ShardIndex;
 /// assert_eq!(hash_bytes(b"acme"), hash_bytes(b"acme"));
 /// ```
 pub fn hash_bytes(bytes: &[u8]) -> u64 {
-    let mut hasher = SipHasher13::new();
-    hasher.write(bytes);
-    hasher.finish()
+    crate::hash::sip13(bytes)
 }
 
 /// The hash of vnode `seq` of shard `shard`: [`hash_bytes`] of `"{shard}#{seq}"`.

@@ -46,7 +46,7 @@ pub use catalog::TenantTable;
 use crate::control::{ControlError, ControlPlane, PublishError, PublishOptions};
 use crate::map::Shard;
 use crate::pg::error_text;
-use crate::pg::{self, ShardError};
+use crate::pg::ShardError;
 use crate::{ShardMap, TenantId};
 
 /// The steps of a move, in order.
@@ -516,7 +516,7 @@ pub async fn start(
     // Refuse what a move cannot do before anything is recorded or changed.
     for name in [from.as_str(), to] {
         let shard = shard_named(&map, name)?;
-        let client = pg::connect_admin(shard).await?;
+        let client = shard.connect_admin().await?;
         crate::pg::refuse_hidden_rows(&client, name, map.tenant_column()).await?;
         let tables = catalog::tenant_tables(&client, map.tenant_column()).await?;
         if map.tenant_case() == crate::map::TenantCase::Lower && name == from {
@@ -689,7 +689,7 @@ async fn claim_floor(
 ) -> Result<i64, MoveError> {
     let mut floor = 0;
     for name in [from, to] {
-        let client = pg::connect_admin(shard_named(map, name)?).await?;
+        let client = shard_named(map, name)?.connect_admin().await?;
         floor = floor.max(claim::highest(&client, tenant).await?);
     }
     Ok(floor)
@@ -926,8 +926,8 @@ impl<'a> Mover<'a> {
     /// Both shards' clients, and the newest map.
     async fn shards(&self) -> Result<(ShardMap, Client, Client), MoveError> {
         let map = self.control.latest().await?.load()?;
-        let source = pg::connect_admin(shard_named(&map, &self.from)?).await?;
-        let target = pg::connect_admin(shard_named(&map, &self.to)?).await?;
+        let source = shard_named(&map, &self.from)?.connect_admin().await?;
+        let target = shard_named(&map, &self.to)?.connect_admin().await?;
         // Every step checks: a role's rights can change while a move is parked.
         crate::pg::refuse_hidden_rows(&source, &self.from, map.tenant_column()).await?;
         crate::pg::refuse_hidden_rows(&target, &self.to, map.tenant_column()).await?;

@@ -26,10 +26,8 @@ use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::map::placement;
 use crate::tenant::TenantId;
 
-pub(crate) use shard_error::connect_admin;
 pub use shard_error::{BoxError, ShardError};
 pub use tls::SslMode;
 pub(crate) use tls::TlsSettings;
@@ -284,13 +282,78 @@ pub(crate) async fn refuse_hidden_rows(
     })
 }
 
+/// What a pool may hold and how long it waits (from a shard's or a replica's
+/// `pool` settings in the map).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolLimits {
+    pub(crate) max_size: usize,
+    pub(crate) wait_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+}
+
+/// A pool of connections to `config` (a shard or one of its read replicas);
+/// `replica_mode` for applying a moving tenant's row images.
+pub(crate) fn pool_for(
+    config: &tokio_postgres::Config,
+    settings: &PoolLimits,
+    connector: Connector,
+    replica: bool,
+) -> Result<deadpool_postgres::Pool, String> {
+    let mut pg = config.clone();
+    pg.connect_timeout(settings.connect_timeout);
+    if pg.get_application_name().is_none() {
+        pg.application_name("shard-router");
+    }
+    if replica {
+        // Row images from the primary: the shard's own triggers, defaults and
+        // foreign-key checks must not change or refuse them, and their
+        // statements are the same every time, so plan them once.
+        let mode = "-c session_replication_role=replica -c plan_cache_mode=force_generic_plan";
+        let options = match pg.get_options() {
+            Some(own) => format!("{own} {mode}"),
+            None => mode.to_owned(),
+        };
+        pg.options(&options);
+    }
+    use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+    let manager = Manager::from_config(
+        pg,
+        connector,
+        ManagerConfig {
+            // A cheap `is_closed` check; what the router sets per checkout is
+            // set again at the next one.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        // A single-statement write goes out alone (autocommit, see
+        // `TenantDb::execute`); the fence trigger sees a fence raised after the
+        // statement took its snapshot only under READ COMMITTED, whatever the
+        // database's or role's default.
+        .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+            Box::pin(async move {
+                client
+                    .batch_execute("SET default_transaction_isolation = 'read committed'")
+                    .await
+                    .map_err(deadpool_postgres::HookError::Backend)
+            })
+        }))
+        .max_size(settings.max_size)
+        .wait_timeout(Some(settings.wait_timeout))
+        .create_timeout(Some(settings.connect_timeout))
+        .recycle_timeout(Some(settings.connect_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 /// Every advisory-lock key the crate takes, in one place, so that no two can
 /// collide unseen (a unit test checks they differ).
 pub(crate) mod lock_keys {
     use super::*;
 
     fn key(name: &[u8]) -> i64 {
-        placement::hash_bytes(name) as i64
+        crate::hash::sip13(name) as i64
     }
 
     /// Held per shard, for a session, while `migrate` runs.

@@ -2,10 +2,7 @@
 //! administrative work there (migrations, checks, moves), and the one way to
 //! connect for that work.
 
-use tokio_postgres::Client;
-
 use super::error_text;
-use crate::map::Shard;
 
 /// What went wrong on one shard.
 #[derive(Debug, thiserror::Error)]
@@ -189,19 +186,4 @@ impl serde::Serialize for ShardError {
         err.serialize_field("error", &self.to_string())?;
         err.end()
     }
-}
-
-/// Connects for administrative work (the shard's `admin_url` if set, else its
-/// `url`) with the shard's own connect timeout.
-pub(crate) async fn connect_admin(shard: &Shard) -> Result<Client, ShardError> {
-    let (client, connection) = shard
-        .admin_endpoint()
-        .connect(shard.pool().connect_timeout)
-        .await
-        .map_err(|cause| ShardError::Unreachable {
-            shard: shard.name().to_owned(),
-            cause,
-        })?;
-    tokio::spawn(connection);
-    Ok(client)
 }
