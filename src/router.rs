@@ -713,14 +713,18 @@ fn build_pool(shard: &Shard, version: u64) -> Result<(Pool, ShardState), ApplyEr
         reason,
     };
     let connector = shard.endpoint.tls.connector().map_err(refused)?;
-    if shard.ssl_mode() != crate::pg::SslMode::VerifyFull
-        && shard.pg_config().get_ssl_mode() != tokio_postgres::config::SslMode::Disable
-    {
-        tracing::warn!(
-            shard = shard.name(),
-            sslmode = %shard.ssl_mode(),
-            "the shard's certificate is not checked: set sslmode=verify-full for a remote shard"
-        );
+    shard
+        .endpoint
+        .warn_if_unverified(&format!("shard {}", shard.name()));
+    if shard.admin_url().is_some() {
+        shard
+            .admin_endpoint()
+            .warn_if_unverified(&format!("admin_url of shard {}", shard.name()));
+    }
+    for (i, replica) in shard.replicas().iter().enumerate() {
+        replica
+            .endpoint
+            .warn_if_unverified(&format!("replica {i} of shard {}", shard.name()));
     }
     let pool = build_pool_with(shard, connector.clone(), false).map_err(refused)?;
     let limiter = shard

@@ -1468,3 +1468,32 @@ async fn a_shard_url_pointed_at_another_database_is_refused_unless_reassigned() 
     assert_eq!(identity(other.url(0)).await.as_deref(), Some("b"));
     assert_eq!(history_len(&control).await, 2);
 }
+
+/// Issue 26.5: a publish warns about every URL that carries a password (the
+/// map is stored in the control database, where every router reads it), naming
+/// the key and never the password; `password_env` keeps it out of the map.
+#[tokio::test]
+async fn a_publish_warns_about_passwords_in_urls_without_printing_them() {
+    let (_control_db, shards, mut control) = setup(1).await;
+    let with_password =
+        map_toml(1, &shards, "").replace("postgres://postgres@", "postgres://postgres:Tr0ub4dor@");
+    let published = control
+        .publish(&with_password, &PublishOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(published.warnings.len(), 1, "{:?}", published.warnings);
+    assert!(published.warnings[0].starts_with("shards.a.url carries a password"));
+    assert!(!published.warnings[0].contains("Tr0ub4dor"));
+    std::env::set_var("SR_TEST_CONTROL_PASSWORD", "Tr0ub4dor");
+    let from_env = map_toml(2, &shards, "").replacen(
+        "pool =",
+        "password_env = \"SR_TEST_CONTROL_PASSWORD\"\npool =",
+        1,
+    );
+    let published = control
+        .publish(&from_env, &PublishOptions::default())
+        .await
+        .unwrap();
+    assert!(published.warnings.is_empty(), "{:?}", published.warnings);
+    assert!(!control.latest().await.unwrap().toml.contains("Tr0ub4dor"));
+}

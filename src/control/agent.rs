@@ -120,6 +120,9 @@ impl ControlAgent {
                 "heartbeat and poll must be longer than zero".into(),
             ));
         }
+        if let Ok(endpoint) = crate::pg::Endpoint::parse(url) {
+            endpoint.warn_if_unverified("the control database");
+        }
         if options.heartbeat >= options.lease {
             return Err(ControlError::InvalidOptions(format!(
                 "heartbeat ({:?}) must be shorter than the lease ({:?}), or the router looks stopped between heartbeats",

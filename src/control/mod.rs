@@ -296,6 +296,9 @@ impl ControlPlane {
     /// # Ok(()) }
     /// ```
     pub async fn connect(url: &str) -> Result<Self, ControlError> {
+        if let Ok(endpoint) = crate::pg::Endpoint::parse(url) {
+            endpoint.warn_if_unverified("the control database");
+        }
         let client = connect_client(url).await?;
         Ok(ControlPlane {
             client,

@@ -61,6 +61,10 @@ pub struct Published {
     pub pinned: Vec<Rehomed>,
     /// False on a dry run.
     pub published: bool,
+    /// What the operator should know: URLs that carry a password (stored in
+    /// the control database, where every router can read it; use
+    /// `password_env` instead).
+    pub warnings: Vec<String>,
     /// The TOML stored (with the added pins).
     #[serde(skip)]
     pub toml: String,
@@ -276,6 +280,7 @@ impl ControlPlane {
             diff,
             pinned,
             published: !options.dry_run,
+            warnings: passwords_in_urls(&new),
             toml,
         })
     }
@@ -308,6 +313,41 @@ impl ControlPlane {
             .get_or_insert_with(|| format!("rollback to version {to}"));
         self.publish(&toml, &options).await
     }
+}
+
+/// Each URL of `map` that carries a password, named by its key.
+fn passwords_in_urls(map: &crate::ShardMap) -> Vec<String> {
+    let mut found = Vec::new();
+    for shard in map.shards() {
+        let name = shard.name();
+        if has_password(shard.url()) {
+            found.push(format!("shards.{name}.url"));
+        }
+        if shard.admin_url().is_some_and(has_password) {
+            found.push(format!("shards.{name}.admin_url"));
+        }
+        for (i, replica) in shard.replicas().iter().enumerate() {
+            if has_password(replica.url()) {
+                found.push(format!("shards.{name}.replicas[{i}].url"));
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|key| {
+            let warning = format!(
+                "{key} carries a password, stored in the control database where every router reads it; \
+                 use password_env (the name of an environment variable) instead"
+            );
+            tracing::warn!("{warning}");
+            warning
+        })
+        .collect()
+}
+
+/// Whether a connection string (URL or key=value) carries a password.
+fn has_password(url: &str) -> bool {
+    crate::pg::Endpoint::parse(url).is_ok_and(|e| e.config.get_password().is_some())
 }
 
 /// Refuses a map whose `[moves]` differ from the newest's, except the one

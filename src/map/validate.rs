@@ -139,7 +139,11 @@ struct RawPlacement {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawShard {
     url: Option<String>,
+    /// The name of an environment variable holding `url`'s password.
+    password_env: Option<String>,
     admin_url: Option<String>,
+    /// The same for `admin_url`.
+    admin_password_env: Option<String>,
     weight: Option<i64>,
     pool: Option<RawPool>,
     #[serde(default)]
@@ -151,6 +155,7 @@ pub(super) struct RawShard {
 #[serde(deny_unknown_fields)]
 struct RawReplica {
     url: Option<String>,
+    password_env: Option<String>,
     weight: Option<i64>,
     pool: Option<RawPool>,
 }
@@ -411,12 +416,28 @@ impl RawMap {
                     "shard names are 1-63 lowercase letters, digits and _, starting with a letter",
                 );
             }
-            let (url, endpoint) = required_url(&mut problems, &field, raw.url.as_ref());
+            let (url, mut endpoint) = required_url(&mut problems, &field, raw.url.as_ref());
+            password_from_env(
+                &mut problems,
+                &field,
+                "password_env",
+                raw.password_env.as_deref(),
+                &mut endpoint,
+            );
             let admin =
                 raw.admin_url
                     .as_ref()
                     .and_then(|url| match crate::pg::Endpoint::parse(url) {
-                        Ok(endpoint) => Some((url.clone(), endpoint)),
+                        Ok(mut endpoint) => {
+                            password_from_env(
+                                &mut problems,
+                                &field,
+                                "admin_password_env",
+                                raw.admin_password_env.as_deref(),
+                                &mut endpoint,
+                            );
+                            Some((url.clone(), endpoint))
+                        }
                         Err(reason) => {
                             problems.add(format!("{field}.admin_url"), reason);
                             None
@@ -435,7 +456,14 @@ impl RawMap {
             let mut replicas = Vec::with_capacity(raw.replicas.len());
             for (i, replica) in raw.replicas.iter().enumerate() {
                 let at = format!("{field}.replicas[{i}]");
-                let (url, endpoint) = required_url(&mut problems, &at, replica.url.as_ref());
+                let (url, mut endpoint) = required_url(&mut problems, &at, replica.url.as_ref());
+                password_from_env(
+                    &mut problems,
+                    &at,
+                    "password_env",
+                    replica.password_env.as_deref(),
+                    &mut endpoint,
+                );
                 let weight =
                     problems.ranged(&format!("{at}.weight"), replica.weight, 1, 0, 10_000) as u32;
                 let pool = pool_settings(&mut problems, &at, replica.pool.as_ref());
@@ -602,6 +630,42 @@ fn required_url(
     }
 }
 
+/// Sets `endpoint`'s password from the environment variable `var` names
+/// (`password_env`): the secret stays out of the map, and out of the control
+/// database that stores it. A URL that carries a password as well is refused;
+/// a variable not set here is a warning (the map may be checked on a machine
+/// without the secret; connections then go without a password).
+fn password_from_env(
+    problems: &mut Problems,
+    field: &str,
+    key: &str,
+    var: Option<&str>,
+    endpoint: &mut crate::pg::Endpoint,
+) {
+    let Some(var) = var else {
+        return;
+    };
+    if endpoint.config.get_password().is_some() {
+        problems.add(
+            format!("{field}.{key}"),
+            "the url carries a password too; keep it in one place, the environment",
+        );
+        return;
+    }
+    match std::env::var(var) {
+        Ok(password) => {
+            endpoint.config.password(password);
+        }
+        Err(_) => {
+            tracing::warn!(
+                field,
+                variable = var,
+                "{field}.{key}: {var} is not set here; connecting without a password"
+            );
+        }
+    }
+}
+
 /// A `pool` table (a shard's or a replica's) with defaults, problems reported
 /// under `field`.
 fn pool_settings(problems: &mut Problems, field: &str, pool: Option<&RawPool>) -> PoolSettings {
@@ -655,6 +719,43 @@ fn pool_settings(problems: &mut Problems, field: &str, pool: Option<&RawPool>) -
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn password_env_keeps_the_secret_out_of_the_map() {
+        // Each test process has its own environment; the name is this test's.
+        std::env::set_var("SR_TEST_PASSWORD_ENV_A", "s3cret");
+        let load = |toml: &str| crate::map::MapLoader::without_env().load_str(toml);
+        let map = load(
+            "version = 1\n[shards.a]\nurl = \"postgres://app@db/a\"\npassword_env = \"SR_TEST_PASSWORD_ENV_A\"\n\
+             admin_url = \"postgres://admin@db/a\"\nadmin_password_env = \"SR_TEST_PASSWORD_ENV_A\"\n\
+             replicas = [{ url = \"postgres://app@r/a\", password_env = \"SR_TEST_PASSWORD_ENV_A\" }]\n",
+        )
+        .unwrap();
+        let shard = &map.shards()[0];
+        assert_eq!(shard.pg_config().get_password(), Some(&b"s3cret"[..]));
+        assert_eq!(
+            shard.admin_endpoint().config.get_password(),
+            Some(&b"s3cret"[..])
+        );
+        assert_eq!(
+            shard.replicas()[0].endpoint.config.get_password(),
+            Some(&b"s3cret"[..])
+        );
+        assert!(!shard.url().contains("s3cret"));
+        // A variable not set here: the map loads, without a password.
+        let unset = load(
+            "version = 1\n[shards.a]\nurl = \"postgres://app@db/a\"\npassword_env = \"SR_TEST_PASSWORD_ENV_UNSET\"\n",
+        )
+        .unwrap();
+        assert_eq!(unset.shards()[0].pg_config().get_password(), None);
+        // Both a password in the url and password_env: refused by key.
+        let err = load(
+            "version = 1\n[shards.a]\nurl = \"postgres://app:pw@db/a\"\npassword_env = \"SR_TEST_PASSWORD_ENV_A\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("shards.a.password_env"), "{err}");
+    }
+
     use crate::map::{MapError, MapLoader};
     use proptest::prelude::*;
 

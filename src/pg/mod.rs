@@ -80,6 +80,36 @@ impl Endpoint {
         Ok(Endpoint { config, tls })
     }
 
+    /// What is unprotected about this endpoint's connections, if anything:
+    /// `None` under `verify-full`, and for a loopback host (no wire to
+    /// protect) under `prefer` or `disable`.
+    pub(crate) fn unverified(&self) -> Option<&'static str> {
+        let local = all_loopback(&self.config);
+        match self.tls.mode {
+            SslMode::VerifyFull => None,
+            SslMode::VerifyCa => Some("the certificate's chain is checked, not its host name"),
+            SslMode::Require => Some("encrypted, but the certificate is not checked"),
+            SslMode::Prefer if local => None,
+            SslMode::Prefer => {
+                Some("may fall back to plaintext, and the certificate is not checked")
+            }
+            SslMode::Disable if local => None,
+            SslMode::Disable => Some("plaintext"),
+        }
+    }
+
+    /// Logs, as a warning, what [`Endpoint::unverified`] finds: `what` names
+    /// the endpoint (`shard a`, `replica 0 of shard a`, `the control database`).
+    pub(crate) fn warn_if_unverified(&self, what: &str) {
+        if let Some(problem) = self.unverified() {
+            tracing::warn!(
+                endpoint = what,
+                sslmode = %self.tls.mode,
+                "{what}: {problem}; set sslmode=verify-full for a remote server"
+            );
+        }
+    }
+
     /// Connects, giving up after `timeout` unless the string sets its own.
     pub(crate) async fn connect(
         &self,
@@ -391,6 +421,31 @@ pub(crate) mod lock_keys {
         let mut name = b"shard-router:move:".to_vec();
         name.extend_from_slice(tenant.as_str().as_bytes());
         key(&name)
+    }
+}
+
+#[cfg(test)]
+mod tls_warning_tests {
+    use super::Endpoint;
+
+    #[test]
+    fn every_mode_but_verify_full_is_named_for_a_remote_host() {
+        let says = |url: &str| Endpoint::parse(url).unwrap().unverified();
+        assert_eq!(says("postgres://db.example/a?sslmode=verify-full"), None);
+        for mode in ["verify-ca", "require", "prefer", "disable"] {
+            assert!(
+                says(&format!("postgres://db.example/a?sslmode={mode}")).is_some(),
+                "{mode}"
+            );
+        }
+        // The default is prefer: it may fall back to plaintext.
+        assert!(says("postgres://db.example/a")
+            .unwrap()
+            .contains("plaintext"));
+        // Nothing to protect on this machine.
+        assert_eq!(says("postgres://127.0.0.1/a"), None);
+        assert_eq!(says("postgres://localhost/a?sslmode=disable"), None);
+        assert!(says("postgres://127.0.0.1/a?sslmode=require").is_some());
     }
 }
 

@@ -169,6 +169,9 @@ fn publish(
                     pin.tenant, pin.from
                 );
             }
+            for warning in &published.warnings {
+                eprintln!("warning: {warning}");
+            }
             if published.published {
                 println!("published version {}", published.version);
             } else {
