@@ -1497,3 +1497,70 @@ async fn a_publish_warns_about_passwords_in_urls_without_printing_them() {
     assert!(published.warnings.is_empty(), "{:?}", published.warnings);
     assert!(!control.latest().await.unwrap().toml.contains("Tr0ub4dor"));
 }
+
+/// Issue 26.7: a tenant's first writes during a rollout. Version 2 adds
+/// shard b to the ring, checked while `t_new` had no data; a router still on
+/// version 1 then gives it rows on a. Once every router applied version 2,
+/// `pin_rollout_stragglers` pins it to a in version 3; a tenant with rows on
+/// both shards is reported as split, not pinned.
+#[tokio::test]
+async fn tenants_that_first_write_during_a_rollout_are_pinned_where_they_wrote() {
+    let (_control_db, shards, mut control) = setup(2).await;
+    let one = |v: u64| {
+        format!(
+            "version = {v}\n[shards.a]\nurl = \"{}\"\n[shards.b]\nurl = \"{}\"\nweight = 0\n",
+            shards.url(0),
+            shards.url(1)
+        )
+    };
+    control
+        .publish(&one(1), &PublishOptions::default())
+        .await
+        .unwrap();
+    let two = map_toml(2, &shards, "");
+    control
+        .publish(&two, &PublishOptions::default())
+        .await
+        .unwrap();
+    // Tenants version 2 sends to b (version 1 had every tenant on a).
+    let v2 = MapLoader::without_env().load_str(&two).unwrap();
+    let mut on_b = (0..200)
+        .map(|i| format!("r{i}"))
+        .filter(|t| v2.shard(v2.locate(&TenantId::new(t).unwrap()).shard).name() == "b");
+    let (straggler, split) = (on_b.next().unwrap(), on_b.next().unwrap());
+    let insert = |url: String, tenant: String| async move {
+        common::connect(&url)
+            .await
+            .execute(
+                "INSERT INTO notes (tenant_id, id, body) VALUES ($1, gen_random_uuid(), 'x')",
+                &[&tenant],
+            )
+            .await
+            .unwrap();
+    };
+    // Written by a router still on version 1 (on a), and for `split` also on b.
+    insert(shards.url(0), straggler.clone()).await;
+    insert(shards.url(0), split.clone()).await;
+    insert(shards.url(1), split.clone()).await;
+
+    let found = control.pin_rollout_stragglers(2).await.unwrap();
+    assert_eq!(found.published, Some(3));
+    let pinned: Vec<&str> = found.pinned.iter().map(|r| r.tenant.as_str()).collect();
+    assert_eq!(pinned, [straggler.as_str()]);
+    let split_found: Vec<&str> = found.split.iter().map(|r| r.tenant.as_str()).collect();
+    assert_eq!(split_found, [split.as_str()]);
+    let v3 = control.latest().await.unwrap().load().unwrap();
+    let at = |t: &str| {
+        v3.shard(v3.locate(&TenantId::new(t).unwrap()).shard)
+            .name()
+            .to_owned()
+    };
+    assert_eq!(at(&straggler), "a", "pinned where it wrote");
+    assert_eq!(at(&split), "b", "a split tenant is reported, not pinned");
+    // Run again: nothing more to do (version 3 is not a rollout of a ring change).
+    let again = control.pin_rollout_stragglers(3).await.unwrap();
+    assert!(
+        again.pinned.is_empty() && again.published.is_none(),
+        "{again:?}"
+    );
+}

@@ -27,7 +27,7 @@ use tokio_postgres::Client;
 pub use agent::{ControlAgent, ControlOptions};
 pub use load::{LoadOrder, LoadWindow, ReportedShard, ReportedTenant};
 pub(crate) use publish::MoverPublish;
-pub use publish::{PublishError, PublishOptions, Published};
+pub use publish::{PublishError, PublishOptions, Published, Stragglers};
 pub use rehoming::{tenants_rehomed, RehomeError, Rehomed};
 pub use schema::{schema_gaps, SchemaGap};
 

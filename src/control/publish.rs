@@ -1,5 +1,7 @@
 //! Publishing a map version: validate, diff, refuse silent re-homing, insert.
 
+use std::collections::BTreeMap;
+
 use super::{ControlError, ControlPlane, RehomeError, Rehomed};
 use crate::map::{MapDiff, MapDocument, MapLoader};
 use crate::MapError;
@@ -312,6 +314,89 @@ impl ControlPlane {
             .note
             .get_or_insert_with(|| format!("rollback to version {to}"));
         self.publish(&toml, &options).await
+    }
+}
+
+/// What [`ControlPlane::pin_rollout_stragglers`] found and did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[non_exhaustive]
+pub struct Stragglers {
+    /// Tenants that first wrote during the rollout, on the shard the version
+    /// before placed them (a router still served it): pinned there.
+    pub pinned: Vec<Rehomed>,
+    /// Tenants with rows on both shards: written on the old placement during
+    /// the rollout and on the new one after it. Neither shard holds all of
+    /// their data; move or merge them by hand.
+    pub split: Vec<Rehomed>,
+    /// The follow-up version that pinned them, if one was published.
+    pub published: Option<u64>,
+}
+
+impl ControlPlane {
+    /// Run once every router has applied `version` (`map publish --wait`):
+    /// the data check ran when `version` was published, but a router still
+    /// on the version before could give a tenant with no data yet its first
+    /// rows on the shard that version placed it on. Such tenants are pinned
+    /// there in a follow-up version (checked like any publish); tenants that
+    /// also have rows where `version` places them are reported as split.
+    /// Nothing is published when `version` is no longer the newest.
+    ///
+    /// ```no_run
+    /// # async fn f(mut c: shard_router::control::ControlPlane) -> Result<(), Box<dyn std::error::Error>> {
+    /// let found = c.pin_rollout_stragglers(7).await?;
+    /// for t in &found.split { eprintln!("{} has rows on {} and {}", t.tenant, t.from, t.to); }
+    /// # Ok(()) }
+    /// ```
+    pub async fn pin_rollout_stragglers(
+        &mut self,
+        version: u64,
+    ) -> Result<Stragglers, PublishError> {
+        let mut found = Stragglers::default();
+        let newest = self.latest().await?;
+        if newest.version != version || version < 2 {
+            return Ok(found);
+        }
+        let Some(before) = self.get(version - 1).await? else {
+            return Ok(found);
+        };
+        let (old, new) = (before.load()?, newest.load()?);
+        let rehomed = super::tenants_rehomed(&old, &new).await?;
+        // Which of them wrote where the new map sends them too.
+        let mut on_new: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for r in &rehomed {
+            on_new
+                .entry(r.to.as_str())
+                .or_default()
+                .push(r.tenant.as_str());
+        }
+        let mut split = std::collections::BTreeSet::new();
+        for (shard, tenants) in on_new {
+            let Some(index) = new.shard_index(shard) else {
+                continue;
+            };
+            split.extend(
+                super::rehoming::with_rows_on(new.shard(index), new.tenant_column(), &tenants)
+                    .await
+                    .map_err(RehomeError::from)?,
+            );
+        }
+        let (split, pinned): (Vec<Rehomed>, Vec<Rehomed>) =
+            rehomed.into_iter().partition(|r| split.contains(&r.tenant));
+        found.split = split;
+        if !pinned.is_empty() {
+            let toml = add_pins(&set_version(&newest.toml, version + 1)?, &pinned)?;
+            let published = self
+                .publish(
+                    &toml,
+                    &PublishOptions::with_note(&format!(
+                        "pins for tenants that first wrote during the rollout of version {version}"
+                    )),
+                )
+                .await?;
+            found.published = Some(published.version);
+        }
+        found.pinned = pinned;
+        Ok(found)
     }
 }
 

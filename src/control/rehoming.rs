@@ -118,6 +118,19 @@ pub async fn tenants_rehomed(old: &ShardMap, new: &ShardMap) -> Result<Vec<Rehom
     Ok(rehomed)
 }
 
+/// Of `tenants`, those with rows on `shard` (one connection, one query per
+/// tenant table).
+pub(crate) async fn with_rows_on(
+    shard: &Shard,
+    column: &str,
+    tenants: &[&str],
+) -> Result<BTreeSet<String>, ShardError> {
+    Scan::open(shard, column)
+        .await?
+        .tenants_among(tenants)
+        .await
+}
+
 /// What the shards say against a new map, beyond the diff with the stored
 /// newest map (the model's `publish_checks_shards`, issue 26.1).
 #[derive(Debug, Default)]

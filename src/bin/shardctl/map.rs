@@ -187,19 +187,51 @@ fn publish(
             ),
             _ => None,
         };
+        // Every router applied it: tenants that first wrote meanwhile on the
+        // placement before are pinned there in a follow-up version.
+        let stragglers = match &rollout {
+            Some(r) if r.laggards.is_empty() => Some(
+                control
+                    .pin_rollout_stragglers(published.version)
+                    .await
+                    .map_err(|e| format!("after the rollout: {e}"))?,
+            ),
+            _ => None,
+        };
         if json {
             #[derive(serde::Serialize)]
             struct Report<'a> {
                 #[serde(flatten)]
                 published: &'a Published,
                 rollout: Option<&'a Rollout>,
+                stragglers: Option<&'a shard_router::control::Stragglers>,
             }
             print_json(&Report {
                 published: &published,
                 rollout: rollout.as_ref(),
+                stragglers: stragglers.as_ref(),
             });
-        } else if let Some(rollout) = &rollout {
-            print_rollout(rollout, published.version);
+        } else {
+            if let Some(rollout) = &rollout {
+                print_rollout(rollout, published.version);
+            }
+            if let Some(found) = &stragglers {
+                for t in &found.pinned {
+                    println!(
+                        "  pinned {} to {}: it first wrote there during the rollout",
+                        t.tenant, t.from
+                    );
+                }
+                if let Some(v) = found.published {
+                    println!("published version {v} with those pins");
+                }
+                for t in &found.split {
+                    eprintln!(
+                        "warning: tenant {} has rows on {} (written during the rollout) and on {}: neither holds all of its data; merge or move them by hand",
+                        t.tenant, t.from, t.to
+                    );
+                }
+            }
         }
         match rollout {
             Some(r) if !r.laggards.is_empty() => Err(format!(
