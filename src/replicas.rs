@@ -41,6 +41,12 @@ pub(crate) struct ShardReplicas {
 /// One replica: its pool and what the last probe found.
 pub(crate) struct ReplicaState {
     pub(crate) pool: Pool,
+    /// One connection of its own for the lag probe: a pool busy with reads
+    /// must not make the replica look down.
+    probe_pool: Pool,
+    /// The per-tenant cap on this replica's pool (`tenant_max_connections`
+    /// of the replica's `pool`, else the shard's).
+    pub(crate) limiter: Option<std::sync::Arc<crate::limit::TenantLimiter>>,
     pub(crate) redacted_url: String,
     weight: u32,
     healthy: AtomicBool,
@@ -79,11 +85,24 @@ impl ShardReplicas {
             let pool = crate::pg::pool_for(
                 &replica.endpoint.config,
                 &replica.pool().limits(),
-                connector,
+                connector.clone(),
                 false,
             )?;
+            let probe_limits = crate::pg::PoolLimits {
+                max_size: 1,
+                ..replica.pool().limits()
+            };
+            let probe_pool =
+                crate::pg::pool_for(&replica.endpoint.config, &probe_limits, connector, false)?;
+            let limiter = replica
+                .pool()
+                .tenant_max_connections
+                .or(shard.pool().tenant_max_connections)
+                .map(|max| std::sync::Arc::new(crate::limit::TenantLimiter::new(max)));
             replicas.push(ReplicaState {
                 pool,
+                probe_pool,
+                limiter,
                 redacted_url: replica.redacted_url(),
                 weight: replica.weight(),
                 healthy: AtomicBool::new(false),
@@ -179,7 +198,7 @@ impl ShardReplicas {
             _ => return,
         }
         for replica in &self.replicas {
-            let result = position(&replica.pool, POSITION_ON_REPLICA).await;
+            let result = position(&replica.probe_pool, POSITION_ON_REPLICA).await;
             let verdict = match result {
                 Ok(Some(replay)) => {
                     replica.replay.store(replay, Ordering::Release);

@@ -442,3 +442,56 @@ async fn a_move_completes_only_once_the_targets_replica_holds_the_rows() {
         .get(0);
     assert_eq!(n, 50);
 }
+
+/// Issue 26.8: replicas under load. A tenant at its cap on the replica pool
+/// (`tenant_max_connections`), or a replica pool with every connection in use
+/// for longer than the probe's timeout, sends that read to the primary; the
+/// replica stays healthy (its lag probe has a connection of its own) and
+/// serves the next reads once connections are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_replica_pool_or_a_capped_tenant_reads_from_the_primary_without_marking_it_down() {
+    let pair = ReplicaPair::create();
+    let db = pair.database().await;
+    let toml = format!(
+        "version = 1\n[shards.a]\nurl = \"{}\"\npool = {{ max_size = 8, wait_timeout_ms = 1000 }}\n\
+         max_replica_lag_ms = 1000\n\
+         replicas = [{{ url = \"{}\", pool = {{ max_size = 2, wait_timeout_ms = 300, tenant_max_connections = 1 }} }}]\n",
+        pair.primary_url(&db),
+        pair.standby_url(&db),
+    );
+    let router = ShardRouter::new(MapLoader::without_env().load_str(&toml).unwrap()).unwrap();
+    assert!(
+        replica_healthy(&router, true).await,
+        "{:?}",
+        router.status()
+    );
+    let read = |tenant: &str| router.resolve(TenantId::new(tenant).unwrap());
+
+    // `hot` holds its one replica connection: its next read goes to the primary.
+    let hot = read("hot");
+    let held = hot.read().await.unwrap();
+    assert!(held.on_replica());
+    let second = hot.read().await.unwrap();
+    assert!(!second.on_replica(), "over its cap on the replica: primary");
+    drop(second);
+
+    // Every replica connection in use for longer than a probe's timeout.
+    let other = read("other").read().await.unwrap();
+    assert!(other.on_replica());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let third = read("third").read().await.unwrap();
+    assert!(!third.on_replica(), "replica pool busy: primary");
+    assert!(
+        router
+            .status()
+            .shards
+            .iter()
+            .flat_map(|s| &s.replicas)
+            .all(|r| r.healthy),
+        "a busy pool is not a replica down: {:?}",
+        router.status()
+    );
+    drop((held, other, third));
+    let back = read("third").read().await.unwrap();
+    assert!(back.on_replica(), "free connections: the replica again");
+}

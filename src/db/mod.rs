@@ -532,7 +532,8 @@ impl TenantDb {
                     .table
                     .read_replicas(shard)
                     .ok_or_else(|| unavailable(PoolError::Closed))?;
-                (&replicas.replicas[i].pool, None)
+                let replica = &replicas.replicas[i];
+                (&replica.pool, replica.limiter.as_deref())
             }
             Source::Primary => (self.table.pool(shard), self.table.limiter(shard)),
         };

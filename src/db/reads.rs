@@ -164,6 +164,16 @@ impl TenantDb {
                 replicas.served(i);
                 Some(client)
             }
+            // A busy pool (or the tenant at its cap there) is no sign of a
+            // replica down: this read goes to the primary, the next may not.
+            Err(crate::DbError::Unavailable { cause, .. })
+                if matches!(
+                    *cause,
+                    deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)
+                ) =>
+            {
+                None
+            }
             Err(e) => {
                 replicas.failed(i, e.report().to_string());
                 None
