@@ -263,8 +263,16 @@ enum Pc {
     Record(Phase),
     /// `Mover::backfill`: `copy::Copy::table`.
     Backfill,
-    /// `Mover::verify`.
+    /// `Mover::verify` (`copy::verify`): under the tenant lock, both write
+    /// chains reset (`reset_write_chains`), then every key range compared,
+    /// each under the lock. Writes commit between ranges; the model takes the
+    /// worst case, every range compared at once here and every later write
+    /// landing in a range already compared.
     Verify,
+    /// `copy::verify`, `compare_write_chains`: under the tenant lock, both
+    /// shards' write chains compared; they differ when a moving write
+    /// committed on one side only since the reset.
+    VerifyChains,
     /// Without the tenant lock: verify reads the target after the source.
     VerifyTarget,
     /// `Mover::cutover`: verify again before reads switch.
@@ -329,6 +337,9 @@ struct State {
     interleaved: bool,
     live_mover_displaced: bool,
     verify_passed_unequal: bool,
+    /// The shards' write chains (`shard_router_fence.writes`) differ: a
+    /// moving write committed on one side only since verify reset them.
+    chains_differ: bool,
     former: Option<Shard>,
     former_written: bool,
     abort_begun: bool,
@@ -360,6 +371,11 @@ struct Fixes {
     constraints_before_images: bool,
     /// Verify takes the tenant lock: no write lands between its two reads.
     verify_under_lock: bool,
+    /// Issue 25.7: verify resets a chain of the moving writes on both shards
+    /// before its first key range and compares them after its last, so a
+    /// COMMIT that landed on one shard only, in a range already compared, is
+    /// found.
+    verify_compares_write_chains: bool,
     /// Complete raises the former shard's fence to the complete map.
     complete_fences_former: bool,
     /// Found by this model: an abort that finds the dual-write map published
@@ -396,6 +412,7 @@ impl Fixes {
         publish_checks_shards: true,
         constraints_before_images: true,
         verify_under_lock: true,
+        verify_compares_write_chains: true,
         complete_fences_former: true,
         abort_waits_for_dual_write: true,
         publish_matches_intent: true,
@@ -958,22 +975,65 @@ impl MoveModel {
                 s.movers[m].pc = Pc::Record(Phase::Backfilled);
             }
             Pc::Verify | Pc::CutoverVerify => {
-                let next = if mv.pc == Pc::Verify {
-                    Pc::Record(Phase::Verified)
-                } else {
-                    Pc::Intent(Change::Reversed)
-                };
                 if self.fixes.verify_under_lock {
                     if lock_held(s) {
                         return None;
                     }
+                    if self.fixes.verify_compares_write_chains {
+                        // The reset is a shard-side write: only with the claim.
+                        if !self.shards_ok(s, m, &[rec.from, rec.to]) {
+                            return self.lease_lost(s, m);
+                        }
+                        // `check_in_flight`, as before every data step: the
+                        // chains see moving writes only, and only the fences
+                        // and maps of a move in flight keep other writes out
+                        // while the ranges are compared.
+                        if !self.in_flight(s, &rec) {
+                            return self.refuse(s, m);
+                        }
+                        // `Mover::verify`: only while the newest map
+                        // dual-writes the tenant (MapChanged otherwise).
+                        if s.control.latest()
+                            != (Placement::DualWrite {
+                                from: rec.from,
+                                to: rec.to,
+                            })
+                        {
+                            return self.refuse(s, m);
+                        }
+                        s.chains_differ = false;
+                    }
                     let (src, dst) = (s.shards[rec.from.i()].rows, s.shards[rec.to.i()].rows);
-                    self.verified(s, m, src == dst, next);
+                    if src != dst {
+                        // VerifyFailed: the move stops where it was.
+                        return self.refuse(s, m);
+                    }
+                    s.movers[m].cutover = mv.pc == Pc::CutoverVerify;
+                    s.movers[m].pc = Pc::VerifyChains;
                 } else {
                     s.movers[m].snapshot = s.shards[rec.from.i()].rows;
                     s.movers[m].cutover = mv.pc == Pc::CutoverVerify;
                     s.movers[m].pc = Pc::VerifyTarget;
                 }
+            }
+            Pc::VerifyChains => {
+                if lock_held(s) {
+                    return None;
+                }
+                let next = if mv.cutover {
+                    Pc::Intent(Change::Reversed)
+                } else {
+                    Pc::Record(Phase::Verified)
+                };
+                // Read under the claim, as the reset was.
+                if self.fixes.verify_compares_write_chains
+                    && !self.shards_ok(s, m, &[rec.from, rec.to])
+                {
+                    return self.lease_lost(s, m);
+                }
+                // Without the chains every range compared already passed.
+                let equal = !(self.fixes.verify_compares_write_chains && s.chains_differ);
+                self.verified(s, m, equal, next);
             }
             Pc::VerifyTarget => {
                 let next = if mv.cutover {
@@ -1212,6 +1272,7 @@ impl Model for MoveModel {
             interleaved: false,
             live_mover_displaced: false,
             verify_passed_unequal: false,
+            chains_differ: false,
             former: None,
             former_written: false,
             abort_begun: false,
@@ -1397,6 +1458,9 @@ impl Model for MoveModel {
                         Write::Done(Outcome::Ambiguous)
                     }
                 };
+                if placement.is_moving() && wrote[0] != wrote[1] {
+                    s.chains_differ = true;
+                }
                 for sh in [Shard::A, Shard::B] {
                     if wrote[sh.i()] {
                         s.shards[sh.i()].rows |= row(w);
@@ -1708,6 +1772,17 @@ fn bite_a_verify_without_the_tenant_lock() {
         bounds,
         "verify passes only if the copies are equal",
         |f| f.verify_under_lock = false,
+    );
+}
+
+#[test]
+fn bite_a_key_range_verify_blind_to_a_one_sided_commit() {
+    let bounds = bound(1, 0, 0, 0, false);
+    bites(
+        "verify without write chains",
+        bounds,
+        "verify passes only if the copies are equal",
+        |f| f.verify_compares_write_chains = false,
     );
 }
 

@@ -2431,3 +2431,144 @@ async fn under_lower_case_ids_a_move_refuses_rows_stored_in_another_case() {
     assert_eq!(status.phase, "complete");
     assert_eq!(count(&shards.url(1), "projects", tenant).await, 11);
 }
+
+/// Installs, on the shard behind `url`, a deferred trigger that refuses a
+/// project named `name` at COMMIT only: that side's COMMIT fails while the
+/// other's succeeds, as when a connection is lost during COMMIT.
+async fn refuse_at_commit_on(url: &str, name: &str) {
+    connect(url)
+        .await
+        .batch_execute(&format!(
+            "CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.name = '{name}' THEN RAISE EXCEPTION 'refused at commit'; END IF; \
+             RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT OR UPDATE ON projects \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit(); \
+             ALTER TABLE projects ENABLE ALWAYS TRIGGER refuse_at_commit;"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Issue 25.7: a write whose COMMIT lands on the source only, in a key range
+/// verify has already checked. The ranges alone cannot see it; the write
+/// chains can: verify refuses, and changes nothing. The next verify sees the
+/// difference in the rows, and abort keeps the source's copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_sided_commit_in_a_range_verify_already_checked_is_caught() {
+    let tenant = "hooli";
+    let (mut w, router, _agent, id) = parked_after(tenant, 200, Step::Backfill).await;
+    refuse_at_commit_on(&w.shards.url(1), "one-sided").await;
+    let (go, went) = std::sync::mpsc::channel::<()>();
+    let (done, finished) = std::sync::mpsc::channel::<shard_router::DbError>();
+    let writer = tokio::spawn({
+        let (router, id) = (router.clone(), id.clone());
+        async move {
+            tokio::task::spawn_blocking(move || went.recv().unwrap())
+                .await
+                .unwrap();
+            // The lowest key of all: inside the first range, already checked.
+            let db = router.resolve(id.clone());
+            let mut writer = db.write().await.unwrap();
+            writer
+                .execute(
+                    "INSERT INTO projects VALUES ($1, '00000000-0000-0000-0000-000000000001', 'one-sided')",
+                    &[&id.as_str()],
+                )
+                .await
+                .unwrap();
+            done.send(writer.commit().await.unwrap_err()).unwrap();
+        }
+    });
+    let mut options = until(Step::Verify);
+    options.batch_rows = 10; // ranges of 40 rows: 5 of projects
+    let mut ranges = 0;
+    let err = moves::resume(&mut w.control, &id, &options, |p| {
+        if let Progress::Verified { .. } = p {
+            ranges += 1;
+            if ranges == 1 {
+                go.send(()).unwrap();
+                let refused = tokio::task::block_in_place(|| finished.recv().unwrap());
+                assert!(refused.to_string().contains("shard b"), "{refused}");
+            }
+        }
+    })
+    .await
+    .unwrap_err();
+    writer.await.unwrap();
+    assert!(ranges > 5, "verify went on past the first range: {ranges}");
+    assert!(
+        matches!(err, MoveError::WriteOnOneShard { .. }),
+        "expected WriteOnOneShard, got {err}"
+    );
+    assert_eq!(count_named(&w.shards.url(0), "one-sided").await, 1);
+    assert_eq!(count_named(&w.shards.url(1), "one-sided").await, 0);
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.phase, "backfilled", "nothing moved on");
+    assert_eq!(router.resolve(id.clone()).shard(), "a");
+
+    // Verified again, the rows show the difference; abort keeps the source's.
+    let err = moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap_err();
+    match err {
+        MoveError::VerifyFailed { mismatches, .. } => {
+            assert_eq!(mismatches.len(), 1, "{mismatches:?}");
+            assert_eq!(mismatches[0].table, "public.projects");
+            assert_eq!(mismatches[0].source_rows, mismatches[0].target_rows + 1);
+        }
+        other => panic!("expected VerifyFailed, got {other}"),
+    }
+    moves::abort(&mut w.control, &id, &fast()).await.unwrap();
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 0);
+    assert_eq!(count_named(&w.shards.url(0), "one-sided").await, 1);
+}
+
+/// Issue 25.7, after cutover: a write in the `reversed` phase commits on the
+/// target (the primary) only. Complete compares the write chains once no
+/// moving write is left, records what it found, and keeps the former copy
+/// for comparison instead of purging it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_finds_a_one_sided_commit_after_cutover_and_keeps_the_former_copy() {
+    let tenant = "raviga";
+    let (mut w, router, _agent, id) = parked_after(tenant, 5, Step::Cutover).await;
+    refuse_at_commit_on(&w.shards.url(0), "one-sided").await;
+    let err = insert_project_refused(&router, &id, "one-sided").await;
+    assert!(err.to_string().contains("shard a"), "{err}");
+    assert_eq!(count_named(&w.shards.url(1), "one-sided").await, 1);
+    assert_eq!(count_named(&w.shards.url(0), "one-sided").await, 0);
+
+    let mut options = fast();
+    options.purge_source = true;
+    moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap();
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.phase, "complete");
+    let warning = status.state["one_sided_after_verify"].as_str().unwrap();
+    assert!(warning.contains("former copy was kept"), "{warning}");
+    assert_eq!(
+        count(&w.shards.url(0), "projects", tenant).await,
+        5,
+        "the former copy is kept, not purged"
+    );
+    assert_eq!(router.resolve(id.clone()).shard(), "b");
+}
+
+/// Complete without a one-sided write purges as asked and records nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_with_equal_write_chains_purges_the_former_copy() {
+    let tenant = "bachmanity";
+    let (mut w, router, _agent, id) = parked_after(tenant, 5, Step::Cutover).await;
+    insert_project(&router, &id, "both sides").await.unwrap();
+    let mut options = fast();
+    options.purge_source = true;
+    moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap();
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.phase, "complete");
+    assert!(status.state.get("one_sided_after_verify").is_none());
+    assert_eq!(count(&w.shards.url(0), "projects", tenant).await, 0);
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 6);
+}

@@ -353,11 +353,21 @@ impl TenantWriter {
         let column = self.db.table.map().tenant_column().to_owned();
         let reversed = self.db.location.reason.is_reversed_move();
         let key = move_lock_key(&tenant);
+        // The token this write appends to the tenant's write chain on both
+        // shards (see `crate::moves::fence`): a COMMIT that lands on one side
+        // only leaves the chains different, which verify and complete see.
+        let token = write_token();
         // 1. The primary's captured row images, in the order they changed.
         //    When the primary is the target (reversed), the target's tenant
         //    lock goes out with the drain: see 3.
         self.primary.clean = false;
-        let images = drain(self.primary.client(), reversed.then_some(key)).await;
+        let images = drain(
+            self.primary.client(),
+            tenant.as_str(),
+            &token,
+            reversed.then_some(key),
+        )
+        .await;
         self.primary.clean = true;
         let images = match images {
             Ok(images) => images,
@@ -379,6 +389,7 @@ impl TenantWriter {
             &column,
             &images,
             (!reversed).then_some(key),
+            Some((tenant.as_str(), &token)),
         )
         .await;
         if let Err(e) = applied {
@@ -579,6 +590,24 @@ pub(super) const DRAIN_SQL: &str = "WITH d AS (DELETE FROM shard_router_capture 
      SELECT coalesce(jsonb_agg(jsonb_build_object('t', tbl::text, 'op', op, 'old', old, 'new', new) \
      ORDER BY seq)::text, '[]') FROM d";
 
+/// Appends a moving write's token to the tenant's write chain on one shard,
+/// in the write's transaction (no fence row: nothing to append to).
+pub(crate) const APPEND_WRITE_SQL: &str =
+    "UPDATE shard_router_fence SET writes = md5(writes || $2) WHERE tenant = $1";
+
+/// A token that names one moving write on both shards: random, so two
+/// routers' writes never share one.
+fn write_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{:016x}", hasher.finish())
+}
+
 /// The tenant lock some sides take before their first move statement.
 pub(super) const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock($1)";
 
@@ -591,32 +620,41 @@ pub(super) const CONSTRAINTS_NOW_SQL: &str = "SET CONSTRAINTS ALL IMMEDIATE";
 /// foreign keys, deferrable unique keys, constraint triggers) are checked on
 /// the primary first, in that round trip too: a write the primary refuses is
 /// refused before any image reaches the other shard, whose replica mode would
-/// skip those checks (the model's `constraints_before_images`).
+/// skip those checks (the model's `constraints_before_images`). The write's
+/// `token` is appended to the tenant's write chain after the lock.
 pub(super) async fn drain(
     client: &TenantClient,
+    tenant: &str,
+    token: &str,
     lock: Option<i64>,
 ) -> Result<Vec<apply::Image>, tokio_postgres::Error> {
     let drain = client.prepare_cached(DRAIN_SQL).await?;
     let immediate = client.prepare_cached(CONSTRAINTS_NOW_SQL).await?;
+    let append = client.prepare_cached(APPEND_WRITE_SQL).await?;
+    let chained: [&(dyn ToSql + Sync); 2] = [&tenant, &token];
     let images = match lock {
         None => {
-            let (checked, images) = tokio::join!(
+            let (checked, appended, images) = tokio::join!(
                 client.raw().execute(&immediate, &[]),
+                client.raw().execute(&append, &chained),
                 client.raw().query_one(&drain, &[])
             );
             checked?;
+            appended?;
             images?
         }
         Some(key) => {
             let lock = client.prepare_cached(LOCK_SQL).await?;
             let key: [&(dyn ToSql + Sync); 1] = [&key];
-            let (checked, locked, images) = tokio::join!(
+            let (checked, locked, appended, images) = tokio::join!(
                 client.raw().execute(&immediate, &[]),
                 client.raw().execute(&lock, &key),
+                client.raw().execute(&append, &chained),
                 client.raw().query_one(&drain, &[])
             );
             checked?;
             locked?;
+            appended?;
             images?
         }
     };
@@ -629,7 +667,8 @@ pub(super) async fn drain(
 }
 
 /// Applies `images` on `side` (the secondary) in one round trip, after taking
-/// the tenant lock `lock` when given. Statements are prepared first (cached
+/// the tenant lock `lock` when given, and appends `chain`'s token (tenant,
+/// token) to the tenant's write chain last. Statements are prepared first (cached
 /// per connection): an unprepared one would send its Execute only after its
 /// Parse came back, and the next would overtake it.
 pub(super) async fn apply_images(
@@ -638,6 +677,7 @@ pub(super) async fn apply_images(
     column: &str,
     images: &[apply::Image],
     lock: Option<i64>,
+    chain: Option<(&str, &str)>,
 ) -> Result<(), tokio_postgres::Error> {
     side.clean = false;
     let client = side.client();
@@ -651,6 +691,12 @@ pub(super) async fn apply_images(
         Some(_) => Some(client.prepare_cached(LOCK_SQL).await?),
         None => None,
     };
+    let append_statement = match chain {
+        Some(_) => Some(client.prepare_cached(APPEND_WRITE_SQL).await?),
+        None => None,
+    };
+    let (chain_tenant, chain_token) = chain.unwrap_or_default();
+    let chain_params: [&(dyn ToSql + Sync); 2] = [&chain_tenant, &chain_token];
     let params: Vec<[&(dyn ToSql + Sync); 1]> = prepared
         .iter()
         .map(|(_, param)| [*param as &(dyn ToSql + Sync)])
@@ -666,7 +712,10 @@ pub(super) async fn apply_images(
         .iter()
         .zip(&params)
         .map(|((statement, _), param)| client.raw().execute(statement, param));
-    let result = futures_util::future::join_all(locked.chain(applies))
+    let appended = append_statement
+        .iter()
+        .map(|statement| client.raw().execute(statement, &chain_params));
+    let result = futures_util::future::join_all(locked.chain(applies).chain(appended))
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()

@@ -37,6 +37,23 @@ async fn begin_batch(client: &Client, version: u64, replica: bool) -> Result<(),
     .await
 }
 
+/// [`begin_batch`] on both shards at once; neither is left in a transaction
+/// if either fails.
+async fn begin_on_both(source: &Client, target: &Client, version: u64) -> Result<(), MoveError> {
+    let (on_source, on_target) = tokio::join!(
+        begin_batch(source, version, false),
+        begin_batch(target, version, false)
+    );
+    if let Err(e) = on_source.and(on_target) {
+        let _ = tokio::join!(
+            source.batch_execute("ROLLBACK"),
+            target.batch_execute("ROLLBACK")
+        );
+        return Err(e);
+    }
+    Ok(())
+}
+
 async fn begin_with(
     client: &Client,
     version: u64,
@@ -332,12 +349,14 @@ impl Copy<'_> {
 /// at most, never for the whole tenant. Writes between two ranges go through
 /// dual writes to both shards under the same locks, as every write after
 /// verify does, so equal ranges stay equal. The exception is a write whose
-/// COMMIT succeeds on one shard only (a lost connection): its writer records
-/// it on the move, but nothing here reads that record, so one that lands in a
-/// range already checked is not caught (issue 25.7, open; the old
-/// whole-tenant verify had the same gap from its COMMIT to cutover). Each
-/// side's checksum chains the ranges' checksums in key order, so equal
-/// checksums mean equal rows at the moments they were taken.
+/// COMMIT succeeds on one shard only (a lost connection): it may land in a
+/// range already checked. So before the first range both shards' write
+/// chains are reset, under the tenant lock, and after the last they are
+/// compared under it (the model's `VerifyChains`): every moving write appends
+/// to both, so they differ exactly when a write committed on one side only
+/// in between; the third value returned says so. Each side's checksum chains
+/// the ranges' checksums in key order, so equal checksums mean equal rows at
+/// the moments they were taken.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn verify(
     source: &Client,
@@ -349,11 +368,12 @@ pub(crate) async fn verify(
     chunk_rows: usize,
     lease: (&crate::control::ControlPlane, &super::record::Lease),
     mut progress: impl FnMut(Progress),
-) -> Result<(Vec<Mismatch>, serde_json::Map<String, serde_json::Value>), MoveError> {
+) -> Result<Verified, MoveError> {
     let mut mismatches = Vec::new();
     let mut sums = serde_json::Map::new();
     let mut renewal = Renewal::new(lease);
     let tenant_str = tenant.as_str();
+    write_chains(source, target, tenant, version, ChainStep::Reset).await?;
     for table in tables {
         let ranges = KeyRanges::new(table, column, chunk_rows);
         let (mut source_rows, mut target_rows) = (0i64, 0i64);
@@ -363,17 +383,7 @@ pub(crate) async fn verify(
             renewal.if_due(tenant).await?;
             // Through the key's index whatever the statistics say (a freshly
             // copied target is not analyzed yet), as backfill batches do.
-            let (on_source, on_target) = tokio::join!(
-                begin_batch(source, version, false),
-                begin_batch(target, version, false)
-            );
-            if let Err(e) = on_source.and(on_target) {
-                let _ = tokio::join!(
-                    source.batch_execute("ROLLBACK"),
-                    target.batch_execute("ROLLBACK")
-                );
-                return Err(e);
-            }
+            begin_on_both(source, target, version).await?;
             let range = async {
                 lock(source, tenant).await?;
                 lock(target, tenant).await?;
@@ -442,7 +452,81 @@ pub(crate) async fn verify(
             });
         }
     }
-    Ok((mismatches, sums))
+    let (source_chain, target_chain) =
+        write_chains(source, target, tenant, version, ChainStep::Compare).await?;
+    Ok(Verified {
+        mismatches,
+        sums,
+        one_sided_write: source_chain != target_chain,
+    })
+}
+
+/// What [`verify`] found.
+pub(crate) struct Verified {
+    /// The tables whose rows differ.
+    pub(crate) mismatches: Vec<Mismatch>,
+    /// Per table: rows and checksums on both sides, for the move record.
+    pub(crate) sums: serde_json::Map<String, serde_json::Value>,
+    /// A moving write committed on one shard only while verify ran: the
+    /// copies may differ in a range already checked.
+    pub(crate) one_sided_write: bool,
+}
+
+impl Verified {
+    /// Both copies are known equal.
+    pub(crate) fn equal(&self) -> bool {
+        self.mismatches.is_empty() && !self.one_sided_write
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChainStep {
+    /// `reset_write_chains`: before the first range.
+    Reset,
+    /// `compare_write_chains` (`VerifyChains`): after the last range.
+    Compare,
+}
+
+/// Resets or reads the tenant's write chains on both shards, under the
+/// tenant lock on both (the source's first) and the mover's claim, so no
+/// moving write is between its two sides and no displaced mover resets them
+/// behind a verify. Returns the chains read (empty after a reset).
+async fn write_chains(
+    source: &Client,
+    target: &Client,
+    tenant: &TenantId,
+    version: u64,
+    step: ChainStep,
+) -> Result<(String, String), MoveError> {
+    begin_on_both(source, target, version).await?;
+    let chains = async {
+        lock(source, tenant).await?;
+        lock(target, tenant).await?;
+        let tenant = tenant.as_str();
+        let params: [&(dyn ToSql + Sync); 1] = [&tenant];
+        if step == ChainStep::Reset {
+            let (on_source, on_target) = tokio::join!(
+                source.execute(super::fence::RESET_CHAIN_SQL, &params),
+                target.execute(super::fence::RESET_CHAIN_SQL, &params)
+            );
+            on_source.and(on_target).map_err(MoveError::db)?;
+            return Ok((String::new(), String::new()));
+        }
+        let (on_source, on_target) = tokio::join!(
+            source.query_one(super::fence::READ_CHAIN_SQL, &params),
+            target.query_one(super::fence::READ_CHAIN_SQL, &params)
+        );
+        Ok::<_, MoveError>((
+            on_source.map_err(MoveError::db)?.get(0),
+            on_target.map_err(MoveError::db)?.get(0),
+        ))
+    }
+    .await;
+    let end = if chains.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let (on_source, on_target) = tokio::join!(source.batch_execute(end), target.batch_execute(end));
+    let chains = chains?;
+    on_source.and(on_target).map_err(MoveError::db)?;
+    Ok(chains)
 }
 
 /// The statements that walk one table's rows of a tenant in key ranges: a

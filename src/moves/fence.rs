@@ -15,6 +15,14 @@
 //!   row's final image (after defaults, identity, and every `BEFORE` trigger) in
 //!   the unlogged table `shard_router_capture`. A row of any other tenant
 //!   touched by such a transaction is refused.
+//! * **Write chain.** The fence row's `writes` column: every moving write
+//!   appends one token to it (`md5(writes || token)`) on both shards, each in
+//!   its own shard's transaction, in the order the tenant lock gives them.
+//!   Equal chains mean the same writes committed on both sides; a COMMIT that
+//!   landed on one shard only leaves them different for good. Verify resets
+//!   both under the tenant lock before its first key range and compares them
+//!   after its last (the model's `VerifyChains`); complete compares them once
+//!   no moving write is left.
 //! * **Apply** (in the writer, `crate::db::apply`): the images are replayed on
 //!   the other shard in order, by primary key, in replica mode, so foreign keys
 //!   whose parents are not copied yet, triggers and defaults on that shard
@@ -49,12 +57,17 @@ pub(crate) async fn install(
         "CREATE TABLE IF NOT EXISTS shard_router_fence (\n\
            tenant text PRIMARY KEY,\n\
            min_version bigint NOT NULL,\n\
-           moving boolean NOT NULL DEFAULT true\n\
+           moving boolean NOT NULL DEFAULT true,\n\
+           writes text NOT NULL DEFAULT ''\n\
          );\n\
          DO $d$ BEGIN\n\
            IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'shard_router_fence'::regclass\n\
                           AND attname = 'moving' AND NOT attisdropped) THEN\n\
              ALTER TABLE shard_router_fence ADD COLUMN moving boolean NOT NULL DEFAULT true;\n\
+           END IF;\n\
+           IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'shard_router_fence'::regclass\n\
+                          AND attname = 'writes' AND NOT attisdropped) THEN\n\
+             ALTER TABLE shard_router_fence ADD COLUMN writes text NOT NULL DEFAULT '';\n\
            END IF;\n\
          END $d$;\n\
          CREATE UNLOGGED TABLE IF NOT EXISTS shard_router_capture (\n\
@@ -273,6 +286,33 @@ where
     }
     client.batch_execute("COMMIT").await.map_err(MoveError::db)
 }
+
+/// Both shards' write chains for `tenant`, read without the tenant lock:
+/// for a caller that knows no moving write is left (complete, after
+/// `WaitForLockHolders`). Empty where a shard has no fence row.
+pub(crate) async fn write_chains(
+    source: &Client,
+    target: &Client,
+    tenant: &str,
+) -> Result<(String, String), MoveError> {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&tenant];
+    let (on_source, on_target) = tokio::join!(
+        source.query_one(READ_CHAIN_SQL, &params),
+        target.query_one(READ_CHAIN_SQL, &params)
+    );
+    Ok((
+        on_source.map_err(MoveError::db)?.get(0),
+        on_target.map_err(MoveError::db)?.get(0),
+    ))
+}
+
+/// A tenant's write chain on one shard (empty without a fence row).
+pub(crate) const READ_CHAIN_SQL: &str =
+    "SELECT coalesce((SELECT writes FROM shard_router_fence WHERE tenant = $1), '')";
+
+/// Resets a tenant's write chain on one shard (verify, under the tenant lock).
+pub(crate) const RESET_CHAIN_SQL: &str =
+    "UPDATE shard_router_fence SET writes = '' WHERE tenant = $1";
 
 /// The fence row of `tenant` on the shard behind `client`: `(min_version,
 /// moving)`, or `None` when it has none (or the shard never had a move).

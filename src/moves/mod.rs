@@ -299,6 +299,14 @@ pub enum MoveError {
         /// The tables that differ.
         mismatches: Vec<Mismatch>,
     },
+    /// A moving write committed on one shard only while verify ran (its
+    /// COMMIT was lost on the other), so the copies may differ in a key range
+    /// verify had already checked; cutover is refused.
+    #[error("tenant {tenant}: a write committed on one shard only while verify ran (its other COMMIT was lost; its client was told the write failed), so the copies may differ where verify had already looked; cutover refused. Resume to verify again; if that finds differences, abort the move")]
+    WriteOnOneShard {
+        /// The tenant.
+        tenant: String,
+    },
     /// The move is complete, or its complete map may already be live; it can
     /// no longer be aborted.
     #[error("the move of tenant {tenant} is complete or its complete map is published; resume to finish it, then move the tenant back with a new move")]
@@ -859,6 +867,10 @@ impl MapChange {
 
 use record::Lease;
 
+/// What the move record's state says (`one_sided_after_verify`) when complete
+/// found the write chains different.
+pub(crate) const ONE_SIDED_AFTER_VERIFY: &str = "a write committed on one shard only after cutover's verify (its client was told it failed); the target keeps what it served since cutover, and the former copy was kept, not purged, so the two can be compared; shardctl tenant purge removes it";
+
 struct Mover<'a> {
     control: &'a mut ControlPlane,
     tenant: TenantId,
@@ -1204,9 +1216,16 @@ impl<'a> Mover<'a> {
     async fn verify(&mut self, progress: &mut impl FnMut(Progress)) -> Result<(), MoveError> {
         let (map, source, target) = self.shards().await?;
         self.check_in_flight(&source, &target).await?;
+        // The write chains see moving writes only: verify runs only while the
+        // newest map dual-writes the tenant (found by the model: after a
+        // restore, a resumed verify beside routers on the complete map).
+        let dual_write = MapChange::Phase("dual_write");
+        if !self.entry_is(&map, dual_write) {
+            return Err(self.map_changed(&map, dual_write));
+        }
         let column = map.tenant_column();
         let tables = catalog::tenant_tables(&source, column).await?;
-        let (mismatches, sums) = copy::verify(
+        let verified = copy::verify(
             &source,
             &target,
             &tables,
@@ -1218,14 +1237,18 @@ impl<'a> Mover<'a> {
             progress,
         )
         .await?;
-        self.note(json!({ "verify": sums })).await?;
-        if mismatches.is_empty() {
-            Ok(())
-        } else {
+        self.note(json!({ "verify": verified.sums })).await?;
+        if !verified.mismatches.is_empty() {
             Err(MoveError::VerifyFailed {
                 tenant: self.tenant.to_string(),
-                mismatches,
+                mismatches: verified.mismatches,
             })
+        } else if verified.one_sided_write {
+            Err(MoveError::WriteOnOneShard {
+                tenant: self.tenant.to_string(),
+            })
+        } else {
+            Ok(())
         }
     }
 
@@ -1255,8 +1278,22 @@ impl<'a> Mover<'a> {
         // finish first (`WaitForLockHolders`), then `Settle`.
         fence::raise(&source, self.tenant.as_str(), version).await?;
         copy::wait_for_lock_holders(&source, &self.tenant, self.options.wait).await?;
+        // `CompareWriteChains`: no moving write is left. Cutover's verify left
+        // the chains equal; if they differ now, a write committed on one side
+        // only after it. The target keeps what it served since `reversed`
+        // (that write's client was told it failed); the former copy is kept
+        // for comparison instead of purged, and the record says so.
+        let (on_source, on_target) =
+            fence::write_chains(&source, &target, self.tenant.as_str()).await?;
+        let one_sided = on_source != on_target;
+        if one_sided {
+            tracing::warn!(tenant = %self.tenant, from = %self.from, to = %self.to,
+                "a write committed on one shard only after cutover's verify; the former copy is kept");
+            self.note(json!({ "one_sided_after_verify": ONE_SIDED_AFTER_VERIFY }))
+                .await?;
+        }
         fence::settle(&target, &source, self.tenant.as_str()).await?;
-        if self.options.purge_source {
+        if self.options.purge_source && !one_sided {
             self.purge_rows(&map, &source, version).await?;
         }
         Ok(())
@@ -1431,8 +1468,7 @@ impl<'a> Mover<'a> {
                 )
             };
             self.check_in_flight(&source, &target).await?;
-            let (mismatches, _) = verify().await?;
-            if !mismatches.is_empty() {
+            if !verify().await?.equal() {
                 let copier = copy::Copy {
                     from: &target,
                     to: &source,
@@ -1447,11 +1483,16 @@ impl<'a> Mover<'a> {
                 for table in &tables {
                     copier.table(table, &mut |_| {}).await?;
                 }
-                let (mismatches, _) = verify().await?;
-                if !mismatches.is_empty() {
+                let verified = verify().await?;
+                if !verified.mismatches.is_empty() {
                     return Err(MoveError::VerifyFailed {
                         tenant: self.tenant.to_string(),
-                        mismatches,
+                        mismatches: verified.mismatches,
+                    });
+                }
+                if verified.one_sided_write {
+                    return Err(MoveError::WriteOnOneShard {
+                        tenant: self.tenant.to_string(),
                     });
                 }
             }

@@ -264,6 +264,13 @@ fn print_move(status: &moves::MoveStatus, json: bool) {
             println!("  {step} took {ms} ms");
         }
     }
+    if let Some(warning) = status
+        .state
+        .get("one_sided_after_verify")
+        .and_then(|w| w.as_str())
+    {
+        println!("  warning: {warning}");
+    }
     if let Some(error) = &status.error {
         println!("  last error: {error}");
     }
