@@ -389,7 +389,9 @@ struct Fixes {
     publish_matches_intent: bool,
     /// Found by this model: a mover publishes a phase only over the phase
     /// before it, and a wait ends only while the newest map still shows what
-    /// it published (a recovery publish after a restore can drop the move).
+    /// it published (a recovery publish after a restore can drop the move);
+    /// verify runs only while the newest map dual-writes the tenant (after a
+    /// restore, a resumed verify beside routers on the complete map).
     mover_checks_map_entry: bool,
     /// Found by this model: start removes the tenant's rows from the target
     /// only where a fence marks them stale (`moving = false`); rows without a
@@ -991,17 +993,17 @@ impl MoveModel {
                         if !self.in_flight(s, &rec) {
                             return self.refuse(s, m);
                         }
-                        // `Mover::verify`: only while the newest map
-                        // dual-writes the tenant (MapChanged otherwise).
-                        if s.control.latest()
-                            != (Placement::DualWrite {
-                                from: rec.from,
-                                to: rec.to,
-                            })
-                        {
-                            return self.refuse(s, m);
-                        }
                         s.chains_differ = false;
+                    }
+                    // `Mover::verify`: only while the newest map dual-writes
+                    // the tenant (MapChanged otherwise): the chains see
+                    // moving writes only.
+                    let dual_write = Placement::DualWrite {
+                        from: rec.from,
+                        to: rec.to,
+                    };
+                    if self.fixes.mover_checks_map_entry && s.control.latest() != dual_write {
+                        return self.refuse(s, m);
                     }
                     let (src, dst) = (s.shards[rec.from.i()].rows, s.shards[rec.to.i()].rows);
                     if src != dst {

@@ -2572,3 +2572,123 @@ async fn complete_with_equal_write_chains_purges_the_former_copy() {
     assert_eq!(count(&w.shards.url(0), "projects", tenant).await, 0);
     assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 6);
 }
+
+/// Issue 25.6: a REPEATABLE READ or SERIALIZABLE transaction that took its
+/// snapshot before the fence was raised cannot see the fence row; its write
+/// is refused as a serialization failure (retry it), and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_older_than_the_fence_cannot_write_past_it() {
+    let tenant = "endframe";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 3).await;
+    let (_router, _agent) = ControlAgent::start(&w.control_db.url(0), agent_options("r1"))
+        .await
+        .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    let mut stale = Vec::new();
+    for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+        let client = connect(&w.shards.url(0)).await;
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL {level}; SELECT count(*) FROM projects"
+            ))
+            .await
+            .unwrap();
+        stale.push((level, client));
+    }
+    moves::start(&mut w.control, &id, "b", &until(Step::Start), |_| {})
+        .await
+        .unwrap();
+    for (level, client) in stale {
+        let err = client
+            .execute(
+                "INSERT INTO projects VALUES ($1, $2, 'stale snapshot')",
+                &[&tenant, &Uuid::new_v4()],
+            )
+            .await
+            .unwrap_err();
+        let db = err.as_db_error().expect("a database error");
+        assert_eq!(db.code().code(), "40001", "{level}: {db}");
+        assert!(db.message().contains("snapshot"), "{level}: {db}");
+    }
+    assert_eq!(count_named(&w.shards.url(0), "stale snapshot").await, 0);
+    // A fresh snapshot sees the fence, and a write that declares no version
+    // is refused by it as before.
+    let client = connect(&w.shards.url(0)).await;
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let err = client
+        .execute(
+            "INSERT INTO projects VALUES ($1, $2, 'no version')",
+            &[&tenant, &Uuid::new_v4()],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "SRF01", "{err}");
+    moves::abort(&mut w.control, &id, &fast()).await.unwrap();
+}
+
+/// Issue 25.6: a tenant table created during a move by a tool other than
+/// `shardctl migrate` gets the fence and capture triggers in its own DDL
+/// transaction, so the move's writes reach both shards and the move finishes
+/// with its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_table_created_during_a_move_by_another_tool_is_covered() {
+    let tenant = "aviato";
+    let (mut w, router, _agent, id) = parked_after(tenant, 3, Step::Backfill).await;
+    for shard in 0..2 {
+        connect(&w.shards.url(shard))
+            .await
+            .batch_execute(
+                "CREATE TABLE labels (tenant_id text NOT NULL, id uuid PRIMARY KEY, name text NOT NULL)",
+            )
+            .await
+            .unwrap();
+    }
+    let triggers: Vec<String> = connect(&w.shards.url(0))
+        .await
+        .query(
+            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'labels'::regclass ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        triggers,
+        [
+            "shard_router_fence",
+            "shard_router_truncate",
+            "zz_shard_router_capture"
+        ]
+    );
+    let db = router.resolve(id.clone());
+    let mut writer = db.write().await.unwrap();
+    writer
+        .execute(
+            "INSERT INTO labels VALUES ($1, $2, 'urgent')",
+            &[&tenant, &Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    // A write outside TenantDb::write is refused by the new table's fence.
+    let err = connect(&w.shards.url(0))
+        .await
+        .execute(
+            "INSERT INTO labels VALUES ($1, $2, 'stray')",
+            &[&tenant, &Uuid::new_v4()],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "SRF01", "{err}");
+    moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(count(&w.shards.url(1), "labels", tenant).await, 1);
+    assert_eq!(router.resolve(id.clone()).shard(), "b");
+}

@@ -53,6 +53,7 @@ pub(crate) async fn install(
     wait: std::time::Duration,
 ) -> Result<(), MoveError> {
     let col = quote_ident(column);
+    let column_literal = format!("'{}'", column.replace('\'', "''"));
     let functions = String::from(
         "CREATE TABLE IF NOT EXISTS shard_router_fence (\n\
            tenant text PRIMARY KEY,\n\
@@ -78,7 +79,8 @@ pub(crate) async fn install(
            old jsonb,\n\
            new jsonb\n\
          );\n\
-         CREATE INDEX IF NOT EXISTS shard_router_capture_xid ON shard_router_capture (xid, seq);\n"
+         CREATE INDEX IF NOT EXISTS shard_router_capture_xid ON shard_router_capture (xid, seq);\n\
+         CREATE SEQUENCE IF NOT EXISTS shard_router_fence_xid;\n"
     );
     let definitions = format!(
         "{functions}\
@@ -89,7 +91,16 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
            declared text := current_setting('{VERSION_SETTING}', true);\n\
            version text := split_part(coalesce(declared, ''), '@', 1);\n\
            bound text := split_part(coalesce(declared, ''), '@', 2);\n\
+           raised bigint;\n\
          BEGIN\n\
+           IF current_setting('transaction_isolation') <> 'read committed' THEN\n\
+             SELECT last_value INTO raised FROM shard_router_fence_xid;\n\
+             IF NOT pg_visible_in_snapshot(raised::text::xid8, pg_current_snapshot()) THEN\n\
+               RAISE EXCEPTION USING ERRCODE = '40001',\n\
+                 MESSAGE = format('shard-router fence: a tenant fence on this shard was raised after this %s transaction took its snapshot, so the fence it sees may be stale; retry the transaction', current_setting('transaction_isolation')),\n\
+                 HINT = 'write through TenantDb::write, or retry on serialization failures as REPEATABLE READ and SERIALIZABLE transactions must';\n\
+             END IF;\n\
+           END IF;\n\
            IF TG_OP = 'DELETE' THEN t := OLD.{col}; ELSE t := NEW.{col}; END IF;\n\
            SELECT min_version INTO fenced FROM shard_router_fence WHERE tenant = t;\n\
            IF fenced IS NULL AND TG_OP = 'UPDATE' AND OLD.{col} IS DISTINCT FROM t THEN\n\
@@ -131,7 +142,24 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
                    CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);\n\
            RETURN NULL;\n\
          END $f$;\n\
-         {BOUND_FUNCTION}\n"
+         {BOUND_FUNCTION}\n\
+         CREATE OR REPLACE FUNCTION shard_router_cover_new_tables() RETURNS event_trigger LANGUAGE plpgsql AS $f$\n\
+         DECLARE r record;\n\
+         BEGIN\n\
+           FOR r IN SELECT DISTINCT c.oid::regclass AS tbl FROM pg_event_trigger_ddl_commands() d\n\
+                    JOIN pg_class c ON c.oid = d.objid\n\
+                    WHERE d.classid = 'pg_class'::regclass AND c.relkind IN ('r', 'p')\n\
+                      AND c.relpersistence <> 't' AND NOT c.relispartition\n\
+                      AND c.relname NOT LIKE 'shard\\_router\\_%'\n\
+                      AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid\n\
+                                  AND a.attname = {column_literal} AND NOT a.attisdropped)\n\
+                      AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid\n\
+                                      AND t.tgname = 'shard_router_fence')\n\
+           LOOP\n\
+             EXECUTE format('CREATE TRIGGER shard_router_fence BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION shard_router_fence_check(); ALTER TABLE %s ENABLE ALWAYS TRIGGER shard_router_fence; CREATE OR REPLACE TRIGGER shard_router_truncate BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION shard_router_truncate_check(); ALTER TABLE %s ENABLE ALWAYS TRIGGER shard_router_truncate; CREATE OR REPLACE TRIGGER zz_shard_router_capture AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW WHEN (coalesce(current_setting(%L, true), %L) <> %L) EXECUTE FUNCTION shard_router_capture_row()',\n\
+                            r.tbl, r.tbl, r.tbl, r.tbl, r.tbl, '{CAPTURE_SETTING}', '', '');\n\
+           END LOOP;\n\
+         END $f$;\n"
     );
     // Definitions only: no lock on any tenant table. One installer at a time
     // per shard (two moves of different tenants may start together).
@@ -142,6 +170,7 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
         wait,
     )
     .await?;
+    cover_new_tables(client).await?;
     for table in tables {
         let name = &table.name;
         let present: Vec<(String, i8)> = client
@@ -194,6 +223,33 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
     Ok(())
 }
 
+/// Creates the event trigger that gives every tenant table created later,
+/// by any tool, the fence, truncate and capture triggers in the DDL's own
+/// transaction (`CREATE TABLE`, `ALTER TABLE ... ADD COLUMN` of the tenant
+/// column, `CREATE TABLE AS`): a table added during a move is covered. Event
+/// triggers need a superuser; without one this logs a warning and tables
+/// must come through `shardctl migrate`, which installs the triggers itself.
+async fn cover_new_tables(client: &Client) -> Result<(), MoveError> {
+    let sql = "DO $d$ BEGIN \
+         IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'shard_router_cover_new_tables') THEN \
+           CREATE EVENT TRIGGER shard_router_cover_new_tables ON ddl_command_end \
+             WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE TABLE AS', 'SELECT INTO') \
+             EXECUTE FUNCTION shard_router_cover_new_tables(); \
+         END IF; END $d$";
+    match client.batch_execute(sql).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            tracing::warn!(
+                "the move's role cannot create event triggers (a superuser can): tenant tables \
+                 created during a move by tools other than shardctl migrate get no fence or capture \
+                 trigger, and writes to them would reach one shard only"
+            );
+            Ok(())
+        }
+        Err(e) => Err(MoveError::db(e)),
+    }
+}
+
 /// Runs `sql` (a whole transaction), retrying while it fails on a lock
 /// timeout or a deadlock, for at most `wait`.
 async fn retry_with_lock_timeout(
@@ -229,6 +285,14 @@ const BOUND_FUNCTION: &str = "CREATE OR REPLACE FUNCTION shard_router_tx_bound()
 /// Raises the tenant's fence to `version` (never lowers it) and marks it moving.
 pub(crate) async fn raise(client: &Client, tenant: &str, version: u64) -> Result<(), MoveError> {
     claimed(client, |tx| async move {
+        // A REPEATABLE READ or SERIALIZABLE transaction whose snapshot is
+        // older than this one cannot see the row: the fence trigger refuses
+        // its writes (40001) while this transaction is not in its snapshot.
+        tx.execute(
+            "SELECT setval('shard_router_fence_xid', pg_current_xact_id()::text::bigint)",
+            &[],
+        )
+        .await?;
         tx.execute(
             "INSERT INTO shard_router_fence (tenant, min_version, moving) VALUES ($1, $2, true) \
              ON CONFLICT (tenant) DO UPDATE \
