@@ -1564,3 +1564,111 @@ async fn tenants_that_first_write_during_a_rollout_are_pinned_where_they_wrote()
         "{again:?}"
     );
 }
+
+/// Issue 26.4: `control init` creates three roles. A router's login can start,
+/// follow maps and heartbeat, and nothing more: it cannot publish, edit a
+/// move, or block later publishes with a forged version. A publisher's login
+/// publishes but cannot edit moves; a mover's login can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_three_control_roles_do_their_jobs_and_no_more() {
+    let (control_db, shards, mut control) = setup(1).await;
+    control
+        .publish(&map_toml(1, &shards, ""), &PublishOptions::default())
+        .await
+        .unwrap();
+    let admin = common::connect(&control_db.url(0)).await;
+    let login = |role: &str| {
+        let url = control_db.url(0);
+        let changed = url.replacen("://postgres@", &format!("://{role}@"), 1);
+        assert_ne!(url, changed, "the test server's user is postgres");
+        changed
+    };
+    let base = &control_db.names[0];
+    let (router_role, publisher_role, mover_role) = (
+        format!("{base}_router"),
+        format!("{base}_publisher"),
+        format!("{base}_mover"),
+    );
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {router_role} LOGIN IN ROLE shard_router_router; \
+             CREATE ROLE {publisher_role} LOGIN IN ROLE shard_router_publisher; \
+             CREATE ROLE {mover_role} LOGIN IN ROLE shard_router_mover;"
+        ))
+        .await
+        .unwrap();
+    let code = |e: tokio_postgres::Error| e.code().unwrap().code().to_owned();
+
+    let (router, agent) = ControlAgent::start(&login(&router_role), options("r1"))
+        .await
+        .unwrap();
+    assert_eq!(router.version(), 1);
+    let as_router = common::connect(&login(&router_role)).await;
+    let denied = as_router
+        .execute(
+            "INSERT INTO shard_router_maps (version, map, checksum) VALUES (2, '', '')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(denied), "42501", "a router cannot publish");
+    let denied = as_router
+        .execute("UPDATE shard_router_moves SET phase = 'complete'", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code(denied), "42501", "a router cannot edit a move");
+    let forged = as_router
+        .execute(
+            "UPDATE shard_router_routers SET applied_version = 9000000000000000000 WHERE instance_id = 'r1'",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(forged), "23514", "a forged version is refused");
+
+    let mut publisher = ControlPlane::connect(&login(&publisher_role))
+        .await
+        .unwrap();
+    publisher
+        .publish(
+            &map_toml(2, &shards, "[tenants]\nacme = \"a\"\n"),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || router.version() == 2).await);
+    let as_publisher = common::connect(&login(&publisher_role)).await;
+    let denied = as_publisher
+        .execute(
+            "INSERT INTO shard_router_moves (tenant, from_shard, to_shard, phase) VALUES ('t', 'a', 'b', 'starting')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code(denied),
+        "42501",
+        "a publisher cannot start a move by hand"
+    );
+    let as_mover = common::connect(&login(&mover_role)).await;
+    as_mover
+        .execute(
+            "INSERT INTO shard_router_moves (tenant, from_shard, to_shard, phase) VALUES ('t', 'a', 'b', 'aborted')",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    drop((agent, router, as_router, as_publisher, as_mover, publisher));
+    drop(control);
+    drop(admin);
+    drop(control_db);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cluster = common::connect(&common::db_url("postgres")).await;
+    cluster
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {router_role}; DROP ROLE IF EXISTS {publisher_role}; DROP ROLE IF EXISTS {mover_role};"
+        ))
+        .await
+        .unwrap();
+}

@@ -337,7 +337,7 @@ struct State {
     interleaved: bool,
     live_mover_displaced: bool,
     verify_passed_unequal: bool,
-    /// The shards' write chains (`shard_router_fence.writes`) differ: a
+    /// The shards' write chains (`shard_router_write_chain`) differ: a
     /// moving write committed on one side only since verify reset them.
     chains_differ: bool,
     former: Option<Shard>,
@@ -998,11 +998,20 @@ impl MoveModel {
                     // `Mover::verify`: only while the newest map dual-writes
                     // the tenant (MapChanged otherwise): the chains see
                     // moving writes only.
+                    // Cutover's also over `reversed`: a cutover stopped in
+                    // its wait for the routers published it already.
+                    let latest = s.control.latest();
                     let dual_write = Placement::DualWrite {
                         from: rec.from,
                         to: rec.to,
                     };
-                    if self.fixes.mover_checks_map_entry && s.control.latest() != dual_write {
+                    let reversed = Placement::Reversed {
+                        from: rec.from,
+                        to: rec.to,
+                    };
+                    let follows =
+                        latest == dual_write || (mv.pc == Pc::CutoverVerify && latest == reversed);
+                    if self.fixes.mover_checks_map_entry && !follows {
                         return self.refuse(s, m);
                     }
                     let (src, dst) = (s.shards[rec.from.i()].rows, s.shards[rec.to.i()].rows);

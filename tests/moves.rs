@@ -2642,7 +2642,10 @@ async fn a_tenant_table_created_during_a_move_by_another_tool_is_covered() {
         connect(&w.shards.url(shard))
             .await
             .batch_execute(
-                "CREATE TABLE labels (tenant_id text NOT NULL, id uuid PRIMARY KEY, name text NOT NULL)",
+                "CREATE TABLE labels (tenant_id text NOT NULL, id uuid PRIMARY KEY, name text NOT NULL); \
+                 CREATE SCHEMA app; SET search_path = app; \
+                 CREATE TABLE tags (tenant_id text NOT NULL, id uuid PRIMARY KEY); \
+                 RESET search_path;",
             )
             .await
             .unwrap();
@@ -2666,6 +2669,17 @@ async fn a_tenant_table_created_during_a_move_by_another_tool_is_covered() {
             "zz_shard_router_capture"
         ]
     );
+    // Created with a search_path that does not hold the move's functions.
+    let covered: i64 = connect(&w.shards.url(0))
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.tags'::regclass AND tgname LIKE '%shard_router%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(covered, 3);
     let db = router.resolve(id.clone());
     let mut writer = db.write().await.unwrap();
     writer
@@ -2690,5 +2704,34 @@ async fn a_tenant_table_created_during_a_move_by_another_tool_is_covered() {
         .await
         .unwrap();
     assert_eq!(count(&w.shards.url(1), "labels", tenant).await, 1);
+    assert_eq!(router.resolve(id.clone()).shard(), "b");
+}
+
+/// A cutover that published `reversed` and then stopped in its wait for the
+/// routers (one paused) is resumed: cutover's verify runs over the `reversed`
+/// map it published (its writers dual-write too), and the move completes
+/// with the writes made meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_stopped_in_its_router_wait_resumes_to_complete() {
+    let tenant = "yao_net";
+    let (mut w, router, _agent, id) = parked(tenant, 20).await;
+    let control_url = w.control_db.url(0);
+    pause_a_router(&control_url, "paused").await;
+    let mut options = until(Step::Cutover);
+    options.wait = Duration::from_millis(500);
+    let err = moves::resume(&mut w.control, &id, &options, |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MoveError::RoutersBehind { .. }), "{err}");
+    let status = moves::status(&w.control, &id).await.unwrap().unwrap();
+    assert_eq!(status.phase, "verified", "reversed published, not recorded");
+    insert_project(&router, &id, "meanwhile").await.unwrap();
+    unpause_router(&control_url, "paused").await;
+    let status = moves::resume(&mut w.control, &id, &fast(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.phase, "complete");
+    assert_eq!(count_named(&w.shards.url(1), "meanwhile").await, 1);
+    assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 21);
     assert_eq!(router.resolve(id.clone()).shard(), "b");
 }

@@ -69,6 +69,10 @@ fn control_migrations() -> Migrations {
                 "V6__load_windows",
                 include_str!("../../migrations/control/V6__load_windows.sql"),
             ),
+            (
+                "V7__roles",
+                include_str!("../../migrations/control/V7__roles.sql"),
+            ),
         ],
     )
 }

@@ -591,9 +591,9 @@ pub(super) const DRAIN_SQL: &str = "WITH d AS (DELETE FROM shard_router_capture 
      ORDER BY seq)::text, '[]') FROM d";
 
 /// Appends a moving write's token to the tenant's write chain on one shard,
-/// in the write's transaction (no fence row: nothing to append to).
-pub(crate) const APPEND_WRITE_SQL: &str =
-    "UPDATE shard_router_fence SET writes = md5(writes || $2) WHERE tenant = $1";
+/// in the write's transaction (no chain row yet: nothing to append to; verify
+/// creates it). See `crate::moves::fence`.
+pub(crate) const APPEND_WRITE_SQL: &str = "SELECT shard_router_append_write($1, $2)";
 
 /// A token that names one moving write on both shards: random, so two
 /// routers' writes never share one.

@@ -480,7 +480,7 @@ impl Verified {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum ChainStep {
+pub(crate) enum ChainStep {
     /// `reset_write_chains`: before the first range.
     Reset,
     /// `compare_write_chains` (`VerifyChains`): after the last range.
@@ -490,14 +490,15 @@ enum ChainStep {
 /// Resets or reads the tenant's write chains on both shards, under the
 /// tenant lock on both (the source's first) and the mover's claim, so no
 /// moving write is between its two sides and no displaced mover resets them
-/// behind a verify. Returns the chains read (empty after a reset).
-async fn write_chains(
+/// behind a verify. Returns the chains read (empty after a reset; `None` on a
+/// shard where verify never created the tenant's chain).
+pub(crate) async fn write_chains(
     source: &Client,
     target: &Client,
     tenant: &TenantId,
     version: u64,
     step: ChainStep,
-) -> Result<(String, String), MoveError> {
+) -> Result<(Option<String>, Option<String>), MoveError> {
     begin_on_both(source, target, version).await?;
     let chains = async {
         lock(source, tenant).await?;
@@ -510,7 +511,7 @@ async fn write_chains(
                 target.execute(super::fence::RESET_CHAIN_SQL, &params)
             );
             on_source.and(on_target).map_err(MoveError::db)?;
-            return Ok((String::new(), String::new()));
+            return Ok((Some(String::new()), Some(String::new())));
         }
         let (on_source, on_target) = tokio::join!(
             source.query_one(super::fence::READ_CHAIN_SQL, &params),

@@ -15,14 +15,25 @@
 //!   row's final image (after defaults, identity, and every `BEFORE` trigger) in
 //!   the unlogged table `shard_router_capture`. A row of any other tenant
 //!   touched by such a transaction is refused.
-//! * **Write chain.** The fence row's `writes` column: every moving write
-//!   appends one token to it (`md5(writes || token)`) on both shards, each in
-//!   its own shard's transaction, in the order the tenant lock gives them.
-//!   Equal chains mean the same writes committed on both sides; a COMMIT that
-//!   landed on one shard only leaves them different for good. Verify resets
-//!   both under the tenant lock before its first key range and compares them
-//!   after its last (the model's `VerifyChains`); complete compares them once
-//!   no moving write is left.
+//! * **Write chain.** `shard_router_write_chain (tenant, writes)`: every
+//!   moving write appends one token to its tenant's row (`md5(writes ||
+//!   token)`, through the `SECURITY DEFINER` function
+//!   `shard_router_append_write`, so the writing role needs no right on the
+//!   table) on both shards, each in its own shard's transaction, in the order
+//!   the tenant lock gives them. Equal chains mean the same writes committed
+//!   on both sides; a COMMIT that landed on one shard only leaves them
+//!   different for good. Verify resets both under the tenant lock before its
+//!   first key range and compares them after its last (the model's
+//!   `VerifyChains`); complete compares them under the lock once no moving
+//!   write is left. A table of its own keeps the fence row, which every
+//!   write's trigger reads, free of the updates.
+//! * **New tables.** An event trigger gives a tenant table created while a
+//!   tenant of the shard is moving, by any tool, the fence, truncate and
+//!   capture triggers in its own DDL transaction.
+//! * **Snapshots older than a fence.** Every raise records its transaction id
+//!   in the sequence `shard_router_fence_xid` (read outside any snapshot); the
+//!   fence trigger refuses a `REPEATABLE READ` or `SERIALIZABLE` write whose
+//!   snapshot does not include that transaction (SQLSTATE `40001`).
 //! * **Apply** (in the writer, `crate::db::apply`): the images are replayed on
 //!   the other shard in order, by primary key, in replica mode, so foreign keys
 //!   whose parents are not copied yet, triggers and defaults on that shard
@@ -58,17 +69,12 @@ pub(crate) async fn install(
         "CREATE TABLE IF NOT EXISTS shard_router_fence (\n\
            tenant text PRIMARY KEY,\n\
            min_version bigint NOT NULL,\n\
-           moving boolean NOT NULL DEFAULT true,\n\
-           writes text NOT NULL DEFAULT ''\n\
+           moving boolean NOT NULL DEFAULT true\n\
          );\n\
          DO $d$ BEGIN\n\
            IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'shard_router_fence'::regclass\n\
                           AND attname = 'moving' AND NOT attisdropped) THEN\n\
              ALTER TABLE shard_router_fence ADD COLUMN moving boolean NOT NULL DEFAULT true;\n\
-           END IF;\n\
-           IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'shard_router_fence'::regclass\n\
-                          AND attname = 'writes' AND NOT attisdropped) THEN\n\
-             ALTER TABLE shard_router_fence ADD COLUMN writes text NOT NULL DEFAULT '';\n\
            END IF;\n\
          END $d$;\n\
          CREATE UNLOGGED TABLE IF NOT EXISTS shard_router_capture (\n\
@@ -80,7 +86,14 @@ pub(crate) async fn install(
            new jsonb\n\
          );\n\
          CREATE INDEX IF NOT EXISTS shard_router_capture_xid ON shard_router_capture (xid, seq);\n\
-         CREATE SEQUENCE IF NOT EXISTS shard_router_fence_xid;\n"
+         CREATE SEQUENCE IF NOT EXISTS shard_router_fence_xid;\n\
+         GRANT SELECT ON SEQUENCE shard_router_fence_xid TO PUBLIC;\n\
+         SELECT setval('shard_router_fence_xid', 1, false) FROM shard_router_fence_xid\n\
+           WHERE last_value > pg_current_xact_id()::text::bigint;\n\
+         CREATE TABLE IF NOT EXISTS shard_router_write_chain (\n\
+           tenant text PRIMARY KEY,\n\
+           writes text NOT NULL DEFAULT ''\n\
+         );\n"
     );
     let definitions = format!(
         "{functions}\
@@ -143,9 +156,14 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
            RETURN NULL;\n\
          END $f$;\n\
          {BOUND_FUNCTION}\n\
-         CREATE OR REPLACE FUNCTION shard_router_cover_new_tables() RETURNS event_trigger LANGUAGE plpgsql AS $f$\n\
+         CREATE OR REPLACE FUNCTION shard_router_append_write(t text, token text) RETURNS void\n\
+           LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $f$\n\
+           UPDATE shard_router_write_chain SET writes = md5(writes || token) WHERE tenant = t $f$;\n\
+         CREATE OR REPLACE FUNCTION shard_router_cover_new_tables() RETURNS event_trigger\n\
+           LANGUAGE plpgsql SET search_path FROM CURRENT AS $f$\n\
          DECLARE r record;\n\
          BEGIN\n\
+           IF NOT EXISTS (SELECT 1 FROM shard_router_fence WHERE moving) THEN RETURN; END IF;\n\
            FOR r IN SELECT DISTINCT c.oid::regclass AS tbl FROM pg_event_trigger_ddl_commands() d\n\
                     JOIN pg_class c ON c.oid = d.objid\n\
                     WHERE d.classid = 'pg_class'::regclass AND c.relkind IN ('r', 'p')\n\
@@ -288,9 +306,12 @@ pub(crate) async fn raise(client: &Client, tenant: &str, version: u64) -> Result
         // A REPEATABLE READ or SERIALIZABLE transaction whose snapshot is
         // older than this one cannot see the row: the fence trigger refuses
         // its writes (40001) while this transaction is not in its snapshot.
+        // One raise at a time per shard: the sequence holds the last raise
+        // only, so a snapshot that holds it must hold every earlier one.
         tx.execute(
-            "SELECT setval('shard_router_fence_xid', pg_current_xact_id()::text::bigint)",
-            &[],
+            "SELECT pg_advisory_xact_lock($1), \
+                    setval('shard_router_fence_xid', pg_current_xact_id()::text::bigint)",
+            &[&crate::pg::lock_keys::fence_install()],
         )
         .await?;
         tx.execute(
@@ -351,32 +372,15 @@ where
     client.batch_execute("COMMIT").await.map_err(MoveError::db)
 }
 
-/// Both shards' write chains for `tenant`, read without the tenant lock:
-/// for a caller that knows no moving write is left (complete, after
-/// `WaitForLockHolders`). Empty where a shard has no fence row.
-pub(crate) async fn write_chains(
-    source: &Client,
-    target: &Client,
-    tenant: &str,
-) -> Result<(String, String), MoveError> {
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&tenant];
-    let (on_source, on_target) = tokio::join!(
-        source.query_one(READ_CHAIN_SQL, &params),
-        target.query_one(READ_CHAIN_SQL, &params)
-    );
-    Ok((
-        on_source.map_err(MoveError::db)?.get(0),
-        on_target.map_err(MoveError::db)?.get(0),
-    ))
-}
-
-/// A tenant's write chain on one shard (empty without a fence row).
+/// A tenant's write chain on one shard (NULL without a row: verify never
+/// reset it there).
 pub(crate) const READ_CHAIN_SQL: &str =
-    "SELECT coalesce((SELECT writes FROM shard_router_fence WHERE tenant = $1), '')";
+    "SELECT (SELECT writes FROM shard_router_write_chain WHERE tenant = $1)";
 
 /// Resets a tenant's write chain on one shard (verify, under the tenant lock).
 pub(crate) const RESET_CHAIN_SQL: &str =
-    "UPDATE shard_router_fence SET writes = '' WHERE tenant = $1";
+    "INSERT INTO shard_router_write_chain (tenant, writes) VALUES ($1, '') \
+     ON CONFLICT (tenant) DO UPDATE SET writes = ''";
 
 /// The fence row of `tenant` on the shard behind `client`: `(min_version,
 /// moving)`, or `None` when it has none (or the shard never had a move).

@@ -144,7 +144,7 @@ pub struct MoveOptions {
     /// Stop after this step. Default: run to complete.
     pub until: Step,
     /// How long the move record shows this mover's lease past its last
-    /// renewal (`shardctl tenant status` prints it; the mover renews at every
+    /// renewal (`shardctl tenant move-status` prints it; the mover renews at every
     /// step, batch and wait). The lease's liveness is the mover's own control
     /// session, not this clock: a mover that dies or loses that connection
     /// frees the tenant at once, and a live one keeps it whatever it waits
@@ -641,7 +641,7 @@ async fn run(
             match step {
                 Step::Start => mover.start().await?,
                 Step::Backfill => mover.backfill(&mut progress).await?,
-                Step::Verify => mover.verify(&mut progress).await?,
+                Step::Verify => mover.verify(false, &mut progress).await?,
                 Step::Cutover => mover.cutover(&mut progress).await?,
                 Step::Complete => mover.complete().await?,
             }
@@ -1213,14 +1213,22 @@ impl<'a> Mover<'a> {
     }
 
     /// Verifies both copies; refuses on any difference.
-    async fn verify(&mut self, progress: &mut impl FnMut(Progress)) -> Result<(), MoveError> {
+    ///
+    /// The write chains see moving writes only, so verify runs only while the
+    /// newest map dual-writes the tenant (found by the model: after a
+    /// restore, a resumed verify beside routers on the complete map); for
+    /// cutover's verify, `reversed` too: a cutover stopped in its wait for
+    /// the routers has published it, and its writers dual-write as well.
+    async fn verify(
+        &mut self,
+        cutover: bool,
+        progress: &mut impl FnMut(Progress),
+    ) -> Result<(), MoveError> {
         let (map, source, target) = self.shards().await?;
         self.check_in_flight(&source, &target).await?;
-        // The write chains see moving writes only: verify runs only while the
-        // newest map dual-writes the tenant (found by the model: after a
-        // restore, a resumed verify beside routers on the complete map).
         let dual_write = MapChange::Phase("dual_write");
-        if !self.entry_is(&map, dual_write) {
+        let reversed = MapChange::Phase("reversed");
+        if !(self.entry_is(&map, dual_write) || cutover && self.entry_is(&map, reversed)) {
             return Err(self.map_changed(&map, dual_write));
         }
         let column = map.tenant_column();
@@ -1255,7 +1263,7 @@ impl<'a> Mover<'a> {
     /// Verifies again (nothing reaches cutover without a verify after the last
     /// change), carries sequences to the target, then switches reads to it.
     async fn cutover(&mut self, progress: &mut impl FnMut(Progress)) -> Result<(), MoveError> {
-        self.verify(progress).await?;
+        self.verify(true, progress).await?;
         let (map, source, target) = self.shards().await?;
         let tables = catalog::tenant_tables(&source, map.tenant_column()).await?;
         copy::carry_sequences(&source, &target, &tables).await?;
@@ -1283,9 +1291,26 @@ impl<'a> Mover<'a> {
         // only after it. The target keeps what it served since `reversed`
         // (that write's client was told it failed); the former copy is kept
         // for comparison instead of purged, and the record says so.
-        let (on_source, on_target) =
-            fence::write_chains(&source, &target, self.tenant.as_str()).await?;
-        let one_sided = on_source != on_target;
+        // Under both tenant locks: a writer's two COMMITs may still be on
+        // their way when the source's lock is free.
+        let chains = copy::write_chains(
+            &source,
+            &target,
+            &self.tenant,
+            map.version(),
+            copy::ChainStep::Compare,
+        )
+        .await?;
+        let one_sided = match chains {
+            (Some(on_source), Some(on_target)) => on_source != on_target,
+            // No chain to compare (a move verified before chains existed):
+            // what an earlier run of this step recorded stands.
+            _ => recorded(self.control, &self.tenant)
+                .await?
+                .state
+                .get("one_sided_after_verify")
+                .is_some(),
+        };
         if one_sided {
             tracing::warn!(tenant = %self.tenant, from = %self.from, to = %self.to,
                 "a write committed on one shard only after cutover's verify; the former copy is kept");
