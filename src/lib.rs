@@ -65,8 +65,8 @@ pub mod tenant;
 pub mod watch;
 
 pub use db::{
-    DbError, DbErrorKind, DbErrorReport, TenantClient, TenantDb, TenantQuery, TenantSnapshot,
-    TenantWriter,
+    DbError, DbErrorKind, DbErrorReport, FromRow, TenantClient, TenantDb, TenantQuery,
+    TenantSnapshot, TenantWriter,
 };
 /// The driver the handle's clients and rows come from, re-exported so that the
 /// crate you build against is the one the API hands out.

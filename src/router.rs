@@ -620,7 +620,7 @@ impl ShardRouter {
     /// # }
     /// ```
     pub fn resolve(&self, tenant: TenantId) -> TenantDb {
-        TenantDb::new(tenant, self.table())
+        TenantDb::new(tenant, self.table()).with_router(self)
     }
 }
 

@@ -2735,3 +2735,196 @@ async fn a_cutover_stopped_in_its_router_wait_resumes_to_complete() {
     assert_eq!(count(&w.shards.url(1), "projects", tenant).await, 21);
     assert_eq!(router.resolve(id.clone()).shard(), "b");
 }
+
+/// Issue 27.5: `TenantDb::transaction` runs its closure again after a
+/// serialization failure (only once committed), returns other errors at
+/// once, and after a fence refusal runs on the newer map once the router
+/// applied it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closure_transaction_retries_conflicts_and_fence_refusals_only() {
+    let tenant = "sliceline";
+    let mut w = world(tenant).await;
+    seed(&w.shards.url(0), tenant, 2).await;
+    connect(&w.shards.url(0))
+        .await
+        .batch_execute(
+            "CREATE FUNCTION conflict() RETURNS void LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001', MESSAGE = 'conflict'; END $$",
+        )
+        .await
+        .unwrap();
+    let stale = ShardRouter::new(
+        MapLoader::without_env()
+            .load_str(&map_toml(
+                1,
+                &w.shards,
+                &format!("[tenants]\n{tenant} = \"a\"\n"),
+            ))
+            .unwrap(),
+    )
+    .unwrap();
+    let id = TenantId::new(tenant).unwrap();
+    type Work = Box<
+        dyn for<'w> FnMut(
+                &'w mut shard_router::TenantWriter,
+            ) -> futures_util::future::BoxFuture<
+                'w,
+                Result<usize, shard_router::DbError>,
+            > + Send,
+    >;
+    fn insert(name: &'static str, fail_first: bool, runs: Arc<AtomicUsize>) -> Work {
+        Box::new(move |w| {
+            let run = runs.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                w.execute(
+                    "INSERT INTO projects VALUES ($1, $2, $3)",
+                    &[&"sliceline", &Uuid::new_v4(), &name],
+                )
+                .await?;
+                if fail_first && run == 0 {
+                    w.execute("SELECT conflict()", &[]).await?;
+                }
+                Ok(run)
+            })
+        })
+    }
+    let db = stale.resolve(id.clone());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let run = db
+        .transaction(insert("retried", true, runs.clone()))
+        .await
+        .unwrap();
+    assert_eq!((run, runs.load(Ordering::SeqCst)), (1, 2));
+    assert_eq!(count_named(&w.shards.url(0), "retried").await, 1, "once");
+
+    // An error the closure returns is not retried, and nothing is kept.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let err = db
+        .transaction({
+            let runs = runs.clone();
+            move |w| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move {
+                    w.execute(
+                        "INSERT INTO projects VALUES ($1, $2, 'refused')",
+                        &[&"sliceline", &Uuid::nil()],
+                    )
+                    .await?;
+                    w.execute(
+                        "INSERT INTO projects VALUES ($1, $2, 'refused')",
+                        &[&"sliceline", &Uuid::nil()],
+                    )
+                    .await?;
+                    Ok(())
+                })
+            }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), shard_router::DbErrorKind::UniqueViolation);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(count_named(&w.shards.url(0), "refused").await, 0);
+
+    // The move fences version 1 out; the router applies the newer map while
+    // the transaction waits, and its second run writes both shards.
+    moves::start(&mut w.control, &id, "b", &until(Step::Backfill), |_| {})
+        .await
+        .unwrap();
+    let newer = w.control.latest().await.unwrap().load().unwrap();
+    let applier = tokio::spawn({
+        let stale = stale.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            stale.apply(newer).unwrap();
+        }
+    });
+    let runs = Arc::new(AtomicUsize::new(0));
+    let run = stale
+        .resolve(id.clone())
+        .transaction(insert("after the fence", false, runs.clone()))
+        .await
+        .unwrap();
+    applier.await.unwrap();
+    assert_eq!(run, 1, "the first run was fenced");
+    assert_eq!(count_named(&w.shards.url(0), "after the fence").await, 1);
+    assert_eq!(count_named(&w.shards.url(1), "after the fence").await, 1);
+    moves::abort(&mut w.control, &id, &fast()).await.unwrap();
+}
+
+/// Issue 27.5: rows into tuples and structs (`FromRow`, `query_as`), on a
+/// read client and in a writer; a column of another type names the error.
+#[tokio::test]
+async fn query_as_builds_tuples_and_structs_from_rows() {
+    struct Project {
+        id: Uuid,
+        name: String,
+    }
+    impl shard_router::FromRow for Project {
+        fn from_row(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
+            Ok(Project {
+                id: row.try_get("id")?,
+                name: row.try_get("name")?,
+            })
+        }
+    }
+    let tenant = "gavin";
+    let w = world(tenant).await;
+    let ids = seed(&w.shards.url(0), tenant, 3).await;
+    let router = ShardRouter::new(
+        MapLoader::without_env()
+            .load_str(&map_toml(
+                1,
+                &w.shards,
+                &format!("[tenants]\n{tenant} = \"a\"\n"),
+            ))
+            .unwrap(),
+    )
+    .unwrap();
+    let db = router.resolve(TenantId::new(tenant).unwrap());
+    let client = db.read().await.unwrap();
+    let projects: Vec<Project> = client
+        .query_as(
+            "SELECT id, name FROM projects WHERE tenant_id = $1 ORDER BY id",
+            &[&tenant],
+        )
+        .await
+        .unwrap();
+    assert_eq!(projects.iter().map(|p| p.id).collect::<BTreeSet<_>>(), ids);
+    assert!(projects.iter().all(|p| !p.name.is_empty()));
+    let (count,): (i64,) = client
+        .query_one_as(
+            "SELECT count(*) FROM projects WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .await
+        .unwrap();
+    assert_eq!(count, 3);
+    let none: Option<(String,)> = client
+        .query_opt_as(
+            "SELECT name FROM projects WHERE tenant_id = $1 AND id = $2",
+            &[&tenant, &Uuid::nil()],
+        )
+        .await
+        .unwrap();
+    assert!(none.is_none());
+    let err = client
+        .query_one_as::<(String,)>(
+            "SELECT count(*) FROM projects WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .await
+        .map(|_| ())
+        .expect_err("bigint is not text");
+    assert!(err.to_string().contains("shard a"), "{err}");
+    drop(client);
+    let mut writer = db.write().await.unwrap();
+    let (id, name): (Uuid, String) = writer
+        .query_one_as(
+            "INSERT INTO projects VALUES ($1, $2, 'mapped') RETURNING id, name",
+            &[&tenant, &Uuid::nil()],
+        )
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+    assert_eq!((id, name.as_str()), (Uuid::nil(), "mapped"));
+}

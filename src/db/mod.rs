@@ -21,14 +21,18 @@ pub(crate) mod apply;
 mod client;
 mod error;
 mod reads;
+mod row;
 mod snapshot;
+mod transaction;
 mod writer;
 
 #[allow(unused_imports)]
 use client::*;
 pub use client::{TenantClient, TenantQuery};
 pub use error::{DbError, DbErrorKind, DbErrorReport};
+pub use row::FromRow;
 pub use snapshot::TenantSnapshot;
+pub use transaction::TRANSACTION_ATTEMPTS;
 pub use writer::TenantWriter;
 #[allow(unused_imports)]
 use writer::*;
@@ -80,6 +84,8 @@ pub struct TenantDb {
     /// The request's statements and database time, for its span (set by
     /// the layer when the span is enabled).
     tally: Option<RequestTally>,
+    /// The router it came from, for a retried transaction to find a newer map.
+    router: Option<crate::ShardRouter>,
 }
 
 /// A request's statement count and database time (µs), shared by the
@@ -103,7 +109,15 @@ impl TenantDb {
             read_after: reads::ReadAfter::Nothing,
             written,
             tally: None,
+            router: None,
         }
+    }
+
+    /// This handle, able to find the router's newer maps (for
+    /// [`TenantDb::transaction`]).
+    pub(crate) fn with_router(mut self, router: &crate::ShardRouter) -> Self {
+        self.router = Some(router.clone());
+        self
     }
 
     /// This handle, counting its statements and database time for the

@@ -214,6 +214,65 @@ impl TenantWriter {
         Ok(self.statement(sql, params, true).await?.rows())
     }
 
+    /// Runs a statement and builds a `T` from each row ([`FromRow`]).
+    ///
+    /// ```no_run
+    /// # async fn f(db: shard_router::TenantDb, mut w: shard_router::TenantWriter) -> Result<(), shard_router::DbError> {
+    /// let notes: Vec<(uuid::Uuid, String)> = w
+    ///     .query_as("SELECT id, body FROM notes WHERE tenant_id = $1", &[&db.tenant().as_str()])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn query_as<T: FromRow>(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<T>, DbError> {
+        let rows = self.query(sql, params).await?;
+        row::all(&rows).map_err(|e| self.db.query_error_on(self.primary.shard, e))
+    }
+
+    /// Runs a statement that returns exactly one row, as a `T`; none, or more
+    /// than one, is [`DbError::RowCount`].
+    ///
+    /// ```no_run
+    /// # async fn f(db: shard_router::TenantDb, mut w: shard_router::TenantWriter) -> Result<(), shard_router::DbError> {
+    /// let (count,): (i64,) = w
+    ///     .query_one_as("SELECT count(*) FROM notes WHERE tenant_id = $1", &[&db.tenant().as_str()])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn query_one_as<T: FromRow>(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<T, DbError> {
+        let row = self.query_one(sql, params).await?;
+        T::from_row(&row).map_err(|e| self.db.query_error_on(self.primary.shard, e))
+    }
+
+    /// Runs a statement that returns at most one row, as a `T`; more than
+    /// one is [`DbError::RowCount`].
+    ///
+    /// ```no_run
+    /// # async fn f(db: shard_router::TenantDb, mut w: shard_router::TenantWriter) -> Result<(), shard_router::DbError> {
+    /// let body: Option<(String,)> = w
+    ///     .query_opt_as("SELECT body FROM notes WHERE tenant_id = $1 AND id = $2",
+    ///                   &[&db.tenant().as_str(), &uuid::Uuid::nil()])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn query_opt_as<T: FromRow>(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<T>, DbError> {
+        let row = self.query_opt(sql, params).await?;
+        row.map(|row| T::from_row(&row))
+            .transpose()
+            .map_err(|e| self.db.query_error_on(self.primary.shard, e))
+    }
+
     /// Runs a statement that returns exactly one row; no row, or more than
     /// one, is [`DbError::RowCount`].
     ///
