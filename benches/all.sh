@@ -8,7 +8,7 @@ out=target/bench-figures.txt
 mkdir -p target
 pg_isready -h 127.0.0.1 -q || pg_ctlcluster --skip-systemctl-redirect 15 main start
 bash examples/pgbouncer.sh
-cargo build --release --examples
+cargo build --release --features chrono --examples
 {
   echo "== cargo bench --bench routing"; cargo bench --bench routing 2>&1 | grep -E "^[a-zA-Z1].*|time:|pin index|lookups during"
   echo "== cargo bench --bench rollout"; cargo bench --bench rollout 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"

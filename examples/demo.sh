@@ -13,7 +13,7 @@ for db in shard_a shard_b; do
     || $PSQL -d postgres -c "CREATE DATABASE $db"
 done
 
-cargo build --release --features cli --example axum_app --bin shardctl
+cargo build --release --features cli,chrono --example axum_app --bin shardctl
 ./target/release/shardctl map validate shard-map.toml
 ./target/release/shardctl migrate --map shard-map.toml --dir migrations/notes
 ADMIN=${ADMIN:-127.0.0.1:9090}

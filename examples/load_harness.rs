@@ -265,8 +265,46 @@ fn router_map(dbs: &[String], dir: &std::path::Path, name: &str) -> std::path::P
     path
 }
 
-/// One configuration's round: requests/s, p50, p99, p99.9, errors.
-type Figures = (f64, Duration, Duration, Duration, u64);
+/// Requests/s, p50, p99, p99.9, errors, and CPU per request in µs (the
+/// server process's and every Postgres process's, user + system).
+type Figures = (f64, Duration, Duration, Duration, u64, f64);
+
+/// CPU seconds (user + system) of process `pid` so far, from `/proc` (clock
+/// ticks of 1/100 s: Linux's `USER_HZ`); 0 if it is gone.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name is in parentheses and may hold spaces: split after it.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Fields 14 and 15 of stat (utime, stime); `rest` starts at field 3.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// CPU seconds so far of every process named `postgres` (the server's
+/// backends and its background processes).
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "postgres")
+        })
+        .map(cpu_seconds)
+        .sum()
+}
 
 #[derive(Default)]
 struct Outcome {
@@ -545,18 +583,30 @@ async fn run_configs(
                 )
                 .await;
                 reset_notes(&dbs, *tenants).await?;
+                let server_pid = server.0.id();
+                let cpu_before = cpu_seconds(server_pid) + postgres_cpu_seconds();
                 let o = drive(addr, *tenants, args.connections, length, *workload).await;
+                let cpu = cpu_seconds(server_pid) + postgres_cpu_seconds() - cpu_before;
+                let cpu_per_request = cpu * 1e6 / o.latencies.len().max(1) as f64;
                 drop(server);
                 println!(
-                    "round {round} {:<20} {label:<38} {:>9.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  p99.9 {:>8.2?}  errors {}",
+                    "round {round} {:<20} {label:<38} {:>9.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  p99.9 {:>8.2?}  cpu/req {:>6.1} µs  errors {}",
                     workload.label(),
                     o.rps(),
                     o.pct(0.5),
                     o.pct(0.99),
                     o.pct(0.999),
+                    cpu_per_request,
                     o.errors
                 );
-                figures[w][i].push((o.rps(), o.pct(0.5), o.pct(0.99), o.pct(0.999), o.errors));
+                figures[w][i].push((
+                    o.rps(),
+                    o.pct(0.5),
+                    o.pct(0.99),
+                    o.pct(0.999),
+                    o.errors,
+                    cpu_per_request,
+                ));
             }
         }
     }
@@ -581,8 +631,9 @@ async fn run_configs(
                 median(f.iter().map(|x| x.3).collect()),
                 f.iter().map(|x| x.4).sum::<u64>(),
             );
+            let cpu = median(f.iter().map(|x| x.5).collect());
             println!(
-                "  {label:<38} {:>9.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  p99.9 {:>8.2?}  errors {}",
+                "  {label:<38} {:>9.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  p99.9 {:>8.2?}  cpu/req {cpu:>6.1} µs  errors {}",
                 m.0, m.1, m.2, m.3, m.4
             );
             medians.push(Some(m));
@@ -597,6 +648,7 @@ async fn run_configs(
             };
             let rps = per_round(&|x| x.0);
             let p99 = per_round(&|x| x.2.as_secs_f64());
+            let cpu = per_round(&|x| x.5);
             let list = |v: &[f64]| {
                 v.iter()
                     .map(|r| format!("{r:.3}"))
@@ -609,6 +661,11 @@ async fn run_configs(
                 median(rps.clone()),
                 list(&p99),
                 median(p99.clone())
+            );
+            println!(
+                "  A/B per round: CPU per request (app + Postgres) {} -> median {:.3} (target <= 1.03)",
+                list(&cpu),
+                median(cpu.clone())
             );
             println!(
                 "  A/B of the medians: throughput {:.3}, p99 {:.3}",

@@ -13,6 +13,7 @@
 
 mod common;
 
+use shard_router::chrono::{DateTime, Utc};
 use std::net::SocketAddr;
 
 use clap::Parser;
@@ -58,11 +59,11 @@ impl Notes for NotesService {
         let rows = db
             .execute_returning(common::INSERT_NOTE, &[&db.tenant().as_str(), &id, &body])
             .await?;
-        let created_at = rows.first().map(|r| r.get(0)).unwrap_or_default();
+        let created_at: DateTime<Utc> = rows.first().map(|r| r.get(0)).unwrap_or_default();
         Ok(Response::new(Note {
             id: id.to_string(),
             body,
-            created_at,
+            created_at: created_at.to_rfc3339(),
         }))
     }
 
@@ -81,7 +82,7 @@ impl Notes for NotesService {
             .map(|r| Note {
                 id: r.get::<_, Uuid>(0).to_string(),
                 body: r.get(1),
-                created_at: r.get(2),
+                created_at: r.get::<_, DateTime<Utc>>(2).to_rfc3339(),
             })
             .collect();
         Ok(Response::new(ListNotesResponse { notes }))

@@ -59,12 +59,12 @@ pub fn init_tracing() {
 }
 
 /// Creates a note; `$1` tenant, `$2` id (made by the application), `$3` body.
-/// Returns `created_at` as RFC 3339 text.
+/// Returns `created_at` (a `timestamptz`, read as `chrono::DateTime<Utc>`).
 pub const INSERT_NOTE: &str = "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, $3) \
-                               RETURNING to_json(created_at) #>> '{}'";
+                               RETURNING created_at";
 
-/// The tenant's notes, oldest first: id, body, created_at as RFC 3339 text.
-pub const LIST_NOTES: &str = "SELECT id, body, to_json(created_at) #>> '{}' FROM notes \
+/// The tenant's notes, oldest first: id, body, created_at.
+pub const LIST_NOTES: &str = "SELECT id, body, created_at FROM notes \
                               WHERE tenant_id = $1 ORDER BY created_at, id";
 
 /// `POST /notes` body.
@@ -78,5 +78,7 @@ pub struct NewNote {
 pub struct Note {
     pub id: uuid::Uuid,
     pub body: String,
-    pub created_at: String,
+    /// Serialized as RFC 3339 (chrono's `serde` feature, which the
+    /// re-exported `shard_router::chrono` carries).
+    pub created_at: shard_router::chrono::DateTime<shard_router::chrono::Utc>,
 }

@@ -241,7 +241,7 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = std::process::Command::new(cargo);
     build
-        .args(["build", "--example", name])
+        .args(["build", "--features", "chrono", "--example", name])
         .current_dir(env!("CARGO_MANIFEST_DIR"));
     if cfg!(feature = "grpc") {
         build.args(["--features", "grpc"]);
