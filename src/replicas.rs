@@ -87,13 +87,19 @@ impl ShardReplicas {
                 &replica.pool().limits(),
                 connector.clone(),
                 false,
+                Some(shard.name()),
             )?;
             let probe_limits = crate::pg::PoolLimits {
                 max_size: 1,
                 ..replica.pool().limits()
             };
-            let probe_pool =
-                crate::pg::pool_for(&replica.endpoint.config, &probe_limits, connector, false)?;
+            let probe_pool = crate::pg::pool_for(
+                &replica.endpoint.config,
+                &probe_limits,
+                connector,
+                false,
+                None,
+            )?;
             let limiter = replica
                 .pool()
                 .tenant_max_connections

@@ -768,5 +768,6 @@ fn build_pool_with(
         &shard.pool().limits(),
         connector,
         replica,
+        Some(shard.name()),
     )
 }

@@ -1625,6 +1625,56 @@ async fn the_three_control_roles_do_their_jobs_and_no_more() {
         .await
         .unwrap_err();
     assert_eq!(code(forged), "23514", "a forged version is refused");
+    // A row of its own only, seen no later than now, for at most ten minutes.
+    as_router
+        .execute(
+            "INSERT INTO shard_router_routers (instance_id, host, applied_version, started_at, last_seen, lease_ms) \
+             VALUES ('ghost', 'h', 2, now(), 'infinity', 9000000000000)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (future, lease): (bool, i64) = {
+        let row = admin
+            .query_one(
+                "SELECT last_seen > clock_timestamp(), lease_ms FROM shard_router_routers WHERE instance_id = 'ghost'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((future, lease), (false, 600000));
+    admin
+        .execute(
+            "INSERT INTO shard_router_routers (instance_id, host, applied_version, started_at, last_seen, lease_ms) \
+             VALUES ('other', 'h', 1, now(), now(), 1000)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let touched = as_router
+        .execute(
+            "UPDATE shard_router_routers SET applied_version = 2 WHERE instance_id = 'other'",
+            &[],
+        )
+        .await
+        .unwrap()
+        + as_router
+            .execute(
+                "DELETE FROM shard_router_routers WHERE instance_id = 'other'",
+                &[],
+            )
+            .await
+            .unwrap();
+    assert_eq!(touched, 0, "another login's router row is out of reach");
+    admin
+        .execute(
+            "DELETE FROM shard_router_routers WHERE instance_id IN ('ghost', 'other')",
+            &[],
+        )
+        .await
+        .unwrap();
 
     let mut publisher = ControlPlane::connect(&login(&publisher_role))
         .await

@@ -2680,6 +2680,14 @@ async fn a_tenant_table_created_during_a_move_by_another_tool_is_covered() {
         .unwrap()
         .get(0);
     assert_eq!(covered, 3);
+    // Its triggers find the move's objects whatever the writer's search_path.
+    connect(&w.shards.url(0))
+        .await
+        .batch_execute(
+            "SET search_path = app; INSERT INTO tags VALUES ('someone_else', gen_random_uuid())",
+        )
+        .await
+        .unwrap();
     let db = router.resolve(id.clone());
     let mut writer = db.write().await.unwrap();
     writer

@@ -1002,3 +1002,61 @@ async fn metrics_parse_as_prometheus_text_and_stay_bounded_under_100000_tenants(
         assert!(shard.tenants.len() <= 1000);
     }
 }
+
+/// Issue 26.3: a router refuses connections to a database whose
+/// `shard_router_identity` names another shard (a URL re-pointed by hand, or
+/// a map file whose names disagree with the identities): requests fail as
+/// the shard being unavailable, naming both shards, and nothing is read or
+/// written there. The shard it belongs to connects as before.
+#[tokio::test]
+async fn a_router_refuses_a_database_whose_identity_names_another_shard() {
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    common::connect(&shards.url(0))
+        .await
+        .batch_execute(
+            "CREATE TABLE shard_router_identity (singleton boolean PRIMARY KEY DEFAULT true, \
+             shard text NOT NULL, id uuid NOT NULL DEFAULT gen_random_uuid()); \
+             INSERT INTO shard_router_identity (shard) VALUES ('b')",
+        )
+        .await
+        .unwrap();
+    // Shard a's url points at the database that is shard b.
+    let swapped = format!(
+        "version = 1\n[shards.a]\nurl = \"{}\"\n[shards.b]\nurl = \"{}\"\n[tenants]\nacme = \"a\"\nglobex = \"b\"\n",
+        shards.url(1),
+        shards.url(0)
+    );
+    let router = ShardRouter::new(MapLoader::without_env().load_str(&swapped).unwrap()).unwrap();
+    let acme = router.resolve(TenantId::new("acme").unwrap());
+    let globex = router.resolve(TenantId::new("globex").unwrap());
+    // Shard b's url leads to the database that says b: it works.
+    globex
+        .execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'ok')",
+            &[&"globex", &Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    // Shard a's url is the database without an identity: it works too.
+    acme.read().await.unwrap();
+
+    let wrong = format!(
+        "version = 1\n[shards.a]\nurl = \"{}\"\n[shards.b]\nurl = \"{}\"\n[tenants]\nacme = \"a\"\n",
+        shards.url(0),
+        shards.url(1)
+    );
+    let router = ShardRouter::new(MapLoader::without_env().load_str(&wrong).unwrap()).unwrap();
+    let acme = router.resolve(TenantId::new("acme").unwrap());
+    let err = acme
+        .execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ($1, $2, 'wrong')",
+            &[&"acme", &Uuid::new_v4()],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), shard_router::DbErrorKind::Unavailable, "{err}");
+    let text = format!("{err} {}", err.report());
+    assert!(text.contains("shard_router_identity"), "{text}");
+    assert_eq!(notes_of(&shards.url(0), "acme").await, 0, "nothing written");
+}

@@ -10,6 +10,9 @@
 --                           maps, reads everything, forgets stopped routers
 --   shard_router_mover      shardctl tenant move / plan --apply: what a
 --                           publisher may, plus the move records
+-- Which login wrote each router row (row-level security below keys on it).
+ALTER TABLE shard_router_routers ADD COLUMN login name NOT NULL DEFAULT session_user;
+
 DO $roles$
 DECLARE
     r text;
@@ -29,6 +32,11 @@ BEGIN
     END LOOP;
     EXECUTE 'GRANT SELECT ON shard_router_maps TO shard_router_router';
     EXECUTE 'GRANT SELECT, INSERT, UPDATE, DELETE ON shard_router_routers, shard_router_tenant_load, shard_router_shard_load TO shard_router_router';
+    -- A router's rows in shard_router_routers are its login's: it cannot
+    -- forge, move or delete another router's heartbeat.
+    EXECUTE 'ALTER TABLE shard_router_routers ENABLE ROW LEVEL SECURITY';
+    EXECUTE 'CREATE POLICY shard_router_routers_own ON shard_router_routers TO shard_router_router USING (login = session_user) WITH CHECK (login = session_user)';
+    EXECUTE 'CREATE POLICY shard_router_routers_operators ON shard_router_routers TO shard_router_publisher, shard_router_mover USING (true)';
     EXECUTE 'GRANT SELECT (tenant, phase), UPDATE (error, updated_at) ON shard_router_moves TO shard_router_router';
 
     EXECUTE 'GRANT SELECT, INSERT ON shard_router_maps TO shard_router_publisher, shard_router_mover';
@@ -40,8 +48,10 @@ END $roles$;
 
 -- A router reports the version it applied; publishes go above every live
 -- router's (a control database restored from a backup is behind them). A
--- report far above anything published is not a restore but a forgery or a bug,
--- and would push every later publish out of reach: refused.
+-- report far above anything published is not a restore but a forgery or a
+-- bug, and would push every later publish out of reach: refused. A report
+-- cannot claim to be seen in the future, and a lease is at most ten minutes,
+-- so a row stops counting soon after its router stops reporting.
 CREATE FUNCTION shard_router_routers_check() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     newest bigint := coalesce((SELECT max(version) FROM shard_router_maps), 0);
@@ -50,6 +60,9 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'check_violation',
             MESSAGE = format('router %s reports map version %s, more than 1000000 above the newest published version %s', NEW.instance_id, NEW.applied_version, newest);
     END IF;
+    NEW.last_seen := least(NEW.last_seen, clock_timestamp());
+    NEW.started_at := least(NEW.started_at, clock_timestamp());
+    NEW.lease_ms := least(NEW.lease_ms, 600000);
     RETURN NEW;
 END $$;
 CREATE TRIGGER shard_router_routers_check BEFORE INSERT OR UPDATE ON shard_router_routers

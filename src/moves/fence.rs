@@ -64,6 +64,13 @@ pub(crate) async fn install(
     wait: std::time::Duration,
 ) -> Result<(), MoveError> {
     let col = quote_ident(column);
+    // Function bodies name the move's objects with the schema they are
+    // installed in: they run under the writer's search_path, whatever it is.
+    let schema: String = client
+        .query_one("SELECT quote_ident(current_schema())", &[])
+        .await
+        .map_err(MoveError::db)?
+        .get(0);
     let column_literal = format!("'{}'", column.replace('\'', "''"));
     let functions = String::from(
         "CREATE TABLE IF NOT EXISTS shard_router_fence (\n\
@@ -107,7 +114,7 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
            raised bigint;\n\
          BEGIN\n\
            IF current_setting('transaction_isolation') <> 'read committed' THEN\n\
-             SELECT last_value INTO raised FROM shard_router_fence_xid;\n\
+             SELECT last_value INTO raised FROM {schema}.shard_router_fence_xid;\n\
              IF NOT pg_visible_in_snapshot(raised::text::xid8, pg_current_snapshot()) THEN\n\
                RAISE EXCEPTION USING ERRCODE = '40001',\n\
                  MESSAGE = format('shard-router fence: a tenant fence on this shard was raised after this %s transaction took its snapshot, so the fence it sees may be stale; retry the transaction', current_setting('transaction_isolation')),\n\
@@ -115,13 +122,13 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
              END IF;\n\
            END IF;\n\
            IF TG_OP = 'DELETE' THEN t := OLD.{col}; ELSE t := NEW.{col}; END IF;\n\
-           SELECT min_version INTO fenced FROM shard_router_fence WHERE tenant = t;\n\
+           SELECT min_version INTO fenced FROM {schema}.shard_router_fence WHERE tenant = t;\n\
            IF fenced IS NULL AND TG_OP = 'UPDATE' AND OLD.{col} IS DISTINCT FROM t THEN\n\
              t := OLD.{col};\n\
-             SELECT min_version INTO fenced FROM shard_router_fence WHERE tenant = t;\n\
+             SELECT min_version INTO fenced FROM {schema}.shard_router_fence WHERE tenant = t;\n\
            END IF;\n\
            IF fenced IS NOT NULL AND (version = '' OR version::bigint < fenced\n\
-                                      OR bound IS DISTINCT FROM shard_router_tx_bound()) THEN\n\
+                                      OR bound IS DISTINCT FROM {schema}.shard_router_tx_bound()) THEN\n\
              RAISE EXCEPTION USING ERRCODE = '{FENCE_SQLSTATE}',\n\
                MESSAGE = format('shard-router fence: writes for tenant %s need map version %s or later, declared by the writing transaction; this transaction declared %s',\n\
                                 t, fenced, coalesce(nullif(declared, ''), 'none')),\n\
@@ -133,7 +140,7 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
          CREATE OR REPLACE FUNCTION shard_router_truncate_check() RETURNS trigger LANGUAGE plpgsql AS $f$\n\
          DECLARE moving text;\n\
          BEGIN\n\
-           SELECT string_agg(tenant, ', ') INTO moving FROM shard_router_fence WHERE shard_router_fence.moving;\n\
+           SELECT string_agg(tenant, ', ') INTO moving FROM {schema}.shard_router_fence f WHERE f.moving;\n\
            IF moving IS NOT NULL THEN\n\
              RAISE EXCEPTION USING ERRCODE = '{FENCE_SQLSTATE}',\n\
                MESSAGE = format('shard-router fence: TRUNCATE of %s is refused while tenants are moving: %s', TG_TABLE_NAME, moving);\n\
@@ -149,7 +156,7 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
              RAISE EXCEPTION USING ERRCODE = '{FENCE_SQLSTATE}',\n\
                MESSAGE = format('shard-router: a write of moving tenant %s touched a row of another tenant in %s', want, TG_TABLE_NAME);\n\
            END IF;\n\
-           INSERT INTO shard_router_capture (tbl, op, old, new)\n\
+           INSERT INTO {schema}.shard_router_capture (tbl, op, old, new)\n\
            VALUES (TG_RELID, left(TG_OP, 1),\n\
                    CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,\n\
                    CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);\n\
@@ -157,13 +164,13 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
          END $f$;\n\
          {BOUND_FUNCTION}\n\
          CREATE OR REPLACE FUNCTION shard_router_append_write(t text, token text) RETURNS void\n\
-           LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $f$\n\
-           UPDATE shard_router_write_chain SET writes = md5(writes || token) WHERE tenant = t $f$;\n\
+           LANGUAGE sql SECURITY DEFINER SET search_path = {schema}, pg_temp AS $f$\n\
+           UPDATE {schema}.shard_router_write_chain SET writes = md5(writes || token) WHERE tenant = t $f$;\n\
          CREATE OR REPLACE FUNCTION shard_router_cover_new_tables() RETURNS event_trigger\n\
-           LANGUAGE plpgsql SET search_path FROM CURRENT AS $f$\n\
+           LANGUAGE plpgsql SET search_path = {schema}, pg_temp AS $f$\n\
          DECLARE r record;\n\
          BEGIN\n\
-           IF NOT EXISTS (SELECT 1 FROM shard_router_fence WHERE moving) THEN RETURN; END IF;\n\
+           IF NOT EXISTS (SELECT 1 FROM {schema}.shard_router_fence WHERE moving) THEN RETURN; END IF;\n\
            FOR r IN SELECT DISTINCT c.oid::regclass AS tbl FROM pg_event_trigger_ddl_commands() d\n\
                     JOIN pg_class c ON c.oid = d.objid\n\
                     WHERE d.classid = 'pg_class'::regclass AND c.relkind IN ('r', 'p')\n\
@@ -174,7 +181,7 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
                       AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid\n\
                                       AND t.tgname = 'shard_router_fence')\n\
            LOOP\n\
-             EXECUTE format('CREATE TRIGGER shard_router_fence BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION shard_router_fence_check(); ALTER TABLE %s ENABLE ALWAYS TRIGGER shard_router_fence; CREATE OR REPLACE TRIGGER shard_router_truncate BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION shard_router_truncate_check(); ALTER TABLE %s ENABLE ALWAYS TRIGGER shard_router_truncate; CREATE OR REPLACE TRIGGER zz_shard_router_capture AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW WHEN (coalesce(current_setting(%L, true), %L) <> %L) EXECUTE FUNCTION shard_router_capture_row()',\n\
+             EXECUTE format('CREATE TRIGGER shard_router_fence BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION {schema}.shard_router_fence_check(); ALTER TABLE %s ENABLE ALWAYS TRIGGER shard_router_fence; CREATE OR REPLACE TRIGGER shard_router_truncate BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION {schema}.shard_router_truncate_check(); ALTER TABLE %s ENABLE ALWAYS TRIGGER shard_router_truncate; CREATE OR REPLACE TRIGGER zz_shard_router_capture AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW WHEN (coalesce(current_setting(%L, true), %L) <> %L) EXECUTE FUNCTION {schema}.shard_router_capture_row()',\n\
                             r.tbl, r.tbl, r.tbl, r.tbl, r.tbl, '{CAPTURE_SETTING}', '', '');\n\
            END LOOP;\n\
          END $f$;\n"
@@ -211,14 +218,14 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
         if !has("shard_router_fence", true) {
             ddl += &format!(
                 "CREATE OR REPLACE TRIGGER shard_router_fence BEFORE INSERT OR UPDATE OR DELETE ON {name} \
-                 FOR EACH ROW EXECUTE FUNCTION shard_router_fence_check(); \
+                 FOR EACH ROW EXECUTE FUNCTION {schema}.shard_router_fence_check(); \
                  ALTER TABLE {name} ENABLE ALWAYS TRIGGER shard_router_fence; "
             );
         }
         if !has("shard_router_truncate", true) {
             ddl += &format!(
                 "CREATE OR REPLACE TRIGGER shard_router_truncate BEFORE TRUNCATE ON {name} \
-                 FOR EACH STATEMENT EXECUTE FUNCTION shard_router_truncate_check(); \
+                 FOR EACH STATEMENT EXECUTE FUNCTION {schema}.shard_router_truncate_check(); \
                  ALTER TABLE {name} ENABLE ALWAYS TRIGGER shard_router_truncate; "
             );
         }
@@ -226,7 +233,7 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
             ddl += &format!(
                 "CREATE OR REPLACE TRIGGER zz_shard_router_capture AFTER INSERT OR UPDATE OR DELETE ON {name} \
                  FOR EACH ROW WHEN (coalesce(current_setting('{CAPTURE_SETTING}', true), '') <> '') \
-                 EXECUTE FUNCTION shard_router_capture_row(); "
+                 EXECUTE FUNCTION {schema}.shard_router_capture_row(); "
             );
         }
         if !ddl.is_empty() {
@@ -241,12 +248,12 @@ CREATE OR REPLACE FUNCTION shard_router_fence_check() RETURNS trigger LANGUAGE p
     Ok(())
 }
 
-/// Creates the event trigger that gives every tenant table created later,
-/// by any tool, the fence, truncate and capture triggers in the DDL's own
-/// transaction (`CREATE TABLE`, `ALTER TABLE ... ADD COLUMN` of the tenant
-/// column, `CREATE TABLE AS`): a table added during a move is covered. Event
-/// triggers need a superuser; without one this logs a warning and tables
-/// must come through `shardctl migrate`, which installs the triggers itself.
+/// Creates the event trigger that gives every tenant table created while a
+/// tenant of the shard is moving, by any tool, the fence, truncate and
+/// capture triggers in the DDL's own transaction (`CREATE TABLE`, `ALTER
+/// TABLE ... ADD COLUMN` of the tenant column, `CREATE TABLE AS`). Event
+/// triggers need a superuser; without one this logs a warning, and tenant
+/// tables must be created before a move starts or after it ends.
 async fn cover_new_tables(client: &Client) -> Result<(), MoveError> {
     let sql = "DO $d$ BEGIN \
          IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'shard_router_cover_new_tables') THEN \
@@ -258,9 +265,9 @@ async fn cover_new_tables(client: &Client) -> Result<(), MoveError> {
         Ok(()) => Ok(()),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             tracing::warn!(
-                "the move's role cannot create event triggers (a superuser can): tenant tables \
-                 created during a move by tools other than shardctl migrate get no fence or capture \
-                 trigger, and writes to them would reach one shard only"
+                "the move's role cannot create event triggers (a superuser can): a tenant table \
+                 created during a move gets no fence or capture trigger, and writes to it would \
+                 reach one shard only; create tenant tables before a move or after it"
             );
             Ok(())
         }

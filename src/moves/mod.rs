@@ -996,6 +996,11 @@ impl<'a> Mover<'a> {
         copy::wait_for_writers(&source, &tables, self.options.wait).await?;
         fence::raise(&source, self.tenant.as_str(), version).await?;
         fence::raise(&target, self.tenant.as_str(), version).await?;
+        // A tenant table created since the install above, before the source's
+        // fence showed a move (the event trigger covers new tables only while
+        // one does), gets the triggers now; install is idempotent.
+        let tables = catalog::tenant_tables(&source, column).await?;
+        fence::install(&source, column, &tables, self.options.wait).await?;
         // Writers that began on the old map wrote the source only and took no
         // tenant lock: wait for those still open before anything is copied.
         copy::wait_for_writers(&source, &tables, self.options.wait).await

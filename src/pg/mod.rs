@@ -328,7 +328,9 @@ pub(crate) fn pool_for(
     settings: &PoolLimits,
     connector: Connector,
     replica: bool,
+    identity: Option<&str>,
 ) -> Result<deadpool_postgres::Pool, String> {
+    let identity = identity.map(str::to_owned);
     let mut pg = config.clone();
     pg.connect_timeout(settings.connect_timeout);
     if pg.get_application_name().is_none() {
@@ -360,12 +362,35 @@ pub(crate) fn pool_for(
         // `TenantDb::execute`); the fence trigger sees a fence raised after the
         // statement took its snapshot only under READ COMMITTED, whatever the
         // database's or role's default.
-        .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+        //
+        // A database whose `shard_router_identity` names another shard (a URL
+        // re-pointed by hand, or a map file naming shards differently from
+        // the publishes that wrote the identities) gets no connection from
+        // this pool: requests fail as the shard being unavailable, instead of
+        // reading and writing another shard's data.
+        .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
+            let expected = identity.clone();
             Box::pin(async move {
-                client
-                    .batch_execute("SET default_transaction_isolation = 'read committed'")
+                let set = "SET default_transaction_isolation = 'read committed'";
+                let Some(expected) = expected else {
+                    return client
+                        .batch_execute(set)
+                        .await
+                        .map_err(deadpool_postgres::HookError::Backend);
+                };
+                let found = identity_of(client, set)
                     .await
-                    .map_err(deadpool_postgres::HookError::Backend)
+                    .map_err(deadpool_postgres::HookError::Backend)?;
+                match found {
+                    Some(found) if found != expected => {
+                        Err(deadpool_postgres::HookError::message(format!(
+                            "shard {expected}: the database at its url is shard {found}'s \
+                             (shard_router_identity); fix the url, or publish with --reassign \
+                             if that database now holds shard {expected}'s data"
+                        )))
+                    }
+                    _ => Ok(()),
+                }
             })
         }))
         .max_size(settings.max_size)
@@ -375,6 +400,34 @@ pub(crate) fn pool_for(
         .runtime(Runtime::Tokio1)
         .build()
         .map_err(|e| e.to_string())
+}
+
+/// Runs `set`, then reads the database's `shard_router_identity` shard name
+/// (none without the table): one round trip, two without the table.
+async fn identity_of(
+    client: &tokio_postgres::Client,
+    set: &str,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    use tokio_postgres::error::SqlState;
+    use tokio_postgres::SimpleQueryMessage;
+    match client
+        .simple_query(&format!("{set}; SELECT shard FROM shard_router_identity"))
+        .await
+    {
+        Ok(messages) => Ok(messages.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })),
+        // No identity yet, or a role that may not read it (the check then
+        // rests with publish): the batch, `set` included, was rolled back.
+        Err(e)
+            if e.code() == Some(&SqlState::UNDEFINED_TABLE)
+                || e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) =>
+        {
+            client.batch_execute(set).await.map(|()| None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Every advisory-lock key the crate takes, in one place, so that no two can
