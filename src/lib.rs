@@ -57,6 +57,7 @@ pub mod migrate;
 pub mod moves;
 pub mod pg;
 pub mod plan;
+pub mod read_token;
 pub mod rejection;
 pub mod replicas;
 pub mod router;
@@ -90,8 +91,8 @@ pub use fan_out::{FanOut, FanOutError, ShardClient, ShardResult};
 pub use layer::{Protocol, ShardRouterLayer, ShardRouterService};
 pub use map::{MapError, ShardMap};
 pub use migrate::Migrations;
+pub use read_token::{ReadToken, TOKEN_HEADER};
 pub use rejection::Rejection;
-pub use replicas::{ReadToken, TOKEN_HEADER};
 pub use router::{Applied, ApplyError, MapSource, RoutingTable, ShardRouter};
 /// With the `serde_json` feature: `json`/`jsonb` as `serde_json::Value`.
 ///

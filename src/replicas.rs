@@ -1,5 +1,5 @@
 //! Read replicas: per-shard replica pools, background lag probes, the choice
-//! of where a read goes, and the read-your-writes token.
+//! of where a read goes (the read-your-writes token is `read_token`'s).
 //!
 //! A replica's lag is measured without touching the request path: a probe
 //! (every quarter of the shard's `max_replica_lag_ms`, between 50 ms and 1 s)
@@ -10,8 +10,6 @@
 //! reads until a later probe finds it caught up.
 
 use std::collections::VecDeque;
-use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -19,6 +17,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 
 use crate::map::Shard;
+use crate::read_token::TokenKey;
 
 /// A WAL position (`pg_lsn`), as a number.
 pub(crate) type Lsn = u64;
@@ -36,6 +35,8 @@ pub(crate) struct ShardReplicas {
     samples: Mutex<VecDeque<(Instant, Lsn)>>,
     /// Spreads reads over the replicas by weight.
     next: AtomicUsize,
+    /// Seals and opens the shard's read tokens.
+    pub(crate) token_key: TokenKey,
 }
 
 /// One replica: its pool and what the last probe found.
@@ -123,6 +124,7 @@ impl ShardReplicas {
             max_lag: shard.max_replica_lag(),
             samples: Mutex::new(VecDeque::new()),
             next: AtomicUsize::new(0),
+            token_key: TokenKey::for_shard(shard),
         }))
     }
 
@@ -299,101 +301,6 @@ async fn position(pool: &Pool, sql: &str) -> Result<Option<Lsn>, String> {
     }
 }
 
-/// Proof that a write committed, for reading it back from a replica: the
-/// primary's WAL position after the commit, scoped to one tenant on one
-/// shard. The layer returns it in the `x-shard-router-token` response header
-/// (gRPC: metadata) and honours it on later requests; a job can carry it too
-/// ([`crate::TenantDb::with_token`]).
-///
-/// Its text form is `v1.<shard>.<position in hex>.<tenant>`.
-///
-/// ```
-/// let token: shard_router::ReadToken = "v1.a.16B374D848.acme".parse().unwrap();
-/// assert_eq!((token.shard(), token.tenant()), ("a", "acme"));
-/// assert_eq!(token.to_string(), "v1.a.16B374D848.acme");
-/// assert!("v2.a.1.acme".parse::<shard_router::ReadToken>().is_err());
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadToken {
-    shard: String,
-    lsn: Lsn,
-    tenant: String,
-}
-
-/// The name of the header (and gRPC metadata key) that carries a [`ReadToken`].
-pub const TOKEN_HEADER: &str = "x-shard-router-token";
-
-impl ReadToken {
-    pub(crate) fn new(shard: &str, lsn: Lsn, tenant: &str) -> Self {
-        ReadToken {
-            shard: shard.to_owned(),
-            lsn,
-            tenant: tenant.to_owned(),
-        }
-    }
-
-    /// The shard the write committed on.
-    ///
-    /// ```
-    /// let token: shard_router::ReadToken = "v1.b.10.acme".parse().unwrap();
-    /// assert_eq!(token.shard(), "b");
-    /// ```
-    pub fn shard(&self) -> &str {
-        &self.shard
-    }
-
-    /// The tenant that wrote.
-    ///
-    /// ```
-    /// let token: shard_router::ReadToken = "v1.b.10.acme.eu".parse().unwrap();
-    /// assert_eq!(token.tenant(), "acme.eu");
-    /// ```
-    pub fn tenant(&self) -> &str {
-        &self.tenant
-    }
-
-    pub(crate) fn lsn(&self) -> Lsn {
-        self.lsn
-    }
-
-    /// The later of two tokens of the same tenant and shard.
-    pub(crate) fn max(self, other: ReadToken) -> ReadToken {
-        if other.shard == self.shard && other.lsn > self.lsn {
-            other
-        } else {
-            self
-        }
-    }
-}
-
-impl fmt::Display for ReadToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "v1.{}.{:X}.{}", self.shard, self.lsn, self.tenant)
-    }
-}
-
-/// A token that could not be read; requests carrying one read from primaries.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not a shard-router token (expected v1.<shard>.<hex position>.<tenant>)")]
-pub struct BadToken;
-
-impl FromStr for ReadToken {
-    type Err = BadToken;
-    fn from_str(s: &str) -> Result<Self, BadToken> {
-        let mut parts = s.splitn(4, '.');
-        let (Some("v1"), Some(shard), Some(lsn), Some(tenant)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(BadToken);
-        };
-        let lsn = Lsn::from_str_radix(lsn, 16).map_err(|_| BadToken)?;
-        if shard.is_empty() || tenant.is_empty() {
-            return Err(BadToken);
-        }
-        Ok(ReadToken::new(shard, lsn, tenant))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,29 +309,5 @@ mod tests {
     fn lsn_text_is_postgres_form() {
         assert_eq!(lsn_text(0x16_B374_D848), "16/B374D848");
         assert_eq!(lsn_text(0), "0/0");
-    }
-
-    #[test]
-    fn tokens_round_trip_and_refuse_garbage() {
-        let token = ReadToken::new("a", 0xABC, "acme.eu");
-        assert_eq!(token.to_string().parse::<ReadToken>().unwrap(), token);
-        for bad in [
-            "",
-            "v1",
-            "v1.a.zz.acme",
-            "v1.a.10",
-            "v1..10.acme",
-            "v1.a.10.",
-        ] {
-            assert!(bad.parse::<ReadToken>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn the_later_token_wins_on_one_shard() {
-        let early = ReadToken::new("a", 5, "t");
-        let late = ReadToken::new("a", 9, "t");
-        assert_eq!(early.clone().max(late.clone()), late);
-        assert_eq!(late.clone().max(early), late);
     }
 }

@@ -276,6 +276,26 @@ async fn replicas_serve_reads_never_stale_for_the_writer_and_fall_back_when_stop
         on_replica >= 180,
         "{on_replica} of 200 reads on the replica"
     );
+    // The token is sealed: the primary's WAL position is not in it, and an
+    // altered one proves nothing (its reads go to the primary) while the
+    // token as written reads from the caught-up replica.
+    let position: i64 = common::connect(&pair.primary_url(&db))
+        .await
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        token.starts_with("v2.") && !token.contains(&format!("{:X}", position >> 8)),
+        "{token}"
+    );
+    let (_, _, body) = send(&app, "GET", Some(&token)).await;
+    assert_eq!(body, "1 replica");
+    let mut altered = token.clone().into_bytes();
+    altered[10] = if altered[10] == b'0' { b'1' } else { b'0' };
+    let altered = String::from_utf8(altered).unwrap();
+    let (status, _, body) = send(&app, "GET", Some(&altered)).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "1 primary"));
 
     // 2. Replay paused: every read carrying the client's latest token sees
     //    its write; the replica serves none of them.

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::{Source, TenantClient, TenantDb};
 use crate::map::Reason;
-use crate::replicas::{lsn_text, Lsn, ReadToken};
+use crate::read_token::ReadToken;
+use crate::replicas::{lsn_text, Lsn};
 
 /// What a replica must have replayed before it serves this handle's reads.
 #[derive(Clone, Debug)]
@@ -35,7 +36,7 @@ impl TenantDb {
     /// # use shard_router::{map::MapLoader, ShardRouter, TenantId, ReadToken};
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// # let router = ShardRouter::new(MapLoader::without_env().load_str("version = 2\n[shards.a]\nurl = \"postgres://h/a\"").unwrap()).unwrap();
-    /// let token: ReadToken = "v1.a.16B374D848.acme".parse().unwrap();
+    /// let token: ReadToken = "v2.a.0123456789ABCDEF01234567.acme".parse().unwrap();
     /// let db = router.resolve(TenantId::new("acme").unwrap()).with_token(token);
     /// # }
     /// ```
@@ -88,12 +89,24 @@ impl TenantDb {
         let (Some(slot), Some(lsn)) = (&self.written, lsn) else {
             return;
         };
-        let token = ReadToken::new(self.shard(), lsn, self.tenant.as_str());
+        let Some(replicas) = self.table.read_replicas(self.location.shard) else {
+            return;
+        };
+        let key = &replicas.token_key;
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        *slot = Some(match slot.take() {
-            Some(earlier) => earlier.max(token),
-            None => token,
-        });
+        // The later of this write and the handle's earlier ones on this shard.
+        let earlier = slot
+            .as_ref()
+            .filter(|t| t.shard() == self.shard())
+            .and_then(|t| t.open(key));
+        if earlier.is_none_or(|earlier| earlier < lsn) {
+            *slot = Some(ReadToken::seal(
+                key,
+                self.shard(),
+                self.tenant.as_str(),
+                lsn,
+            ));
+        }
     }
 
     /// The slot the layer reads the token from after the handler ran.
@@ -117,10 +130,13 @@ impl TenantDb {
             return None;
         }
         let replicas = self.table.read_replicas(shard)?;
-        let own = self.token().map(|t| t.lsn());
+        let key = &replicas.token_key;
+        let own = self.token().and_then(|t| t.open(key));
         let min = match &self.read_after {
             ReadAfter::Primary => return None,
-            ReadAfter::Token(token) => Some(token.lsn().max(own.unwrap_or(0))),
+            // A token that does not open (altered, made up, or sealed under
+            // another URL or secret) proves nothing: the primary serves.
+            ReadAfter::Token(token) => Some(token.open(key)?.max(own.unwrap_or(0))),
             ReadAfter::Nothing => own,
         };
         if let Some(i) = replicas.pick(min) {
