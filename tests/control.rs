@@ -1411,14 +1411,17 @@ async fn a_shard_url_pointed_at_another_database_is_refused_unless_reassigned() 
     let (_control_db, shards, mut control) = setup(2).await;
     let other = Shards::create(1).await;
     other.run_everywhere(NOTES_SCHEMA).await;
-    common::connect(&shards.url(1))
-        .await
-        .execute(
-            "INSERT INTO notes (tenant_id, id, body) VALUES ('t1', gen_random_uuid(), 'x')",
-            &[],
-        )
-        .await
-        .unwrap();
+    let add_t1_row = |url: String| async move {
+        common::connect(&url)
+            .await
+            .execute(
+                "INSERT INTO notes (tenant_id, id, body) VALUES ('t1', gen_random_uuid(), 'x')",
+                &[],
+            )
+            .await
+            .unwrap();
+    };
+    add_t1_row(shards.url(1)).await;
     control
         .publish(&map_toml(1, &shards, ""), &PublishOptions::default())
         .await
@@ -1458,15 +1461,61 @@ async fn a_shard_url_pointed_at_another_database_is_refused_unless_reassigned() 
     assert!(err.to_string().contains("shard a's"), "{err}");
     assert_eq!(history_len(&control).await, 1, "nothing stored");
     assert_eq!(identity(other.url(0)).await, None, "nothing written");
-    // The operator says the other database holds b's data now.
+    // The operator says the other database holds b's data now, but it does
+    // not hold t1's row: --reassign compares the rows and refuses.
     let mut reassign = PublishOptions::default();
     reassign.reassign = true;
+    let err = control
+        .publish(&with_b(2, &other.url(0)), &reassign)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("leave rows behind in the database it had (tenant t1: 1 row(s) in public.notes, 0 in the new database)"),
+        "{err}"
+    );
+    assert_eq!(history_len(&control).await, 1, "nothing stored");
+    assert_eq!(identity(other.url(0)).await, None, "nothing written");
+    // Once the rows are there, the reassignment goes through.
+    add_t1_row(other.url(0)).await;
     control
         .publish(&with_b(2, &other.url(0)), &reassign)
         .await
         .unwrap();
     assert_eq!(identity(other.url(0)).await.as_deref(), Some("b"));
     assert_eq!(history_len(&control).await, 2);
+    // The database b has now is gone (dropped, or its server down): a URL
+    // pointing b at a database without an identity cannot be compared with
+    // anything, and is refused unless reassigned, with a warning that no
+    // rows were compared.
+    let fresh = Shards::create(1).await;
+    fresh.run_everywhere(NOTES_SCHEMA).await;
+    common::connect(&common::db_url("postgres"))
+        .await
+        .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", other.names[0]))
+        .await
+        .unwrap();
+    let err = control
+        .publish(&with_b(3, &fresh.url(0)), &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("cannot be reached to compare"),
+        "{err}"
+    );
+    assert_eq!(history_len(&control).await, 2, "nothing stored");
+    let published = control
+        .publish(&with_b(3, &fresh.url(0)), &reassign)
+        .await
+        .unwrap();
+    assert!(
+        published
+            .warnings
+            .iter()
+            .any(|w| w.contains("its rows were not compared")),
+        "{:?}",
+        published.warnings
+    );
 }
 
 /// Issue 26.5: a publish warns about every URL that carries a password (the

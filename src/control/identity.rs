@@ -112,7 +112,8 @@ pub(crate) async fn check_and_write(
     new: &ShardMap,
     reassign_allowed: bool,
     dry_run: bool,
-) -> Result<(), IdentityProblem> {
+) -> Result<Vec<String>, IdentityProblem> {
+    let mut warnings = Vec::new();
     let mut to_write: Vec<(&Shard, bool)> = Vec::new();
     for shard in new.shards() {
         let Some((client, found)) = open(shard).await else {
@@ -136,26 +137,49 @@ pub(crate) async fn check_and_write(
             .and_then(|old| old.shard_index(shard.name()).map(|i| old.shard(i)))
             .filter(|before| before.url() != shard.url());
         if let Some(before) = before {
-            let had = match open(before).await {
-                Some((_, had)) => had,
-                None => None,
+            // `None`: the database it had cannot be reached (or read).
+            let had = open(before).await.map(|(_, had)| had);
+            let moved_to_another = match (&had, &found) {
+                (Some(Some(had)), Some(found)) => had.id != found.id,
+                (Some(Some(_)), None) => true,
+                _ => false,
             };
             match (&had, &found) {
-                (Some(had), Some(found)) if had.id != found.id && !reassign_allowed => {
+                (Some(Some(had)), Some(found)) if moved_to_another && !reassign_allowed => {
                     return Err(problem(format!(
                         "its new url points at another database (identity {}) than the one it had \
                          (identity {})",
                         found.id, had.id
                     )));
                 }
-                (Some(had), None) if !reassign_allowed => {
+                (Some(Some(had)), None) if !reassign_allowed => {
                     return Err(problem(format!(
                         "its new url points at a database without an identity, while the one it \
                          had is shard {}'s (identity {})",
                         had.shard, had.id
                     )));
                 }
+                // Nothing to compare with: only a database that says it is
+                // this shard's is taken on its word.
+                (None, None) if !reassign_allowed => {
+                    return Err(problem(
+                        "its url changed, the database it had cannot be reached to compare \
+                         identities, and the new one has no identity"
+                            .to_owned(),
+                    ));
+                }
+                (None, _) if reassign_allowed => warnings.push(format!(
+                    "shard {}: --reassign: the database it had cannot be reached, so its rows \
+                     were not compared with the new database's",
+                    shard.name()
+                )),
                 _ => {}
+            }
+            if moved_to_another && reassign_allowed {
+                let old_column = old.map_or(new.tenant_column(), |m| m.tenant_column());
+                rows_left_behind(before, old_column, shard, new.tenant_column())
+                    .await
+                    .map_err(problem)?;
             }
         }
         let mismatched = found.as_ref().is_some_and(|f| f.shard != shard.name());
@@ -164,7 +188,7 @@ pub(crate) async fn check_and_write(
         }
     }
     if dry_run {
-        return Ok(());
+        return Ok(warnings);
     }
     for (shard, overwrite) in to_write {
         let written = async {
@@ -193,7 +217,52 @@ pub(crate) async fn check_and_write(
             }
         }
     }
-    Ok(())
+    Ok(warnings)
+}
+
+/// `--reassign` points `shard` at a database other than the one `before`
+/// reached: every tenant's rows there must be in the new database too, table
+/// by table (at least as many), or the reassignment would leave them behind
+/// where no router looks. Counts every row of both: an explicit, rare step.
+async fn rows_left_behind(
+    before: &Shard,
+    old_column: &str,
+    shard: &Shard,
+    column: &str,
+) -> Result<(), String> {
+    let counted = |which: &str, e: ShardError| {
+        format!("--reassign could not count the rows of the database {which}: {e}")
+    };
+    let had = super::rehoming::row_counts(before, old_column)
+        .await
+        .map_err(|e| counted("it had", e))?;
+    let has = super::rehoming::row_counts(shard, column)
+        .await
+        .map_err(|e| counted("its url now points at", e))?;
+    let short: Vec<String> = had
+        .iter()
+        .filter_map(|((table, tenant), rows)| {
+            let there = has
+                .get(&(table.clone(), tenant.clone()))
+                .copied()
+                .unwrap_or(0);
+            (there < *rows).then(|| {
+                format!("tenant {tenant}: {rows} row(s) in {table}, {there} in the new database")
+            })
+        })
+        .collect();
+    if short.is_empty() {
+        return Ok(());
+    }
+    let more = match short.len() {
+        0..=5 => String::new(),
+        n => format!("; and {} more", n - 5),
+    };
+    Err(format!(
+        "--reassign would leave rows behind in the database it had ({}{more}): copy them to the \
+         new database first, or move those tenants to another shard before re-pointing this one",
+        short[..short.len().min(5)].join("; "),
+    ))
 }
 
 /// An administrative connection to `shard` and its database's identity;

@@ -65,7 +65,7 @@ pub struct Published {
     pub published: bool,
     /// What the operator should know: URLs that carry a password (stored in
     /// the control database, where every router can read it; use
-    /// `password_env` instead).
+    /// `password_env` instead), rows `reassign` could not compare.
     pub warnings: Vec<String>,
     /// The TOML stored (with the added pins).
     #[serde(skip)]
@@ -261,12 +261,18 @@ impl ControlPlane {
                 Some(MapDiff::between(old, &new))
             }
         };
-        super::identity::check_and_write(old_map.as_ref(), &new, options.reassign, options.dry_run)
-            .await
-            .map_err(|p| PublishError::ShardIdentity {
-                shard: p.shard,
-                reason: p.reason,
-            })?;
+        let mut warnings = super::identity::check_and_write(
+            old_map.as_ref(),
+            &new,
+            options.reassign,
+            options.dry_run,
+        )
+        .await
+        .map_err(|p| PublishError::ShardIdentity {
+            shard: p.shard,
+            reason: p.reason,
+        })?;
+        warnings.extend(passwords_in_urls(&new));
         if !options.dry_run {
             self.insert(
                 new.version(),
@@ -282,7 +288,7 @@ impl ControlPlane {
             diff,
             pinned,
             published: !options.dry_run,
-            warnings: passwords_in_urls(&new),
+            warnings,
             toml,
         })
     }

@@ -131,6 +131,15 @@ pub(crate) async fn with_rows_on(
         .await
 }
 
+/// Rows per (tenant table, tenant) on `shard`'s database: a full count, for
+/// `--reassign` to compare the database a shard had with the one it gets.
+pub(crate) async fn row_counts(
+    shard: &Shard,
+    column: &str,
+) -> Result<BTreeMap<(String, String), i64>, ShardError> {
+    Scan::open(shard, column).await?.row_counts().await
+}
+
 /// What the shards say against a new map, beyond the diff with the stored
 /// newest map (the model's `publish_checks_shards`, issue 26.1).
 #[derive(Debug, Default)]
@@ -369,6 +378,30 @@ impl<'a> Scan<'a> {
             .iter()
             .map(|r| (r.get(0), (r.get(1), r.get(2))))
             .collect())
+    }
+
+    /// Rows per (tenant table, tenant) in every tenant table.
+    async fn row_counts(&self) -> Result<BTreeMap<(String, String), i64>, ShardError> {
+        let mut counts = BTreeMap::new();
+        for TenantTable { name, column, .. } in &self.tables {
+            let rows = self
+                .client
+                .query(
+                    &format!(
+                        "SELECT {column}::text, count(*) FROM {name} WHERE {column} IS NOT NULL GROUP BY 1"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(|e| ShardError::database(self.shard, e))?;
+            for row in rows {
+                counts.insert(
+                    (name.clone(), row.get::<_, String>(0)),
+                    row.get::<_, i64>(1),
+                );
+            }
+        }
+        Ok(counts)
     }
 
     /// Distinct tenant ids in every tenant table.
