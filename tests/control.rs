@@ -654,7 +654,7 @@ async fn a_control_database_restored_from_an_older_backup_is_noticed_and_never_c
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, PublishError::RoutersAhead { offered: 3, routers } if routers == &[("r1".to_owned(), 3)]),
+        matches!(&err, PublishError::RoutersAhead { offered: 3, routers, .. } if routers == &[("r1".to_owned(), 3)]),
         "{err:?}"
     );
     assert!(
@@ -1725,7 +1725,52 @@ async fn the_three_control_roles_do_their_jobs_and_no_more() {
         .await
         .unwrap();
 
+    // A stolen router login reports a router ahead (within the bound): the
+    // publish is refused naming the login; the operator revokes its router
+    // role (its reports stop at once), forgets the row, and publishes the
+    // version meant.
+    as_router
+        .execute(
+            "INSERT INTO shard_router_routers (instance_id, host, applied_version, started_at, last_seen, lease_ms) \
+             VALUES ('forger', 'h', 999999, now(), now(), 600000)",
+            &[],
+        )
+        .await
+        .unwrap();
     let mut publisher = ControlPlane::connect(&login(&publisher_role))
+        .await
+        .unwrap();
+    let err = publisher
+        .publish(
+            &map_toml(2, &shards, "[tenants]\nacme = \"a\"\n"),
+            &PublishOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::RoutersAhead { logins, .. } if logins == std::slice::from_ref(&router_role)),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("shardctl routers --forget"),
+        "{err}"
+    );
+    admin
+        .batch_execute(&format!("REVOKE shard_router_router FROM {router_role}"))
+        .await
+        .unwrap();
+    let denied = as_router
+        .execute(
+            "UPDATE shard_router_routers SET last_seen = now() WHERE instance_id = 'forger'",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(denied), "42501", "a revoked login reports nothing");
+    assert!(publisher.forget_router("forger").await.unwrap());
+    assert!(!publisher.forget_router("forger").await.unwrap());
+    admin
+        .batch_execute(&format!("GRANT shard_router_router TO {router_role}"))
         .await
         .unwrap();
     publisher

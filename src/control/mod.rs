@@ -197,13 +197,15 @@ pub struct RouterRow {
     /// version, same checksum). False after a restore from a backup older
     /// than the router's map: such a router has not applied anything here.
     pub known: bool,
+    /// The login that wrote the row (a router login may write only its own).
+    pub login: String,
 }
 
 /// As `shardctl --json routers` prints it: the fields, and `stale`.
 impl serde::Serialize for RouterRow {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut row = serializer.serialize_struct("RouterRow", 7)?;
+        let mut row = serializer.serialize_struct("RouterRow", 8)?;
         row.serialize_field("instance_id", &self.instance_id)?;
         row.serialize_field("host", &self.host)?;
         row.serialize_field("applied_version", &self.applied_version)?;
@@ -211,6 +213,7 @@ impl serde::Serialize for RouterRow {
         row.serialize_field("lease_ms", &self.lease_ms)?;
         row.serialize_field("stale", &self.is_stale())?;
         row.serialize_field("known", &self.known)?;
+        row.serialize_field("login", &self.login)?;
         row.end()
     }
 }
@@ -245,6 +248,7 @@ mod router_row_tests {
             last_seen_ms,
             lease_ms: 3_000,
             known: true,
+            login: "app_router".into(),
         };
         assert!(row(5_000).is_stale());
         assert!(!row(3_000).is_stale());
@@ -441,7 +445,8 @@ impl ControlPlane {
                 "SELECT instance_id, host, applied_version, \
                  greatest(0, (extract(epoch FROM clock_timestamp() - last_seen) * 1000))::bigint, lease_ms, \
                  EXISTS (SELECT 1 FROM shard_router_maps m WHERE m.version = r.applied_version \
-                   AND (r.applied_checksum IS NULL OR m.checksum = r.applied_checksum)) \
+                   AND (r.applied_checksum IS NULL OR m.checksum = r.applied_checksum)), \
+                 login::text \
                  FROM shard_router_routers r ORDER BY instance_id",
                 &[],
             )
@@ -455,8 +460,32 @@ impl ControlPlane {
                 last_seen_ms: r.get::<_, i64>(3) as u64,
                 lease_ms: r.get::<_, i64>(4) as u64,
                 known: r.get(5),
+                login: r.get(6),
             })
             .collect())
+    }
+
+    /// Deletes router `instance_id`'s heartbeat row, so it no longer counts
+    /// for `--wait` or as a router ahead; returns whether there was one. For
+    /// a router that stopped for good, or one whose login reported what its
+    /// router never served (revoke that login first, or it reports again).
+    ///
+    /// ```no_run
+    /// # async fn f(c: shard_router::control::ControlPlane) -> Result<(), shard_router::control::ControlError> {
+    /// if c.forget_router("router-7f3a").await? {
+    ///     println!("forgotten");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn forget_router(&self, instance_id: &str) -> Result<bool, ControlError> {
+        Ok(self
+            .client
+            .execute(
+                "DELETE FROM shard_router_routers WHERE instance_id = $1",
+                &[&instance_id],
+            )
+            .await?
+            > 0)
     }
 
     /// Waits until every live router has applied `version` or later, for at most
@@ -549,7 +578,7 @@ impl ControlPlane {
         // refused by them as a conflict, or fence them by number alone.
         let ahead = tx
             .query(
-                "SELECT instance_id, applied_version FROM shard_router_routers \
+                "SELECT instance_id, applied_version, login::text FROM shard_router_routers \
                  WHERE applied_version >= $1 \
                    AND clock_timestamp() - last_seen < lease_ms * interval '1 millisecond' \
                  ORDER BY instance_id",
@@ -558,12 +587,16 @@ impl ControlPlane {
             .await
             .map_err(ControlError::from)?;
         if !ahead.is_empty() {
+            let mut logins: Vec<String> = ahead.iter().map(|r| r.get(2)).collect();
+            logins.sort();
+            logins.dedup();
             return Err(PublishError::RoutersAhead {
                 offered: version,
                 routers: ahead
                     .iter()
                     .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
                     .collect(),
+                logins,
             });
         }
         if newest.map(|v| v as u64) != base {

@@ -138,12 +138,14 @@ pub enum PublishError {
     /// Live routers serve this version or a later one that the control
     /// database does not hold: it was restored from an older backup, or a
     /// router follows another control database.
-    #[error("refused: router(s) {} serve version {} or later, which this control database does not hold (was it restored from a backup?); publish a version above {}", routers.iter().map(|(id, v)| format!("{id} (v{v})")).collect::<Vec<_>>().join(", "), offered, routers.iter().map(|(_, v)| *v).max().unwrap_or(*offered))]
+    #[error("refused: router(s) {} serve version {} or later, which this control database does not hold (was it restored from a backup?); publish a version above {}, or, if those rows are not your routers' (reported through login {}), revoke that login's router role and `shardctl routers --forget INSTANCE`", routers.iter().map(|(id, v)| format!("{id} (v{v})")).collect::<Vec<_>>().join(", "), offered, routers.iter().map(|(_, v)| *v).max().unwrap_or(*offered), logins.join(", "))]
     RoutersAhead {
         /// The version offered.
         offered: u64,
         /// Each live router at or past it: instance id and version.
         routers: Vec<(String, u64)>,
+        /// The logins that reported them.
+        logins: Vec<String>,
     },
     /// Another version was published while this one was being checked; its
     /// checks ran against a map that is no longer the newest.

@@ -31,9 +31,32 @@ pub(crate) fn run(command: ControlCommand, json: bool) -> Result<(), String> {
     }
 }
 
-pub(crate) fn routers(arg: &ControlArg, json: bool) -> Result<(), String> {
+/// `shardctl routers [--forget INSTANCE]`.
+#[derive(clap::Args)]
+pub(crate) struct RoutersArgs {
+    #[command(flatten)]
+    control: ControlArg,
+    /// Delete this router's heartbeat row (a router stopped for good, or rows
+    /// a revoked login reported), then list.
+    #[arg(long, value_name = "INSTANCE")]
+    forget: Option<String>,
+}
+
+pub(crate) fn routers(args: &RoutersArgs, json: bool) -> Result<(), String> {
     block_on(async {
-        let control = connect(&arg.control).await?;
+        let control = connect(&args.control.control).await?;
+        if let Some(instance) = &args.forget {
+            if !control
+                .forget_router(instance)
+                .await
+                .map_err(|e| format!("{e}"))?
+            {
+                return Err(format!("no router {instance} to forget"));
+            }
+            if !json {
+                println!("forgot router {instance}");
+            }
+        }
         let routers = control.routers().await.map_err(|e| format!("{e}"))?;
         let newest = control.latest().await.ok().map(|m| m.version);
         if json {
@@ -41,8 +64,8 @@ pub(crate) fn routers(arg: &ControlArg, json: bool) -> Result<(), String> {
             return Ok(());
         }
         println!(
-            "{:<40} {:<20} {:>8} {:>12}  state",
-            "instance", "host", "version", "last seen"
+            "{:<40} {:<20} {:>8} {:>12}  {:<16} state",
+            "instance", "host", "version", "last seen", "login"
         );
         for r in &routers {
             let state = match newest {
@@ -57,8 +80,8 @@ pub(crate) fn routers(arg: &ControlArg, json: bool) -> Result<(), String> {
                 _ => "behind",
             };
             println!(
-                "{:<40} {:<20} {:>8} {:>10}ms  {state}",
-                r.instance_id, r.host, r.applied_version, r.last_seen_ms
+                "{:<40} {:<20} {:>8} {:>10}ms  {:<16} {state}",
+                r.instance_id, r.host, r.applied_version, r.last_seen_ms, r.login
             );
         }
         Ok(())

@@ -41,8 +41,8 @@ enum Command {
     /// The control database.
     #[command(subcommand)]
     Control(control::ControlCommand),
-    /// Running routers: instance, applied map version, last seen; stale ones marked.
-    Routers(ControlArg),
+    /// Running routers: instance, applied map version, last seen, login; stale ones marked.
+    Routers(control::RoutersArgs),
     /// Load the routers report, by tenant.
     #[command(subcommand)]
     Tenants(load::TenantsCommand),
