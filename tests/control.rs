@@ -1697,7 +1697,7 @@ async fn the_three_control_roles_do_their_jobs_and_no_more() {
     admin
         .execute(
             "INSERT INTO shard_router_routers (instance_id, host, applied_version, started_at, last_seen, lease_ms) \
-             VALUES ('other', 'h', 1, now(), now(), 1000)",
+             VALUES ('other', 'h', 1, now(), now(), 60000)",
             &[],
         )
         .await
@@ -1717,10 +1717,51 @@ async fn the_three_control_roles_do_their_jobs_and_no_more() {
             .await
             .unwrap();
     assert_eq!(touched, 0, "another login's router row is out of reach");
+    // Load rows too: under another router's instance id, a router login's
+    // rows are not that router's report (not counted), and the real report
+    // is out of its reach.
     admin
         .execute(
-            "DELETE FROM shard_router_routers WHERE instance_id IN ('ghost', 'other')",
+            "INSERT INTO shard_router_tenant_load (instance_id, window_s, shard, tenant, statements, rows, db_time_us, pool_wait_us, errors) \
+             VALUES ('other', 0, 'a', 'real', 10, 0, 10, 0, 0)",
             &[],
+        )
+        .await
+        .unwrap();
+    as_router
+        .execute(
+            "INSERT INTO shard_router_tenant_load (instance_id, window_s, shard, tenant, statements, rows, db_time_us, pool_wait_us, errors) \
+             VALUES ('other', 0, 'a', 'forged', 1000000, 0, 1000000, 0, 0), ('other', 0, 'a', 'real', 1000000, 0, 1000000, 0, 0)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let touched = as_router
+        .execute(
+            "DELETE FROM shard_router_tenant_load WHERE instance_id = 'other' AND login <> current_user",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(touched, 0, "another login's load rows are out of reach");
+    use shard_router::control::{LoadOrder, LoadWindow};
+    let top = control
+        .tenants_top(None, LoadOrder::Statements, LoadWindow::Total, 10)
+        .await
+        .unwrap();
+    let ranked: Vec<(&str, u64)> = top
+        .iter()
+        .map(|t| (t.tenant.as_str(), t.statements))
+        .collect();
+    assert_eq!(
+        ranked,
+        [("real", 10)],
+        "only the router's own login's report counts"
+    );
+    admin
+        .batch_execute(
+            "DELETE FROM shard_router_routers WHERE instance_id IN ('ghost', 'other'); \
+             DELETE FROM shard_router_tenant_load WHERE instance_id = 'other'",
         )
         .await
         .unwrap();

@@ -134,8 +134,10 @@ pub struct ReportedShard {
     pub routers: u64,
 }
 
-/// Live routers: reported within their lease.
-const LIVE: &str = "JOIN shard_router_routers r USING (instance_id) \
+/// Live routers: reported within their lease, the load rows written by the
+/// router row's login (another login's rows under its instance id are not
+/// its reports).
+const LIVE: &str = "JOIN shard_router_routers r USING (instance_id, login) \
                     WHERE r.last_seen + r.lease_ms * interval '1 millisecond' > clock_timestamp()";
 
 impl ControlPlane {

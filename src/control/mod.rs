@@ -73,6 +73,10 @@ fn control_migrations() -> Migrations {
                 "V7__roles",
                 include_str!("../../migrations/control/V7__roles.sql"),
             ),
+            (
+                "V8__load_rows_own",
+                include_str!("../../migrations/control/V8__load_rows_own.sql"),
+            ),
         ],
     )
 }
