@@ -9,9 +9,9 @@
 //! 32-bit halves, the round function SipHash-1-3 keyed per shard and tweaked
 //! with the shard and tenant, so the same position gives different tokens for
 //! two tenants; a 32-bit tag over the position, shard and tenant authenticates
-//! it. The key comes from the shard's name and URL as the map gives them and,
-//! when set, `SHARD_ROUTER_TOKEN_SECRET` (give every router the same value): a
-//! client that could guess a URL cannot guess the secret.
+//! it. The key comes from `SHARD_ROUTER_TOKEN_SECRET` (give every router the
+//! same random value) and the shard's name; without the secret, from the
+//! shard's name and URL, with a warning.
 
 use std::fmt;
 use std::hash::Hasher;
@@ -167,11 +167,22 @@ impl fmt::Debug for TokenKey {
 }
 
 impl TokenKey {
-    /// The key of `shard`'s tokens: from its name, its URL and the secret in
-    /// [`TOKEN_SECRET_ENV`], if set.
+    /// The key of `shard`'s tokens: from the secret in [`TOKEN_SECRET_ENV`]
+    /// and the shard's name, or, without a secret, from its name and URL
+    /// (with a warning: someone who knows the URL can open and forge tokens).
     pub(crate) fn for_shard(shard: &Shard) -> TokenKey {
-        let secret = std::env::var(TOKEN_SECRET_ENV).unwrap_or_default();
-        TokenKey::derive(&secret, shard.name(), shard.url())
+        match std::env::var(TOKEN_SECRET_ENV) {
+            Ok(secret) if !secret.is_empty() => TokenKey::derive(&secret, shard.name(), ""),
+            _ => {
+                tracing::warn!(
+                    shard = shard.name(),
+                    "{TOKEN_SECRET_ENV} is not set: read tokens are sealed with a key derived from \
+                     the shard's URL, which whoever knows it can derive too; set it to the same \
+                     random value on every router"
+                );
+                TokenKey::derive("", shard.name(), shard.url())
+            }
+        }
     }
 
     fn derive(secret: &str, shard: &str, url: &str) -> TokenKey {

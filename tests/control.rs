@@ -1422,8 +1422,9 @@ async fn a_shard_url_pointed_at_another_database_is_refused_unless_reassigned() 
             .unwrap();
     };
     add_t1_row(shards.url(1)).await;
+    let t1_on_b = "[tenants]\nt1 = \"b\"\n";
     control
-        .publish(&map_toml(1, &shards, ""), &PublishOptions::default())
+        .publish(&map_toml(1, &shards, t1_on_b), &PublishOptions::default())
         .await
         .unwrap();
     let identity = |url: String| async move {
@@ -1439,7 +1440,7 @@ async fn a_shard_url_pointed_at_another_database_is_refused_unless_reassigned() 
     assert_eq!(identity(shards.url(1)).await.as_deref(), Some("b"));
     let with_b = |v: u64, url: &str| {
         format!(
-            "version = {v}\n[shards.a]\nurl = \"{}\"\n[shards.b]\nurl = \"{url}\"\n",
+            "version = {v}\n[shards.a]\nurl = \"{}\"\n[shards.b]\nurl = \"{url}\"\n{t1_on_b}",
             shards.url(0)
         )
     };
@@ -1452,19 +1453,35 @@ async fn a_shard_url_pointed_at_another_database_is_refused_unless_reassigned() 
         matches!(&err, PublishError::ShardIdentity { shard, .. } if shard == "b"),
         "{err}"
     );
-    assert!(err.to_string().contains("without an identity"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("another database than the one it had"),
+        "{err}"
+    );
     // b pointed at shard a's database.
     let err = control
         .publish(&with_b(2, &shards.url(0)), &PublishOptions::default())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("shard a's"), "{err}");
+    // Not even with --reassign: a is still in the map, and would lose its
+    // database.
+    let mut reassign = PublishOptions::default();
+    reassign.reassign = true;
+    let err = control
+        .publish(&with_b(2, &shards.url(0)), &reassign)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("does not take a database from a shard the map still has"),
+        "{err}"
+    );
+    assert_eq!(identity(shards.url(0)).await.as_deref(), Some("a"));
     assert_eq!(history_len(&control).await, 1, "nothing stored");
     assert_eq!(identity(other.url(0)).await, None, "nothing written");
     // The operator says the other database holds b's data now, but it does
     // not hold t1's row: --reassign compares the rows and refuses.
-    let mut reassign = PublishOptions::default();
-    reassign.reassign = true;
     let err = control
         .publish(&with_b(2, &other.url(0)), &reassign)
         .await
@@ -1484,6 +1501,50 @@ async fn a_shard_url_pointed_at_another_database_is_refused_unless_reassigned() 
         .unwrap();
     assert_eq!(identity(other.url(0)).await.as_deref(), Some("b"));
     assert_eq!(history_len(&control).await, 2);
+    // A copy of b's database (a restored backup: the same identity, UUID
+    // included, and none of what was written since) is another database.
+    let copy = Shards::create(1).await;
+    copy.run_everywhere(NOTES_SCHEMA).await;
+    let uuid: String = common::connect(&other.url(0))
+        .await
+        .query_one("SELECT id::text FROM shard_router_identity", &[])
+        .await
+        .unwrap()
+        .get(0);
+    common::connect(&copy.url(0))
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE shard_router_identity (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), \
+               shard text NOT NULL, id uuid NOT NULL, written_at timestamptz NOT NULL DEFAULT now()); \
+             INSERT INTO shard_router_identity (shard, id) VALUES ('b', '{uuid}')"
+        ))
+        .await
+        .unwrap();
+    let err = control
+        .publish(&with_b(3, &copy.url(0)), &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("even with the same identity"),
+        "{err}"
+    );
+    let err = control
+        .publish(&with_b(3, &copy.url(0)), &reassign)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("tenant t1: 1 row(s) in public.notes, 0 in the new database"),
+        "{err}"
+    );
+    assert_eq!(history_len(&control).await, 2, "nothing stored");
+    // Another name for the same database passes.
+    let same = other.url(0).replacen("127.0.0.1", "localhost", 1);
+    assert_ne!(same, other.url(0));
+    control
+        .publish(&with_b(3, &same), &PublishOptions::default())
+        .await
+        .unwrap();
     // The database b has now is gone (dropped, or its server down): a URL
     // pointing b at a database without an identity cannot be compared with
     // anything, and is refused unless reassigned, with a warning that no
@@ -1496,16 +1557,17 @@ async fn a_shard_url_pointed_at_another_database_is_refused_unless_reassigned() 
         .await
         .unwrap();
     let err = control
-        .publish(&with_b(3, &fresh.url(0)), &PublishOptions::default())
+        .publish(&with_b(4, &fresh.url(0)), &PublishOptions::default())
         .await
         .unwrap_err();
     assert!(
-        err.to_string().contains("cannot be reached to compare"),
+        err.to_string()
+            .contains("the database it had cannot be reached"),
         "{err}"
     );
-    assert_eq!(history_len(&control).await, 2, "nothing stored");
+    assert_eq!(history_len(&control).await, 3, "nothing stored");
     let published = control
-        .publish(&with_b(3, &fresh.url(0)), &reassign)
+        .publish(&with_b(4, &fresh.url(0)), &reassign)
         .await
         .unwrap();
     assert!(

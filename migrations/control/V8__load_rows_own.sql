@@ -3,6 +3,15 @@
 -- under its key (the login is part of the key), and the load queries count a
 -- report only when the live router row with its instance id is of the same
 -- login.
+--
+-- Rows from before: V7 gave the router rows that existed then the migrating
+-- login, under which a router with a login of its own can no longer see (and
+-- so update) its row; load rows would get it here. Both go: every router
+-- writes its row again at its next heartbeat, and its load at its next
+-- report.
+DELETE FROM shard_router_routers WHERE login = session_user;
+DELETE FROM shard_router_tenant_load;
+DELETE FROM shard_router_shard_load;
 ALTER TABLE shard_router_tenant_load ADD COLUMN login name NOT NULL DEFAULT session_user;
 ALTER TABLE shard_router_tenant_load DROP CONSTRAINT shard_router_tenant_load_pkey;
 ALTER TABLE shard_router_tenant_load ADD PRIMARY KEY (instance_id, login, window_s, shard, tenant);

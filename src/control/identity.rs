@@ -100,36 +100,70 @@ pub(crate) struct IdentityProblem {
     pub(crate) reason: String,
 }
 
+/// What a publish will write to the shard databases once its version is in:
+/// identities for databases that have none, and (with `--reassign`) rewritten
+/// ones. Checked first, written after the map row is stored, so a publish
+/// refused later changes no shard.
+pub(crate) struct IdentityPlan<'a> {
+    to_write: Vec<(&'a Shard, bool)>,
+    /// What the operator should know: shards whose identity was not checked.
+    pub(crate) warnings: Vec<String>,
+}
+
 /// Checks every shard of `new` against the identities its databases carry
-/// (and, for a shard whose URL changed, the one its database had under
-/// `old`). Then, unless `dry_run`, gives every database that has none the
-/// identity of its shard, where the role may create the table (otherwise
-/// `shardctl migrate` does), and with `reassign` rewrites the identity of a
-/// database the shard now points at. A database that cannot be reached is
-/// passed over here: the other checks of a publish say what it means for them.
-pub(crate) async fn check_and_write(
+/// and, for a shard whose URL changed, against the database it had under
+/// `old`:
+///
+/// - a database that is another shard's is refused; with `reassign` only
+///   when that shard is no longer in `new` (a live shard's database is never
+///   taken);
+/// - a new URL must reach the same database as the old one (an advisory lock
+///   taken through the old URL is held there when tried through the new one),
+///   whatever the identities say: a restored copy carries the same UUID but
+///   not the rows written since. Another database is refused, unless
+///   `reassign`, which then compares the rows of the tenants `new` routes to
+///   the shard;
+/// - when the database the shard had cannot be reached, nothing can be
+///   compared: refused unless `reassign`, which warns.
+///
+/// A shard whose new database cannot be reached is passed over with a
+/// warning: the other checks of a publish say what that means for them.
+pub(crate) async fn check<'a>(
     old: Option<&ShardMap>,
-    new: &ShardMap,
+    new: &'a ShardMap,
     reassign_allowed: bool,
-    dry_run: bool,
-) -> Result<Vec<String>, IdentityProblem> {
-    let mut warnings = Vec::new();
-    let mut to_write: Vec<(&Shard, bool)> = Vec::new();
+) -> Result<IdentityPlan<'a>, IdentityProblem> {
+    let mut plan = IdentityPlan {
+        to_write: Vec::new(),
+        warnings: Vec::new(),
+    };
     for shard in new.shards() {
-        let Some((client, found)) = open(shard).await else {
-            continue;
-        };
-        drop(client);
         let problem = |reason: String| IdentityProblem {
             shard: shard.name().to_owned(),
             reason,
         };
-        if let Some(found) = &found {
-            if found.shard != shard.name() && !reassign_allowed {
+        let (client, found) = match open(shard).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                plan.warnings.push(format!(
+                    "shard {}: its identity was not checked or written: {e}",
+                    shard.name()
+                ));
+                continue;
+            }
+        };
+        if let Some(found) = found.as_ref().filter(|f| f.shard != shard.name()) {
+            let live = new.shard_index(&found.shard).is_some();
+            if live || !reassign_allowed {
                 return Err(problem(format!(
                     "the database at its url is shard {}'s (its shard_router_identity says so): \
-                     two shard names would share one database",
-                    found.shard
+                     two shard names would share one database{}",
+                    found.shard,
+                    if live {
+                        ", and --reassign does not take a database from a shard the map still has"
+                    } else {
+                        ""
+                    }
                 )));
             }
         }
@@ -137,99 +171,129 @@ pub(crate) async fn check_and_write(
             .and_then(|old| old.shard_index(shard.name()).map(|i| old.shard(i)))
             .filter(|before| before.url() != shard.url());
         if let Some(before) = before {
-            // `None`: the database it had cannot be reached (or read).
-            let had = open(before).await.map(|(_, had)| had);
-            let moved_to_another = match (&had, &found) {
-                (Some(Some(had)), Some(found)) => had.id != found.id,
-                (Some(Some(_)), None) => true,
-                _ => false,
-            };
-            match (&had, &found) {
-                (Some(Some(had)), Some(found)) if moved_to_another && !reassign_allowed => {
-                    return Err(problem(format!(
-                        "its new url points at another database (identity {}) than the one it had \
-                         (identity {})",
-                        found.id, had.id
-                    )));
-                }
-                (Some(Some(had)), None) if !reassign_allowed => {
-                    return Err(problem(format!(
-                        "its new url points at a database without an identity, while the one it \
-                         had is shard {}'s (identity {})",
-                        had.shard, had.id
-                    )));
-                }
-                // Nothing to compare with: only a database that says it is
-                // this shard's is taken on its word.
-                (None, None) if !reassign_allowed => {
-                    return Err(problem(
-                        "its url changed, the database it had cannot be reached to compare \
-                         identities, and the new one has no identity"
-                            .to_owned(),
+            let moved = match open(before).await {
+                Err(e) if reassign_allowed => {
+                    plan.warnings.push(format!(
+                        "shard {}: --reassign: the database it had cannot be reached ({e}), so its \
+                         rows were not compared with the new database's",
+                        shard.name()
                     ));
+                    false
                 }
-                (None, _) if reassign_allowed => warnings.push(format!(
-                    "shard {}: --reassign: the database it had cannot be reached, so its rows \
-                     were not compared with the new database's",
-                    shard.name()
-                )),
-                _ => {}
+                Err(e) => {
+                    return Err(problem(format!(
+                        "its url changed and the database it had cannot be reached ({e}): nothing \
+                         can be compared (if the new database holds the shard's data, a promoted \
+                         replica say, publish with --reassign)"
+                    )));
+                }
+                Ok((old_client, _)) => !same_database(&old_client, &client).await.map_err(|e| {
+                    problem(format!(
+                        "cannot tell whether its new url reaches the database it had: {e}"
+                    ))
+                })?,
+            };
+            if moved && !reassign_allowed {
+                return Err(problem(
+                    "its new url points at another database than the one it had (a copy, even \
+                     with the same identity, lacks what was written since it was made)"
+                        .to_owned(),
+                ));
             }
-            if moved_to_another && reassign_allowed {
+            if moved {
                 let old_column = old.map_or(new.tenant_column(), |m| m.tenant_column());
-                rows_left_behind(before, old_column, shard, new.tenant_column())
+                rows_left_behind(before, old_column, shard, new)
                     .await
                     .map_err(problem)?;
             }
         }
         let mismatched = found.as_ref().is_some_and(|f| f.shard != shard.name());
         if found.is_none() || mismatched {
-            to_write.push((shard, mismatched));
+            plan.to_write.push((shard, mismatched));
         }
     }
-    if dry_run {
-        return Ok(warnings);
-    }
-    for (shard, overwrite) in to_write {
-        let written = async {
-            let client = shard.connect_admin().await?;
-            if overwrite {
-                reassign(&client, shard.name()).await
-            } else {
-                ensure(&client, shard.name()).await.map(|_| ())
+    Ok(plan)
+}
+
+impl IdentityPlan<'_> {
+    /// Gives every database that has none the identity of its shard, where
+    /// the role may create the table (otherwise `shardctl migrate` does), and
+    /// rewrites the reassigned ones. Run once the version is stored; what
+    /// could not be written comes back as warnings.
+    pub(crate) async fn write(self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (shard, overwrite) in self.to_write {
+            let written = async {
+                let client = shard.connect_admin().await?;
+                if overwrite {
+                    reassign(&client, shard.name()).await
+                } else {
+                    ensure(&client, shard.name()).await.map(|_| ())
+                }
+            }
+            .await;
+            match written {
+                Ok(()) => {}
+                Err(e) if overwrite => warnings.push(format!(
+                    "shard {}: its identity could not be rewritten ({e}): routers refuse its \
+                     database until it is; publish the same map again with --reassign",
+                    shard.name()
+                )),
+                // A role that may not create tables (the router's, say): the
+                // identity comes with the next `shardctl migrate` instead.
+                Err(e) => warnings.push(format!(
+                    "shard {}: its identity could not be written ({e}); `shardctl migrate` writes it",
+                    shard.name()
+                )),
             }
         }
-        .await;
-        match written {
-            Ok(()) => {}
-            // Asked for: it must hold.
-            Err(e) if overwrite => {
-                return Err(IdentityProblem {
-                    shard: shard.name().to_owned(),
-                    reason: format!("its identity could not be rewritten: {e}"),
-                })
-            }
-            // A role that may not create tables (the router's, say): the
-            // identity comes with the next `shardctl migrate` instead.
-            Err(e) => {
-                tracing::warn!(shard = shard.name(), error = %e,
-                    "publish: the shard's identity could not be written; `shardctl migrate` writes it");
-            }
-        }
+        warnings
     }
-    Ok(warnings)
+}
+
+/// Whether two connections reach one database: a session advisory lock on a
+/// random key, taken through `a`, cannot be taken through `b` if so (advisory
+/// locks are per database).
+async fn same_database(a: &Client, b: &Client) -> Result<bool, tokio_postgres::Error> {
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let key = crate::hash::sip13(
+        format!("shard-router:same-database:{nonce}:{}", std::process::id()).as_bytes(),
+    ) as i64;
+    a.execute("SELECT pg_advisory_lock($1)", &[&key]).await?;
+    let taken = b
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await
+        .map(|r| r.get::<_, bool>(0));
+    if let Ok(true) = taken {
+        b.execute("SELECT pg_advisory_unlock($1)", &[&key]).await?;
+    }
+    a.execute("SELECT pg_advisory_unlock($1)", &[&key]).await?;
+    Ok(!taken?)
 }
 
 /// `--reassign` points `shard` at a database other than the one `before`
-/// reached: every tenant's rows there must be in the new database too, table
-/// by table (at least as many), or the reassignment would leave them behind
-/// where no router looks. Counts every row of both: an explicit, rare step.
+/// reached: the rows there of every tenant `new` routes to the shard must be
+/// in the new database too, table by table (at least as many), or the
+/// reassignment would leave them behind where no router looks. Counts every
+/// row of both: an explicit, rare step, and a count (stop the shard's writes
+/// first: routers write to the old database until they apply the new map).
 async fn rows_left_behind(
     before: &Shard,
     old_column: &str,
     shard: &Shard,
-    column: &str,
+    new: &ShardMap,
 ) -> Result<(), String> {
+    let column = new.tenant_column();
+    // Only the tenants the new map routes here: rows of tenants that moved
+    // away (a move completed without purge) are a stale copy either way.
+    let served_here = |tenant: &str| {
+        crate::TenantId::new(tenant).is_ok_and(|id| {
+            let id = new.tenant_id(id);
+            new.shard(new.locate(&id).shard).name() == shard.name()
+        })
+    };
     let counted = |which: &str, e: ShardError| {
         format!("--reassign could not count the rows of the database {which}: {e}")
     };
@@ -241,6 +305,7 @@ async fn rows_left_behind(
         .map_err(|e| counted("its url now points at", e))?;
     let short: Vec<String> = had
         .iter()
+        .filter(|((_, tenant), _)| served_here(tenant))
         .filter_map(|((table, tenant), rows)| {
             let there = has
                 .get(&(table.clone(), tenant.clone()))
@@ -265,21 +330,9 @@ async fn rows_left_behind(
     ))
 }
 
-/// An administrative connection to `shard` and its database's identity;
-/// `None` when it cannot be reached or read.
-async fn open(shard: &Shard) -> Option<(Client, Option<Identity>)> {
-    let client = match shard.connect_admin().await {
-        Ok(client) => client,
-        Err(e) => {
-            tracing::warn!(shard = shard.name(), error = %e, "publish: shard unreachable; its identity was not checked");
-            return None;
-        }
-    };
-    match read(&client).await {
-        Ok(found) => Some((client, found)),
-        Err(e) => {
-            tracing::warn!(shard = shard.name(), error = %e, "publish: the shard's identity could not be read");
-            None
-        }
-    }
+/// An administrative connection to `shard` and its database's identity.
+async fn open(shard: &Shard) -> Result<(Client, Option<Identity>), String> {
+    let client = shard.connect_admin().await.map_err(|e| e.to_string())?;
+    let found = read(&client).await.map_err(|e| crate::pg::error_text(&e))?;
+    Ok((client, found))
 }

@@ -138,7 +138,7 @@ pub enum PublishError {
     /// Live routers serve this version or a later one that the control
     /// database does not hold: it was restored from an older backup, or a
     /// router follows another control database.
-    #[error("refused: router(s) {} serve version {} or later, which this control database does not hold (was it restored from a backup?); publish a version above {}, or, if those rows are not your routers' (reported through login {}), revoke that login's router role and `shardctl routers --forget INSTANCE`", routers.iter().map(|(id, v)| format!("{id} (v{v})")).collect::<Vec<_>>().join(", "), offered, routers.iter().map(|(_, v)| *v).max().unwrap_or(*offered), logins.join(", "))]
+    #[error("refused: router(s) {} serve version {} or later, which this control database does not hold (was it restored from a backup?); publish a version above {}, or, if those rows are not your routers' (reported through login {}), revoke that login (when no router of yours shares it) and `shardctl routers --forget INSTANCE`", routers.iter().map(|(id, v)| format!("{id} (v{v})")).collect::<Vec<_>>().join(", "), offered, routers.iter().map(|(_, v)| *v).max().unwrap_or(*offered), logins.join(", "))]
     RoutersAhead {
         /// The version offered.
         offered: u64,
@@ -263,18 +263,14 @@ impl ControlPlane {
                 Some(MapDiff::between(old, &new))
             }
         };
-        let mut warnings = super::identity::check_and_write(
-            old_map.as_ref(),
-            &new,
-            options.reassign,
-            options.dry_run,
-        )
-        .await
-        .map_err(|p| PublishError::ShardIdentity {
-            shard: p.shard,
-            reason: p.reason,
-        })?;
-        warnings.extend(passwords_in_urls(&new));
+        let identities = super::identity::check(old_map.as_ref(), &new, options.reassign)
+            .await
+            .map_err(|p| PublishError::ShardIdentity {
+                shard: p.shard,
+                reason: p.reason,
+            })?;
+        let mut warnings = passwords_in_urls(&new);
+        warnings.extend(identities.warnings.iter().cloned());
         if !options.dry_run {
             self.insert(
                 new.version(),
@@ -284,6 +280,8 @@ impl ControlPlane {
                 options.mover.as_ref(),
             )
             .await?;
+            // Only now: a publish refused above changed no shard.
+            warnings.extend(identities.write().await);
         }
         Ok(Published {
             version: new.version(),

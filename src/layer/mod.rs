@@ -267,7 +267,10 @@ where
             };
         }
         let written = db.written_slot();
-        let span = tracing::info_span!(
+        // DEBUG, as tower-http's TraceLayer: at INFO a span per request (its
+        // fields formatted by the fmt subscriber) cost more than the rest of
+        // the router's request path together.
+        let span = tracing::debug_span!(
             "tenant_request",
             tenant = %db.tenant(),
             shard = db.shard(),
