@@ -48,6 +48,7 @@ use crate::ShardRouter;
 /// ```
 #[must_use = "a fan-out does nothing until run"]
 pub struct FanOut {
+    router: ShardRouter,
     table: Arc<RoutingTable>,
     concurrency: usize,
     deadline: Duration,
@@ -90,6 +91,20 @@ pub enum FanOutError {
         #[source]
         cause: tokio_postgres::Error,
     },
+    /// [`FanOut::each_tenant`]'s work failed for a tenant (the shard's other
+    /// tenants after it were not visited).
+    #[error("work for tenant {tenant} failed on shard {shard} (map version {map_version})")]
+    Tenant {
+        /// The shard whose listing named the tenant.
+        shard: String,
+        /// The map version the listing ran on.
+        map_version: u64,
+        /// The tenant.
+        tenant: String,
+        /// What the work returned.
+        #[source]
+        cause: crate::DbError,
+    },
     /// The deadline passed first; a statement still running was cancelled.
     #[error("shard {shard} did not answer within {deadline:?} (map version {map_version})")]
     Deadline {
@@ -127,6 +142,7 @@ impl ShardRouter {
     /// ```
     pub fn fan_out(&self) -> FanOut {
         FanOut {
+            router: self.clone(),
             table: self.table(),
             concurrency: 4,
             deadline: Duration::from_secs(30),
@@ -208,6 +224,108 @@ impl FanOut {
             .collect()
             .await;
         results.sort_by_key(|(index, _)| *index);
+        results.into_iter().map(|(_, result)| result).collect()
+    }
+
+    /// Runs `work` once for every tenant, each from the shard that serves it:
+    /// `list` (one text column of tenant ids, such as
+    /// `SELECT id FROM tenants` or `SELECT DISTINCT tenant_id FROM notes`) runs
+    /// on every shard as in [`run`](Self::run), and of the ids a shard lists
+    /// only those the map routes to that shard are kept, so a tenant's stale
+    /// copy left on a shard it moved away from is not visited and a tenant
+    /// listed on two shards during a move is visited once. Each tenant gets a
+    /// [`TenantDb`](crate::TenantDb) resolved when its turn comes (the live
+    /// map then, as a job should), and the work returns
+    /// [`DbError`](crate::DbError) like the rest of the API.
+    ///
+    /// Shards run `concurrency` at a time, their tenants one after another; the
+    /// deadline bounds the listing, not the work. Each shard answers with the
+    /// number of tenants visited, or why it stopped: the listing failed (as in
+    /// `run`), or the work failed for a tenant ([`FanOutError::Tenant`]; that
+    /// shard's later tenants are not visited, the other shards go on). An id
+    /// that is not a valid tenant id is skipped with a warning.
+    ///
+    /// ```no_run
+    /// # async fn f(router: shard_router::ShardRouter) {
+    /// let visited = router
+    ///     .fan_out()
+    ///     .each_tenant("SELECT DISTINCT tenant_id FROM notes", |db| async move {
+    ///         db.execute(
+    ///             "DELETE FROM notes WHERE tenant_id = $1 AND created_at < now() - interval '90 days'",
+    ///             &[&db.tenant().as_str()],
+    ///         )
+    ///         .await?;
+    ///         Ok(())
+    ///     })
+    ///     .await;
+    /// for shard in visited {
+    ///     match shard.result {
+    ///         Ok(n) => println!("{}: {n} tenants", shard.shard),
+    ///         Err(e) => eprintln!("{e}"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn each_tenant<F, Fut>(self, list: &str, work: F) -> Vec<ShardResult<usize>>
+    where
+        F: Fn(crate::TenantDb) -> Fut,
+        Fut: Future<Output = Result<(), crate::DbError>>,
+    {
+        let router = self.router.clone();
+        let table = self.table.clone();
+        let map_version = self.map_version();
+        let concurrency = self.concurrency;
+        let listed = self
+            .run(|client| async move { client.query(list, &[]).await })
+            .await;
+        let work = &work;
+        let (router, table) = (&router, &table);
+        let mut results: Vec<(usize, ShardResult<usize>)> = stream::iter(listed.into_iter().enumerate())
+            .map(|(i, shard)| async move {
+                let result = match shard.result {
+                    Err(e) => Err(e),
+                    Ok(rows) => {
+                        let map = table.map();
+                        let mut visited = 0;
+                        let mut failed = None;
+                        for row in rows {
+                            let Ok(Some(id)) = row.try_get::<_, Option<String>>(0) else {
+                                continue;
+                            };
+                            let Ok(tenant) = crate::TenantId::new(&id) else {
+                                tracing::warn!(shard = %shard.shard, tenant = %id.escape_debug(), "each_tenant: not a valid tenant id; skipped");
+                                continue;
+                            };
+                            let routed = map.tenant_id(tenant);
+                            if map.shard(map.locate(&routed).shard).name() != shard.shard {
+                                continue; // served by another shard: visited there
+                            }
+                            if let Err(cause) = work(router.resolve(routed)).await {
+                                failed = Some(FanOutError::Tenant {
+                                    shard: shard.shard.clone(),
+                                    map_version,
+                                    tenant: id,
+                                    cause,
+                                });
+                                break;
+                            }
+                            visited += 1;
+                        }
+                        failed.map_or(Ok(visited), Err)
+                    }
+                };
+                (
+                    i,
+                    ShardResult {
+                        shard: shard.shard,
+                        result,
+                    },
+                )
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        results.sort_by_key(|(i, _)| *i);
         results.into_iter().map(|(_, result)| result).collect()
     }
 

@@ -141,3 +141,86 @@ async fn a_fan_out_runs_at_most_its_concurrency_at_once() {
     assert!(results.iter().all(|r| r.result.is_ok()), "{results:?}");
     assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+/// Issue 27.5: a job visits every tenant once, from the shard that serves it,
+/// with a `TenantDb` and work that returns `DbError`. A stale copy left on a
+/// shard the tenant moved away from is not visited; a failing tenant stops
+/// its own shard's listing only.
+#[tokio::test]
+async fn each_tenant_visits_every_tenant_once_from_the_shard_that_serves_it() {
+    let shards = Shards::create(2).await;
+    shards.run_everywhere(NOTES_SCHEMA).await;
+    // t1, t2 on a; t3, bad on b; t1 also has a stale row on b.
+    let router = ShardRouter::new(common::map(
+        1,
+        &shards,
+        "[tenants]\nt1 = \"a\"\nt2 = \"a\"\nt3 = \"b\"\nbad = \"b\"\n",
+    ))
+    .unwrap();
+    let insert = "INSERT INTO notes (tenant_id, id, body) VALUES ($1, gen_random_uuid(), 'x')";
+    for (shard, tenant) in [(0, "t1"), (0, "t2"), (1, "t3"), (1, "bad"), (1, "t1")] {
+        common::connect(&shards.url(shard))
+            .await
+            .execute(insert, &[&tenant])
+            .await
+            .unwrap();
+    }
+    let visits = std::sync::Mutex::new(Vec::new());
+    let results = router
+        .fan_out()
+        .each_tenant("SELECT DISTINCT tenant_id FROM notes ORDER BY 1", |db| {
+            let visits = &visits;
+            async move {
+                visits
+                    .lock()
+                    .unwrap()
+                    .push((db.tenant().to_string(), db.shard().to_owned()));
+                let sql = if db.tenant().as_str() == "bad" {
+                    "UPDATE no_such_table SET body = 'visited'"
+                } else {
+                    "UPDATE notes SET body = 'visited' WHERE tenant_id = $1"
+                };
+                let params: &[&(dyn shard_router::tokio_postgres::types::ToSql + Sync)] =
+                    if db.tenant().as_str() == "bad" {
+                        &[]
+                    } else {
+                        &[&db.tenant().as_str()]
+                    };
+                db.execute(sql, params).await?;
+                Ok(())
+            }
+        })
+        .await;
+    let mut visits = visits.into_inner().unwrap();
+    visits.sort();
+    assert_eq!(
+        visits,
+        [("bad", "b"), ("t1", "a"), ("t2", "a")].map(|(t, s)| (t.to_owned(), s.to_owned())),
+        "t1 once, from a; b stopped at bad (listed before t3)"
+    );
+    assert_eq!(results[0].shard, "a");
+    assert_eq!(results[0].result.as_ref().unwrap(), &2);
+    match &results[1].result {
+        Err(FanOutError::Tenant {
+            shard,
+            tenant,
+            cause,
+            ..
+        }) => {
+            assert_eq!((shard.as_str(), tenant.as_str()), ("b", "bad"));
+            assert_eq!(
+                cause.kind(),
+                shard_router::db::DbErrorKind::Other,
+                "{cause}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let stale: String = common::connect(&shards.url(1))
+        .await
+        .query_one("SELECT body FROM notes WHERE tenant_id = 't1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stale, "x", "the stale copy on b was not visited");
+}

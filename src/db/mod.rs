@@ -360,11 +360,18 @@ impl TenantDb {
         params: &[&(dyn ToSql + Sync)],
         rows: bool,
     ) -> Result<Outcome, DbError> {
+        // The rare paths (a moving tenant, a fence refusal, a statement that
+        // changed nothing) are boxed: inline, their futures made this one,
+        // and the handler's that awaits it, kilobytes, copied each time the
+        // handler's future moves (the example's POST handler: 10,056 bytes).
         if let Reason::Move(_) = self.location.reason {
-            let mut writer = self.write().await?;
-            let out = writer.statement(sql, params, rows).await?;
-            writer.commit().await?;
-            return Ok(out);
+            return Box::pin(async {
+                let mut writer = self.write().await?;
+                let out = writer.statement(sql, params, rows).await?;
+                writer.commit().await?;
+                Ok(out)
+            })
+            .await;
         }
         let shard = self.location.shard;
         let client = self.checkout(shard).await?;
@@ -399,23 +406,46 @@ impl TenantDb {
         // show it. Pipelined, so no extra round trip.
         let (result, position) = tokio::join!(
             run(&client, &statement, params, rows),
-            position_of(&client, self.wants_position())
+            self.position_if_wanted(&client)
         );
         match result {
             Ok(out) => {
                 self.wrote(position);
                 if out.is_empty() {
                     // A statement that changed no row fired no fence trigger.
-                    let min = fence_of(&client, &self.tenant)
+                    let min = Box::pin(fence_of(&client, &self.tenant))
                         .await
                         .map_err(|e| self.query_error_on(shard, e))?;
                     self.fenced(shard, min)?;
                 }
-                return Ok(out);
+                Ok(out)
             }
-            Err(e) if is_fence_refusal(&e) => {}
-            Err(e) => return Err(self.query_error_on(shard, e)),
+            Err(e) if is_fence_refusal(&e) => {
+                Box::pin(self.write_declared(client, &statement, params, rows)).await
+            }
+            Err(e) => Err(self.query_error_on(shard, e)),
         }
+    }
+
+    /// Where the primary's WAL is after a write, when the shard has replicas
+    /// to read it back from (boxed: rarely wanted, and large).
+    async fn position_if_wanted(&self, client: &TenantClient) -> Option<crate::replicas::Lsn> {
+        if !self.wants_position() {
+            return None;
+        }
+        Box::pin(position_of(client, true)).await
+    }
+
+    /// [`TenantDb::write_plain`] again after the fence refused the statement
+    /// alone: in a transaction that declares the handle's map version.
+    async fn write_declared(
+        &self,
+        client: TenantClient,
+        statement: &tokio_postgres::Statement,
+        params: &[&(dyn ToSql + Sync)],
+        rows: bool,
+    ) -> Result<Outcome, DbError> {
+        let shard = client.shard;
         let mut side = Side {
             shard,
             unbegun: false,
@@ -430,7 +460,7 @@ impl TenantDb {
         // COMMIT into a rollback.
         let result = after_begin(client, version, async {
             let (out, committed, position) = tokio::join!(
-                run(client, &statement, params, rows),
+                run(client, statement, params, rows),
                 client.raw().batch_execute("COMMIT"),
                 position_of(client, self.wants_position())
             );
