@@ -37,7 +37,8 @@ pub mod reference {}
 #[doc = include_str!("../docs/benchmarks.md")]
 pub mod benchmarks {}
 
-#[doc = include_str!("../docs/testing.md")]
+// Its fixture example needs the `testing` feature.
+#[cfg_attr(feature = "testing", doc = include_str!("../docs/testing.md"))]
 pub mod testing {}
 
 // The README's handler is compiled too.

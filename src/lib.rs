@@ -63,6 +63,8 @@ pub mod replicas;
 pub mod router;
 pub mod status;
 pub mod tenant;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod watch;
 
 pub use db::{
