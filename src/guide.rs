@@ -39,6 +39,10 @@ pub mod benchmarks {}
 
 // Its fixture example needs the `testing` feature.
 #[cfg_attr(feature = "testing", doc = include_str!("../docs/testing.md"))]
+#[cfg_attr(
+    not(feature = "testing"),
+    doc = "Tests: `docs/testing.md` (built with the `testing` feature)."
+)]
 pub mod testing {}
 
 // The README's handler is compiled too.
