@@ -1919,3 +1919,115 @@ async fn the_three_control_roles_do_their_jobs_and_no_more() {
         .await
         .unwrap();
 }
+
+/// Second audit of issue 26.3: two shards of a map on one database without
+/// an identity, and an `admin_url` that reaches another database than `url`
+/// (routers use `url`; moves and checks, `admin_url`), are refused, nothing
+/// stored or written.
+#[tokio::test]
+async fn two_shards_on_one_database_or_a_split_admin_url_are_refused() {
+    let (_control_db, shards, mut control) = setup(2).await;
+    control
+        .publish(&map_toml(1, &shards, ""), &PublishOptions::default())
+        .await
+        .unwrap();
+    let extra = Shards::create(1).await;
+    extra.run_everywhere(NOTES_SCHEMA).await;
+    let both = format!(
+        "{}[shards.c]\nurl = \"{}\"\n[shards.d]\nurl = \"{}\"\n",
+        map_toml(2, &shards, ""),
+        extra.url(0),
+        extra.url(0).replacen("127.0.0.1", "localhost", 1),
+    );
+    let err = control
+        .publish(&both, &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("reaches the same database as shard"),
+        "{err}"
+    );
+    let split = map_toml(2, &shards, "").replacen(
+        "pool =",
+        &format!("admin_url = \"{}\"\npool =", extra.url(0)),
+        2,
+    );
+    assert!(split.contains("admin_url"), "{split}");
+    let err = control
+        .publish(&split, &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("reach two different databases"),
+        "{err}"
+    );
+    assert_eq!(history_len(&control).await, 1, "nothing stored");
+    let named: bool = common::connect(&extra.url(0))
+        .await
+        .query_one(
+            "SELECT to_regclass('shard_router_identity') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!named, "nothing written");
+}
+
+/// Second audit of issue 26: a control database rebuilt (or restored from
+/// before its first map) while routers serve a map: the first publish is
+/// checked against the shards, so a tenant with rows is not routed away.
+#[tokio::test]
+async fn the_first_publish_beside_live_routers_is_checked_against_the_shards() {
+    let (control_db, shards, mut control) = setup(2).await;
+    let map = common::map(1, &shards, "");
+    let tenant = (0..)
+        .map(|i| format!("t{i}"))
+        .find(|t| {
+            map.shard(map.locate(&TenantId::new(t).unwrap()).shard)
+                .name()
+                == "a"
+        })
+        .unwrap();
+    common::connect(&shards.url(1))
+        .await
+        .execute(
+            "INSERT INTO notes (tenant_id, id, body) VALUES ($1, gen_random_uuid(), 'x')",
+            &[&tenant],
+        )
+        .await
+        .unwrap();
+    common::connect(&control_db.url(0))
+        .await
+        .execute(
+            "INSERT INTO shard_router_routers (instance_id, host, applied_version, started_at, last_seen, lease_ms) \
+             VALUES ('r1', 'h', 5, now(), now(), 60000)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = control
+        .publish(&map_toml(6, &shards, ""), &PublishOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::Rehoming { tenants } if tenants.iter().any(|r| r.tenant == tenant && r.from == "b")),
+        "{err}"
+    );
+    assert_eq!(history_len(&control).await, 0, "nothing stored");
+    let mut pin = PublishOptions::default();
+    pin.pin_existing = true;
+    let published = control
+        .publish(&map_toml(6, &shards, ""), &pin)
+        .await
+        .unwrap();
+    assert!(published.pinned.iter().any(|r| r.tenant == tenant));
+    let stored = control.latest().await.unwrap().load().unwrap();
+    assert_eq!(
+        stored
+            .shard(stored.locate(&TenantId::new(&tenant).unwrap()).shard)
+            .name(),
+        "b"
+    );
+}

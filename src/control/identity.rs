@@ -64,6 +64,7 @@ async fn write(client: &Client, shard: &str, on_conflict: &str) -> Result<(), Sh
     let written = client
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock({key}); {CREATE}; \
+             GRANT SELECT ON shard_router_identity TO PUBLIC; \
              INSERT INTO shard_router_identity (shard) VALUES ({}) {on_conflict}; COMMIT",
             quote_literal(shard)
         ))
@@ -111,22 +112,27 @@ pub(crate) struct IdentityPlan<'a> {
 }
 
 /// Checks every shard of `new` against the identities its databases carry
-/// and, for a shard whose URL changed, against the database it had under
-/// `old`:
+/// and, for a shard whose `url` or `admin_url` changed, against the database
+/// it had under `old`:
 ///
 /// - a database that is another shard's is refused; with `reassign` only
 ///   when that shard is no longer in `new` (a live shard's database is never
-///   taken);
-/// - a new URL must reach the same database as the old one (an advisory lock
-///   taken through the old URL is held there when tried through the new one),
-///   whatever the identities say: a restored copy carries the same UUID but
-///   not the rows written since. Another database is refused, unless
-///   `reassign`, which then compares the rows of the tenants `new` routes to
-///   the shard;
-/// - when the database the shard had cannot be reached, nothing can be
-///   compared: refused unless `reassign`, which warns.
+///   taken), and two shards of `new` never share one database, identity or
+///   not;
+/// - `admin_url`, when set, must reach the database `url` does (routers use
+///   `url`; moves and these checks, `admin_url`), and neither may be a
+///   standby;
+/// - a changed shard must reach, through its new `url`, the same database as
+///   through its old one (an advisory lock held in a transaction through the
+///   old URL blocks it through the new one), whatever the identities say: a
+///   restored copy carries the same UUID but not the rows written since.
+///   Another database is refused, unless `reassign`, which then compares the
+///   rows of the tenants `new` routes to the shard, and is refused for a
+///   shard a move of `new` goes from or to;
+/// - when the old or the new database of a changed shard cannot be reached,
+///   nothing can be compared: refused unless `reassign`, which warns.
 ///
-/// A shard whose new database cannot be reached is passed over with a
+/// An unchanged shard whose database cannot be reached is passed over with a
 /// warning: the other checks of a publish say what that means for them.
 pub(crate) async fn check<'a>(
     old: Option<&ShardMap>,
@@ -137,21 +143,82 @@ pub(crate) async fn check<'a>(
         to_write: Vec::new(),
         warnings: Vec::new(),
     };
+    // Admin connections of the shards whose database has no identity yet:
+    // checked below for two shards on one database.
+    let mut unnamed: Vec<(&Shard, Client)> = Vec::new();
     for shard in new.shards() {
         let problem = |reason: String| IdentityProblem {
             shard: shard.name().to_owned(),
             reason,
         };
+        let before = old
+            .and_then(|old| old.shard_index(shard.name()).map(|i| old.shard(i)))
+            .filter(|before| {
+                before.url() != shard.url() || before.admin_url() != shard.admin_url()
+            });
+        // What cannot be reached or read: passed over for an unchanged shard,
+        // refused for a changed one unless the operator reassigns it.
+        let mut unverifiable = |e: String| -> Result<(), IdentityProblem> {
+            if before.is_some() && !reassign_allowed {
+                return Err(problem(format!(
+                    "its url changed and {e}: nothing can be compared (if the database at the \
+                     new url holds the shard's data, publish with --reassign)"
+                )));
+            }
+            plan.warnings.push(format!(
+                "shard {}: {e}; its identity was not checked{}",
+                shard.name(),
+                if before.is_some() {
+                    " and its rows were not compared (--reassign)"
+                } else {
+                    ""
+                }
+            ));
+            Ok(())
+        };
         let (client, found) = match open(shard).await {
             Ok(opened) => opened,
             Err(e) => {
-                plan.warnings.push(format!(
-                    "shard {}: its identity was not checked or written: {e}",
-                    shard.name()
-                ));
+                unverifiable(format!("its database cannot be reached or read ({e})"))?;
                 continue;
             }
         };
+        let routed = if shard.admin_url().is_some() {
+            match shard.connect_url().await {
+                Ok(routed) => Some(routed),
+                Err(e) => {
+                    unverifiable(format!("its url cannot be reached ({e})"))?;
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let routed_client = routed.as_ref().unwrap_or(&client);
+        if routed.is_some()
+            && !same_database(&client, routed_client).await.map_err(|e| {
+                problem(format!(
+                    "cannot tell whether its admin_url and url reach one database: {e}"
+                ))
+            })?
+        {
+            return Err(problem(
+                "its admin_url and its url reach two different databases: routers would use \
+                 one, moves and checks the other"
+                    .to_owned(),
+            ));
+        }
+        let standby: bool = routed_client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| problem(crate::pg::error_text(&e)))?
+            .get(0);
+        if standby {
+            return Err(problem(
+                "the database at its url is a standby (in recovery): every write would fail"
+                    .to_owned(),
+            ));
+        }
         if let Some(found) = found.as_ref().filter(|f| f.shard != shard.name()) {
             let live = new.shard_index(&found.shard).is_some();
             if live || !reassign_allowed {
@@ -167,31 +234,21 @@ pub(crate) async fn check<'a>(
                 )));
             }
         }
-        let before = old
-            .and_then(|old| old.shard_index(shard.name()).map(|i| old.shard(i)))
-            .filter(|before| before.url() != shard.url());
         if let Some(before) = before {
-            let moved = match open(before).await {
-                Err(e) if reassign_allowed => {
-                    plan.warnings.push(format!(
-                        "shard {}: --reassign: the database it had cannot be reached ({e}), so its \
-                         rows were not compared with the new database's",
-                        shard.name()
-                    ));
+            let moved = match before.connect_url().await {
+                Err(e) => {
+                    unverifiable(format!("the database it had cannot be reached ({e})"))?;
                     false
                 }
-                Err(e) => {
-                    return Err(problem(format!(
-                        "its url changed and the database it had cannot be reached ({e}): nothing \
-                         can be compared (if the new database holds the shard's data, a promoted \
-                         replica say, publish with --reassign)"
-                    )));
+                Ok(old_client) => {
+                    !same_database(&old_client, routed_client)
+                        .await
+                        .map_err(|e| {
+                            problem(format!(
+                                "cannot tell whether its new url reaches the database it had: {e}"
+                            ))
+                        })?
                 }
-                Ok((old_client, _)) => !same_database(&old_client, &client).await.map_err(|e| {
-                    problem(format!(
-                        "cannot tell whether its new url reaches the database it had: {e}"
-                    ))
-                })?,
             };
             if moved && !reassign_allowed {
                 return Err(problem(
@@ -201,6 +258,17 @@ pub(crate) async fn check<'a>(
                 ));
             }
             if moved {
+                let index = new.shard_index(shard.name());
+                if let Some((tenant, _)) = new
+                    .moves()
+                    .into_iter()
+                    .find(|(_, m)| Some(m.from) == index || Some(m.to) == index)
+                {
+                    return Err(problem(format!(
+                        "tenant {tenant} is moving from or to it: --reassign waits until the \
+                         move completes or is aborted"
+                    )));
+                }
                 let old_column = old.map_or(new.tenant_column(), |m| m.tenant_column());
                 rows_left_behind(before, old_column, shard, new)
                     .await
@@ -211,8 +279,78 @@ pub(crate) async fn check<'a>(
         if found.is_none() || mismatched {
             plan.to_write.push((shard, mismatched));
         }
+        if found.is_none() {
+            unnamed.push((shard, client));
+        }
+    }
+    if let Some((a, b)) = sharing(&unnamed).await.map_err(|e| IdentityProblem {
+        shard: unnamed[0].0.name().to_owned(),
+        reason: format!("cannot tell whether two shards share a database: {e}"),
+    })? {
+        return Err(IdentityProblem {
+            shard: b.to_owned(),
+            reason: format!(
+                "it reaches the same database as shard {a}: two shard names would share one \
+                 database"
+            ),
+        });
     }
     Ok(plan)
+}
+
+/// Two of `shards` whose connections reach one database, if any: each holds
+/// an exclusive transaction-level advisory lock on a key of its own, then
+/// tries a shared lock on every other key (shared locks do not conflict with
+/// each other, so one try cannot spoil another).
+async fn sharing<'s>(
+    shards: &'s [(&Shard, Client)],
+) -> Result<Option<(&'s str, &'s str)>, tokio_postgres::Error> {
+    if shards.len() < 2 {
+        return Ok(None);
+    }
+    let base = random_key();
+    let keys: Vec<i64> = (0..shards.len() as i64)
+        .map(|i| base.wrapping_add(i))
+        .collect();
+    for ((_, client), key) in shards.iter().zip(&keys) {
+        client
+            .batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({key})"))
+            .await?;
+    }
+    let mut found = None;
+    for (i, (shard, client)) in shards.iter().enumerate() {
+        let blocked: Vec<i64> = client
+            .query(
+                "SELECT k FROM unnest($1::bigint[]) k WHERE NOT pg_try_advisory_xact_lock_shared(k)",
+                &[&keys],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if let Some(j) = blocked
+            .iter()
+            .find_map(|k| keys.iter().position(|x| x == k))
+            .filter(|j| *j != i)
+        {
+            found = Some((shards[j].0.name(), shard.name()));
+            break;
+        }
+    }
+    for (_, client) in shards {
+        client.batch_execute("ROLLBACK").await?;
+    }
+    Ok(found)
+}
+
+/// A fresh advisory-lock key for one check.
+fn random_key() -> i64 {
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    crate::hash::sip13(
+        format!("shard-router:same-database:{nonce}:{}", std::process::id()).as_bytes(),
+    ) as i64
 }
 
 impl IdentityPlan<'_> {
@@ -228,7 +366,16 @@ impl IdentityPlan<'_> {
                 if overwrite {
                     reassign(&client, shard.name()).await
                 } else {
-                    ensure(&client, shard.name()).await.map(|_| ())
+                    let has = ensure(&client, shard.name()).await?;
+                    if has.shard != shard.name() {
+                        // Written by another shard of this publish, or in
+                        // between: the database is that shard's.
+                        return Err(ShardError::database(
+                            shard.name(),
+                            format!("the database took shard {}'s identity first", has.shard),
+                        ));
+                    }
+                    Ok(())
                 }
             }
             .await;
@@ -236,7 +383,8 @@ impl IdentityPlan<'_> {
                 Ok(()) => {}
                 Err(e) if overwrite => warnings.push(format!(
                     "shard {}: its identity could not be rewritten ({e}): routers refuse its \
-                     database until it is; publish the same map again with --reassign",
+                     database until it is; publish the map again, as a version above this one, \
+                     with --reassign",
                     shard.name()
                 )),
                 // A role that may not create tables (the router's, say): the
@@ -251,25 +399,19 @@ impl IdentityPlan<'_> {
     }
 }
 
-/// Whether two connections reach one database: a session advisory lock on a
-/// random key, taken through `a`, cannot be taken through `b` if so (advisory
-/// locks are per database).
+/// Whether two connections reach one database: an advisory lock held in a
+/// transaction through `a` (which keeps a pooler in transaction mode on one
+/// server connection) cannot be taken through `b` if so (advisory locks are
+/// per database).
 async fn same_database(a: &Client, b: &Client) -> Result<bool, tokio_postgres::Error> {
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let key = crate::hash::sip13(
-        format!("shard-router:same-database:{nonce}:{}", std::process::id()).as_bytes(),
-    ) as i64;
-    a.execute("SELECT pg_advisory_lock($1)", &[&key]).await?;
+    let key = random_key();
+    a.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({key})"))
+        .await?;
     let taken = b
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&key])
         .await
         .map(|r| r.get::<_, bool>(0));
-    if let Ok(true) = taken {
-        b.execute("SELECT pg_advisory_unlock($1)", &[&key]).await?;
-    }
-    a.execute("SELECT pg_advisory_unlock($1)", &[&key]).await?;
+    a.batch_execute("ROLLBACK").await?;
     Ok(!taken?)
 }
 

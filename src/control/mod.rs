@@ -524,16 +524,18 @@ impl ControlPlane {
     }
 
     /// Whether the newest stored map (version `newest`) may not be what the
-    /// routers serve: a router reports a version above it, or a version whose
-    /// map here has another checksum (a restored control database).
+    /// routers serve: a live router reports a version above it, or a version
+    /// whose map here has another checksum (a restored control database). With
+    /// no map stored (`newest` 0), any live router at all.
     pub(crate) async fn base_is_suspect(&self, newest: u64) -> Result<bool, ControlError> {
         Ok(self
             .client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM shard_router_routers r \
                    LEFT JOIN shard_router_maps m ON m.version = r.applied_version \
-                   WHERE r.applied_version > $1 \
-                      OR (r.applied_checksum IS NOT NULL AND m.checksum IS DISTINCT FROM r.applied_checksum))",
+                   WHERE (r.applied_version > $1 \
+                      OR (r.applied_checksum IS NOT NULL AND m.checksum IS DISTINCT FROM r.applied_checksum)) \
+                     AND clock_timestamp() - r.last_seen < r.lease_ms * interval '1 millisecond')",
                 &[&(newest as i64)],
             )
             .await?

@@ -203,6 +203,37 @@ impl ControlPlane {
         let mut pinned = Vec::new();
         let mut old_map = None;
         let diff = match &current {
+            // No map stored, yet routers serve one: the control database was
+            // rebuilt or restored from before its first map. What they serve
+            // is unknown here, so the shards' word decides: every tenant with
+            // rows must be routed to them, and no fence may be ahead.
+            None if self.base_is_suspect(0).await? => {
+                let in_flight = self.unfinished_moves().await?;
+                let truth =
+                    super::rehoming::check_against_shards(&new, 0, true, &in_flight).await?;
+                if new.version() < truth.highest_fence {
+                    return Err(PublishError::FencesAhead {
+                        offered: new.version(),
+                        needed: truth.highest_fence,
+                    });
+                }
+                if !truth.moving_unshown.is_empty() {
+                    return Err(PublishError::MovingOnShards {
+                        tenants: truth.moving_unshown,
+                    });
+                }
+                if !truth.stranded.is_empty() {
+                    if !options.pin_existing {
+                        return Err(PublishError::Rehoming {
+                            tenants: truth.stranded,
+                        });
+                    }
+                    toml = add_pins(&toml, &truth.stranded)?;
+                    new = MapLoader::new().load_str(&toml)?;
+                    pinned = truth.stranded;
+                }
+                None
+            }
             None => None,
             Some(stored) => {
                 let old: &crate::ShardMap = old_map.insert(stored.load()?);

@@ -217,6 +217,23 @@ impl Shard {
         Ok(client)
     }
 
+    /// Connects through the shard's `url` (what routers use), with its own
+    /// connect timeout.
+    pub(crate) async fn connect_url(
+        &self,
+    ) -> Result<tokio_postgres::Client, crate::pg::ShardError> {
+        let (client, connection) = self
+            .endpoint
+            .connect(self.pool().connect_timeout)
+            .await
+            .map_err(|cause| crate::pg::ShardError::Unreachable {
+                shard: self.name().to_owned(),
+                cause,
+            })?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
     /// The shard's streaming replicas (`replicas`), in the order written.
     ///
     /// ```
