@@ -33,6 +33,7 @@ pub use error::{DbError, DbErrorKind, DbErrorReport};
 pub use row::FromRow;
 pub use snapshot::TenantSnapshot;
 pub use transaction::TRANSACTION_ATTEMPTS;
+pub(crate) use writer::Side;
 pub use writer::TenantWriter;
 #[allow(unused_imports)]
 use writer::*;
@@ -96,6 +97,11 @@ pub(crate) type RequestTally = Arc<[std::sync::atomic::AtomicU64; 2]>;
 pub(crate) type WrittenSlot = Arc<std::sync::Mutex<Option<crate::ReadToken>>>;
 
 impl TenantDb {
+    /// The routing table this handle resolved against.
+    pub(crate) fn table(&self) -> &RoutingTable {
+        &self.table
+    }
+
     pub(crate) fn new(tenant: TenantId, table: Arc<RoutingTable>) -> Self {
         let tenant = table.map().tenant_id(tenant);
         let location = table.map().locate(&tenant);

@@ -34,6 +34,7 @@ mod claim;
 pub mod fence;
 
 mod copy;
+pub(crate) mod dual_write;
 mod record;
 
 use std::time::{Duration, Instant};
