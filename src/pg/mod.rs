@@ -402,32 +402,35 @@ pub(crate) fn pool_for(
         .map_err(|e| e.to_string())
 }
 
-/// Runs `set`, then reads the database's `shard_router_identity` shard name
-/// (none without the table): one round trip, two without the table.
+/// Runs `set`, then reads the database's `shard_router_identity` shard name:
+/// none without the table, or for a role that may not read it (the check then
+/// rests with publish). Two round trips where the table is readable, one
+/// otherwise; asking first keeps a database without the table from logging
+/// an error for every new connection.
 async fn identity_of(
     client: &tokio_postgres::Client,
     set: &str,
 ) -> Result<Option<String>, tokio_postgres::Error> {
-    use tokio_postgres::error::SqlState;
     use tokio_postgres::SimpleQueryMessage;
-    match client
-        .simple_query(&format!("{set}; SELECT shard FROM shard_router_identity"))
-        .await
-    {
-        Ok(messages) => Ok(messages.iter().find_map(|m| match m {
+    let first_value = |messages: Vec<SimpleQueryMessage>| {
+        messages.into_iter().find_map(|m| match m {
             SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
             _ => None,
-        })),
-        // No identity yet, or a role that may not read it (the check then
-        // rests with publish): the batch, `set` included, was rolled back.
-        Err(e)
-            if e.code() == Some(&SqlState::UNDEFINED_TABLE)
-                || e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) =>
-        {
-            client.batch_execute(set).await.map(|()| None)
-        }
-        Err(e) => Err(e),
+        })
+    };
+    let readable = client
+        .simple_query(&format!(
+            "{set}; SELECT has_table_privilege(to_regclass('shard_router_identity'), 'SELECT')"
+        ))
+        .await
+        .map(first_value)?;
+    if readable.as_deref() != Some("t") {
+        return Ok(None);
     }
+    client
+        .simple_query("SELECT shard FROM shard_router_identity")
+        .await
+        .map(first_value)
 }
 
 /// Every advisory-lock key the crate takes, in one place, so that no two can
