@@ -211,27 +211,8 @@ impl ControlPlane {
                 let in_flight = self.unfinished_moves().await?;
                 let truth =
                     super::rehoming::check_against_shards(&new, 0, true, &in_flight).await?;
-                if new.version() < truth.highest_fence {
-                    return Err(PublishError::FencesAhead {
-                        offered: new.version(),
-                        needed: truth.highest_fence,
-                    });
-                }
-                if !truth.moving_unshown.is_empty() {
-                    return Err(PublishError::MovingOnShards {
-                        tenants: truth.moving_unshown,
-                    });
-                }
-                if !truth.stranded.is_empty() {
-                    if !options.pin_existing {
-                        return Err(PublishError::Rehoming {
-                            tenants: truth.stranded,
-                        });
-                    }
-                    toml = add_pins(&toml, &truth.stranded)?;
-                    new = MapLoader::new().load_str(&toml)?;
-                    pinned = truth.stranded;
-                }
+                refuse_against_shards(&truth, new.version())?;
+                pinned = pin_or_refuse(&mut toml, &mut new, truth.stranded, options.pin_existing)?;
                 None
             }
             None => None,
@@ -257,17 +238,7 @@ impl ControlPlane {
                 let truth =
                     super::rehoming::check_against_shards(&new, old.version(), suspect, &in_flight)
                         .await?;
-                if new.version() < truth.highest_fence {
-                    return Err(PublishError::FencesAhead {
-                        offered: new.version(),
-                        needed: truth.highest_fence,
-                    });
-                }
-                if !truth.moving_unshown.is_empty() {
-                    return Err(PublishError::MovingOnShards {
-                        tenants: truth.moving_unshown,
-                    });
-                }
+                refuse_against_shards(&truth, new.version())?;
                 // Rows on a shard the tenant left in a move are a stale copy:
                 // never a reason to refuse, nor a place to pin it (after a
                 // restore, the stored base may still point there).
@@ -277,14 +248,7 @@ impl ControlPlane {
                         rehomed.push(stranded);
                     }
                 }
-                if !rehomed.is_empty() {
-                    if !options.pin_existing {
-                        return Err(PublishError::Rehoming { tenants: rehomed });
-                    }
-                    toml = add_pins(&toml, &rehomed)?;
-                    new = MapLoader::new().load_str(&toml)?;
-                    pinned = rehomed;
-                }
+                pinned = pin_or_refuse(&mut toml, &mut new, rehomed, options.pin_existing)?;
                 let gaps = super::schema_gaps(old, &new)
                     .await
                     .map_err(PublishError::SchemaCheck)?;
@@ -435,6 +399,46 @@ impl ControlPlane {
         found.pinned = pinned;
         Ok(found)
     }
+}
+
+/// What the shards say that no publish may override: a fence that requires a
+/// version above the offered one, or a move in flight the map does not show.
+fn refuse_against_shards(
+    truth: &super::rehoming::ShardTruth,
+    offered: u64,
+) -> Result<(), PublishError> {
+    if offered < truth.highest_fence {
+        return Err(PublishError::FencesAhead {
+            offered,
+            needed: truth.highest_fence,
+        });
+    }
+    if !truth.moving_unshown.is_empty() {
+        return Err(PublishError::MovingOnShards {
+            tenants: truth.moving_unshown.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Tenants with data the new map would send elsewhere: refused, or with
+/// `pin_existing` pinned where their data is (`toml` and `new` rewritten).
+/// Returns the tenants pinned.
+fn pin_or_refuse(
+    toml: &mut String,
+    new: &mut crate::ShardMap,
+    rehomed: Vec<Rehomed>,
+    pin_existing: bool,
+) -> Result<Vec<Rehomed>, PublishError> {
+    if rehomed.is_empty() {
+        return Ok(rehomed);
+    }
+    if !pin_existing {
+        return Err(PublishError::Rehoming { tenants: rehomed });
+    }
+    *toml = add_pins(toml, &rehomed)?;
+    *new = MapLoader::new().load_str(toml)?;
+    Ok(rehomed)
 }
 
 /// Each URL of `map` that carries a password, named by its key.

@@ -205,16 +205,7 @@ impl Shard {
     pub(crate) async fn connect_admin(
         &self,
     ) -> Result<tokio_postgres::Client, crate::pg::ShardError> {
-        let (client, connection) = self
-            .admin_endpoint()
-            .connect(self.pool().connect_timeout)
-            .await
-            .map_err(|cause| crate::pg::ShardError::Unreachable {
-                shard: self.name().to_owned(),
-                cause,
-            })?;
-        tokio::spawn(connection);
-        Ok(client)
+        self.connect_to(self.admin_endpoint()).await
     }
 
     /// Connects through the shard's `url` (what routers use), with its own
@@ -222,8 +213,16 @@ impl Shard {
     pub(crate) async fn connect_url(
         &self,
     ) -> Result<tokio_postgres::Client, crate::pg::ShardError> {
-        let (client, connection) = self
-            .endpoint
+        self.connect_to(&self.endpoint).await
+    }
+
+    /// Connects to `endpoint` (one of this shard's) with the shard's connect
+    /// timeout, driving the connection on a task.
+    async fn connect_to(
+        &self,
+        endpoint: &crate::pg::Endpoint,
+    ) -> Result<tokio_postgres::Client, crate::pg::ShardError> {
+        let (client, connection) = endpoint
             .connect(self.pool().connect_timeout)
             .await
             .map_err(|cause| crate::pg::ShardError::Unreachable {
