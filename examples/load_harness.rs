@@ -70,6 +70,20 @@ struct Args {
     /// pgbouncer's address for configuration D.
     #[arg(long, default_value = "127.0.0.1:6432")]
     pgbouncer: String,
+    /// A against B only, both servers up at once, taking turns in short
+    /// slices (A B, B A, ...): this many pairs per workload. Drift in the
+    /// machine's speed, slow next to a slice, then hits both sides of a pair
+    /// alike. 0: the rounds above instead.
+    #[arg(long, default_value = "0")]
+    pairs: usize,
+    /// Seconds of load per slice in `--pairs` mode.
+    #[arg(long, default_value = "2")]
+    slice: f64,
+    /// In `--pairs` mode, load A and B at the same time, each from half the
+    /// connections, rather than in turns: both see the machine exactly alike.
+    /// Each side's CPU is its server's and its own Postgres backends'.
+    #[arg(long)]
+    together: bool,
 }
 
 #[derive(Subcommand)]
@@ -217,6 +231,18 @@ async fn serve_baseline(
 // ---------- the harness ----------
 
 struct Server(Child);
+
+/// Starts a server process, its output discarded.
+fn start_server(command: &mut Command) -> Server {
+    Server(
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .env("RUST_LOG", "error")
+            .spawn()
+            .expect("server binary (cargo build --release --examples)"),
+    )
+}
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -290,11 +316,29 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
-/// CPU seconds so far of every process named `postgres` (the server's
-/// backends and its background processes).
-fn postgres_cpu_seconds() -> f64 {
+/// CPU nanoseconds of process `pid` so far, every thread's, from
+/// `/proc/<pid>/task/*/schedstat`: time on a CPU as the scheduler counts it,
+/// exact where `stat`'s ticks are sampled; 0 if it is gone.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// [`cpu_ns`] of every process named `postgres` (its backends are one thread each).
+fn postgres_cpu_ns() -> u64 {
+    postgres_pids().into_iter().map(cpu_ns).sum()
+}
+
+fn postgres_pids() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0.0;
+        return Vec::new();
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -302,8 +346,210 @@ fn postgres_cpu_seconds() -> f64 {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|comm| comm.trim() == "postgres")
         })
-        .map(cpu_seconds)
-        .sum()
+        .collect()
+}
+
+/// Steal time so far, in clock ticks, from `/proc/stat`: time the hypervisor
+/// ran something else while this machine's CPUs were ready to run.
+fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let cpu = s.lines().next()?.to_owned();
+            cpu.split_whitespace().nth(8)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// The Postgres backends serving process `pid`: its sockets' inodes, their
+/// local ports in `/proc/net/tcp{,6}`, then `pg_stat_activity.client_port`.
+async fn backends_of(admin: &tokio_postgres::Client, pid: u32) -> Vec<u32> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|fd| {
+            let link = std::fs::read_link(fd.ok()?.path()).ok()?;
+            let link = link.to_str()?;
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports: Vec<i32> = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port = |addr: &str| {
+                addr.rsplit_once(':')
+                    .and_then(|(_, p)| i32::from_str_radix(p, 16).ok())
+            };
+            if f.len() > 9 && inodes.contains(f[9]) && port(f[2]) == Some(5432) {
+                ports.extend(port(f[1]));
+            }
+        }
+    }
+    admin
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE client_port = ANY($1)",
+            &[&ports],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect())
+        .unwrap_or_default()
+}
+
+/// A against B, both up at once, in alternating slices: per pair, the ratio
+/// of throughput and of CPU per request (server and Postgres, from
+/// `schedstat`); medians and quartiles over the pairs.
+async fn run_pairs(args: &Args, single: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::env::temp_dir().join(format!("load-harness-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let tenants = 100;
+    let dbs = vec![single.to_owned()];
+    let start = start_server;
+    let (a_addr, b_addr) = (free_addr(), free_addr());
+    let a = start(Command::new(sibling("axum_app")).args([
+        "--map",
+        router_map(&dbs, &dir, "A.toml").to_str().unwrap(),
+        "--listen",
+        &a_addr.to_string(),
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]));
+    let b = start(Command::new(std::env::current_exe()?).args([
+        "serve-baseline",
+        "--db-url",
+        &format!("{SERVER}/{single}"),
+        "--listen",
+        &b_addr.to_string(),
+    ]));
+    wait_listening(a_addr).await;
+    wait_listening(b_addr).await;
+    let admin = admin().await;
+    let slice = Duration::from_secs_f64(args.slice);
+    for workload in [Workload::Get, Workload::Post, Workload::Mix] {
+        let name = format!("{workload:?}").to_lowercase();
+        if !args.workloads.contains(&name) {
+            continue;
+        }
+        reset_notes(&dbs, tenants).await?;
+        for addr in [a_addr, b_addr] {
+            drive(
+                addr,
+                tenants,
+                args.connections,
+                Duration::from_secs(1),
+                workload,
+            )
+            .await;
+        }
+        let steal_before = steal_ticks();
+        let started = Instant::now();
+        let (mut rps, mut cpu) = (Vec::new(), Vec::new());
+        let mut errors = 0;
+        for pair in 0..args.pairs {
+            let mut figures = [(0.0, 0.0); 2];
+            let mut split = [(0.0, 0.0); 2];
+            if args.together {
+                let pids = [a.0.id(), b.0.id()];
+                let backends = [
+                    backends_of(&admin, pids[0]).await,
+                    backends_of(&admin, pids[1]).await,
+                ];
+                let own = |side: usize| -> (u64, u64) {
+                    (
+                        cpu_ns(pids[side]),
+                        backends[side].iter().map(|p| cpu_ns(*p)).sum(),
+                    )
+                };
+                let before = [own(0), own(1)];
+                let half = (args.connections / 2).max(1);
+                let (oa, ob) = tokio::join!(
+                    drive(a_addr, tenants, half, slice, workload),
+                    drive(b_addr, tenants, half, slice, workload)
+                );
+                for (side, o) in [(0, oa), (1, ob)] {
+                    let after = own(side);
+                    let app = after.0.saturating_sub(before[side].0) as f64;
+                    let pg = after.1.saturating_sub(before[side].1) as f64;
+                    errors += o.errors;
+                    let per_request = |ns: f64| ns / 1e3 / o.latencies.len().max(1) as f64;
+                    figures[side] = (o.rps(), per_request(app + pg));
+                    split[side] = (per_request(app), per_request(pg));
+                }
+            }
+            let order = match (args.together, pair % 2) {
+                (true, _) => vec![],
+                (false, 0) => vec![0, 1],
+                (false, _) => vec![1, 0],
+            };
+            for side in order {
+                let (addr, server) = if side == 0 {
+                    (a_addr, &a)
+                } else {
+                    (b_addr, &b)
+                };
+                let pid = server.0.id();
+                let (app, pg) = (cpu_ns(pid), postgres_cpu_ns());
+                let o = drive(addr, tenants, args.connections, slice, workload).await;
+                let (app, pg) = (
+                    cpu_ns(pid).saturating_sub(app) as f64,
+                    postgres_cpu_ns().saturating_sub(pg) as f64,
+                );
+                errors += o.errors;
+                let per_request = |ns: f64| ns / 1e3 / o.latencies.len().max(1) as f64;
+                figures[side] = (o.rps(), per_request(app + pg));
+                split[side] = (per_request(app), per_request(pg));
+            }
+            println!(
+                "pair {:>2} {:<9} A {:>6.0} req/s {:>5.1} µs/req ({:>5.1} app + {:>5.1} pg)   B {:>6.0} req/s {:>5.1} µs/req ({:>5.1} + {:>5.1})   A/B throughput {:.3}  CPU per request {:.3}",
+                pair + 1,
+                workload.label(),
+                figures[0].0,
+                figures[0].1,
+                split[0].0,
+                split[0].1,
+                figures[1].0,
+                figures[1].1,
+                split[1].0,
+                split[1].1,
+                figures[0].0 / figures[1].0,
+                figures[0].1 / figures[1].1
+            );
+            rps.push(figures[0].0 / figures[1].0);
+            cpu.push(figures[0].1 / figures[1].1);
+        }
+        let steal = (steal_ticks() - steal_before) as f64 / 100.0 / started.elapsed().as_secs_f64();
+        let quartiles = |mut v: Vec<f64>| {
+            v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+            let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+            (at(0.25), at(0.5), at(0.75))
+        };
+        let (r1, r2, r3) = quartiles(rps);
+        let (c1, c2, c3) = quartiles(cpu);
+        println!(
+            "{}: A/B over {} pairs of {:.1} s slices: throughput median {r2:.3} (quartiles {r1:.3}-{r3:.3}, target >= 0.97); \
+             CPU per request median {c2:.3} (quartiles {c1:.3}-{c3:.3}, target <= 1.03); errors {errors}; steal {:.1}% of a CPU",
+            workload.label(),
+            args.pairs,
+            args.slice,
+            steal * 100.0
+        );
+    }
+    println!(
+        "machine: {} cores; {} connections",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.connections
+    );
+    Ok(())
+}
+
+/// CPU seconds so far of every process named `postgres` (the server's
+/// backends and its background processes).
+fn postgres_cpu_seconds() -> f64 {
+    postgres_pids().into_iter().map(cpu_seconds).sum()
 }
 
 #[derive(Default)]
@@ -441,7 +687,11 @@ async fn harness(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         tokio::spawn(connection);
         client.batch_execute(SCHEMA).await?;
     }
-    let result = run_configs(&args, &single, &four).await;
+    let result = if args.pairs > 0 {
+        run_pairs(&args, &single).await
+    } else {
+        run_configs(&args, &single, &four).await
+    };
     for db in &all {
         let _ = admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
@@ -479,16 +729,7 @@ async fn run_configs(
     let dir = std::env::temp_dir().join(format!("load-harness-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let length = Duration::from_secs(args.seconds);
-    let start = |command: &mut Command| {
-        Server(
-            command
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .env("RUST_LOG", "error")
-                .spawn()
-                .expect("server binary (cargo build --release --examples)"),
-        )
-    };
+    let start = start_server;
 
     let configs: [(&str, usize); 5] = [
         ("A router, 1 shard", 100),

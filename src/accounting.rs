@@ -62,7 +62,47 @@ pub(crate) struct Cost {
     pub(crate) rows: u64,
     pub(crate) db_time: Duration,
     pub(crate) pool_wait: Duration,
+    pub(crate) held: Duration,
     pub(crate) errors: u64,
+}
+
+/// What one checked-out connection has spent for its tenant so far: its
+/// statements add here (atomics, no lock), and the tenant's entry is charged
+/// once, when the connection goes back to the pool. One table update per
+/// checkout instead of one per statement, checkout and release.
+#[derive(Debug, Default)]
+pub(crate) struct Spend {
+    statements: AtomicU64,
+    rows: AtomicU64,
+    db_time_us: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Spend {
+    /// Adds one statement that returned or affected `rows` rows (or failed).
+    pub(crate) fn statement(&self, rows: u64, db_time: Duration, failed: bool) {
+        self.statements.fetch_add(1, Relaxed);
+        self.rows.fetch_add(rows, Relaxed);
+        self.db_time_us.fetch_add(micros(db_time), Relaxed);
+        if failed {
+            self.errors.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The statements' share of a [`Cost`]: statements, rows, time, errors.
+    pub(crate) fn cost(&self) -> Cost {
+        Cost {
+            statements: self.statements.load(Relaxed),
+            rows: self.rows.load(Relaxed),
+            db_time: Duration::from_micros(self.db_time_us.load(Relaxed)),
+            errors: self.errors.load(Relaxed),
+            ..Cost::default()
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u64::MAX as u128) as u64
 }
 
 /// Upper bounds (seconds) of the checkout-wait histogram's buckets.
@@ -126,38 +166,48 @@ impl ShardLoad {
     }
 
     /// Adds `cost` to `tenant` (a statement, or a checkout when it counts none).
+    /// Counts `cost` in the shard's counters and charges it to `tenant`: a
+    /// statement's (`statements > 0`) or a checkout's.
     pub(crate) fn record(&self, tenant: &str, cost: Cost) {
-        let c = &self.counters;
         if cost.statements > 0 {
-            let counter = if cost.errors > 0 {
-                &c.statements_failed
-            } else {
-                &c.statements_ok
-            };
-            counter.fetch_add(cost.statements, Relaxed);
+            self.statement(cost.errors > 0);
         } else {
-            c.checkouts.fetch_add(1, Relaxed);
-            if cost.errors > 0 {
-                c.checkouts_failed.fetch_add(1, Relaxed);
-            }
-            let waited = cost.pool_wait.as_secs_f64();
-            if let Some(i) = WAIT_BUCKETS.iter().position(|le| waited <= *le) {
-                c.wait_buckets[i].fetch_add(1, Relaxed);
-            }
-            c.wait_sum_us
-                .fetch_add(cost.pool_wait.as_micros() as u64, Relaxed);
+            self.checkout(cost.pool_wait, cost.errors > 0);
         }
+        self.charge(tenant, cost);
+    }
+
+    /// A statement in the shard's counters (its tenant is charged apart).
+    pub(crate) fn statement(&self, failed: bool) {
+        let c = &self.counters;
+        let counter = if failed {
+            &c.statements_failed
+        } else {
+            &c.statements_ok
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// A checkout that waited `waited` in the shard's counters (its tenant is
+    /// charged apart).
+    pub(crate) fn checkout(&self, waited: Duration, failed: bool) {
+        let c = &self.counters;
+        c.checkouts.fetch_add(1, Relaxed);
+        if failed {
+            c.checkouts_failed.fetch_add(1, Relaxed);
+        }
+        let seconds = waited.as_secs_f64();
+        if let Some(i) = WAIT_BUCKETS.iter().position(|le| seconds <= *le) {
+            c.wait_buckets[i].fetch_add(1, Relaxed);
+        }
+        c.wait_sum_us.fetch_add(micros(waited), Relaxed);
+    }
+
+    /// Adds `cost` to `tenant`'s entry (the shard's counters untouched).
+    pub(crate) fn charge(&self, tenant: &str, cost: Cost) {
         self.update(tenant, |entry| entry.add(cost));
     }
 
-    /// Adds the time a connection of `tenant` was held, once it is returned.
-    pub(crate) fn record_hold(&self, tenant: &str, held: Duration) {
-        self.update(tenant, |entry| {
-            entry.hold_time_us += held.as_micros().min(u64::MAX as u128) as u64
-        });
-    }
-
-    /// Applies `change` to `tenant`'s entry, making room for it if it is new.
     fn update(&self, tenant: &str, change: impl FnOnce(&mut Entry)) {
         if self.top == 0 {
             return;
@@ -215,11 +265,11 @@ impl ShardLoad {
 
 impl Entry {
     fn add(&mut self, cost: Cost) {
-        let micros = |d: Duration| d.as_micros().min(u64::MAX as u128) as u64;
         self.statements += cost.statements;
         self.rows += cost.rows;
         self.db_time_us += micros(cost.db_time);
         self.pool_wait_us += micros(cost.pool_wait);
+        self.hold_time_us += micros(cost.held);
         self.errors += cost.errors;
     }
 }
@@ -274,6 +324,44 @@ mod tests {
         );
         assert_eq!(top[1].tenant, "cold");
         assert_eq!(top[1].overstated_by_us, 0);
+    }
+
+    #[test]
+    fn a_connections_spend_is_charged_once_with_its_wait_and_hold() {
+        let load = ShardLoad::new(10);
+        let spend = Spend::default();
+        spend.statement(3, Duration::from_micros(40), false);
+        spend.statement(0, Duration::from_micros(10), true);
+        load.statement(false);
+        load.statement(true);
+        load.charge(
+            "t",
+            Cost {
+                pool_wait: Duration::from_micros(7),
+                held: Duration::from_micros(90),
+                ..spend.cost()
+            },
+        );
+        let t = &load.top()[0];
+        assert_eq!(
+            (
+                t.statements,
+                t.rows,
+                t.db_time_us,
+                t.errors,
+                t.pool_wait_us,
+                t.hold_time_us
+            ),
+            (2, 3, 50, 1, 7, 90)
+        );
+        let c = &load.counters;
+        assert_eq!(
+            (
+                c.statements_ok.load(Relaxed),
+                c.statements_failed.load(Relaxed)
+            ),
+            (1, 1)
+        );
     }
 
     #[test]

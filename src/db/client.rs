@@ -39,7 +39,7 @@ pub struct TenantClient {
     pub(super) client: Object,
     pub(super) _slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Counts the connection's hold time for its tenant when it goes back.
-    pub(super) _held: HoldTimer,
+    pub(super) held: HoldTimer,
     /// Who and where, for errors.
     pub(super) db: TenantDb,
     pub(super) shard: ShardIndex,
@@ -47,22 +47,42 @@ pub struct TenantClient {
     pub(super) replica: Option<usize>,
 }
 
-/// Records how long a checked-out connection was held, when dropped.
+/// Charges a checked-out connection's cost to its tenant when dropped: its
+/// wait for the pool, its statements, and how long it was held.
 #[derive(Debug)]
 pub(super) struct HoldTimer {
     pub(super) since: Instant,
+    pub(super) pool_wait: std::time::Duration,
+    pub(super) spend: crate::accounting::Spend,
     pub(super) load: Arc<crate::accounting::ShardLoad>,
     pub(super) tenant: TenantId,
 }
 
 impl Drop for HoldTimer {
     fn drop(&mut self) {
-        self.load
-            .record_hold(self.tenant.as_str(), self.since.elapsed());
+        let cost = crate::accounting::Cost {
+            pool_wait: self.pool_wait,
+            held: self.since.elapsed(),
+            ..self.spend.cost()
+        };
+        self.load.charge(self.tenant.as_str(), cost);
     }
 }
 
 impl TenantClient {
+    /// Counts a statement run on this connection, begun at `started`, that
+    /// returned or affected `size` rows (or failed): in the shard's counters
+    /// and the request's tally now, for its tenant when the connection goes
+    /// back.
+    pub(super) fn count<E>(&self, started: Instant, size: Result<u64, &E>) {
+        let db_time = started.elapsed();
+        self.db.tally(db_time);
+        self.held.load.statement(size.is_err());
+        self.held
+            .spend
+            .statement(*size.as_ref().unwrap_or(&0), db_time, size.is_err());
+    }
+
     /// Runs a statement (prepared once per connection) and returns its rows.
     ///
     /// ```no_run
@@ -83,8 +103,7 @@ impl TenantClient {
             self.client.query(&statement, params).await
         }
         .await;
-        self.db
-            .count(self.shard, started, result.as_ref().map(|r| r.len() as u64));
+        self.count(started, result.as_ref().map(|r| r.len() as u64));
         result.map_err(|e| self.db.query_error_on(self.shard, e))
     }
 
@@ -203,7 +222,7 @@ impl TenantClient {
             self.client.execute(&statement, params).await
         }
         .await;
-        self.db.count(self.shard, started, result.as_ref().copied());
+        self.count(started, result.as_ref().copied());
         result.map_err(|e| self.db.query_error_on(self.shard, e))
     }
 

@@ -204,8 +204,12 @@ impl TenantDb {
     /// # Ok(()) }
     /// ```
     pub async fn read(&self) -> Result<TenantClient, DbError> {
-        if let Some(client) = self.replica_read().await {
-            return Ok(client);
+        // Boxed: inline, the replica path's future (a token's wait included)
+        // would grow every read's, replicas or not.
+        if self.table.read_replicas(self.location.shard).is_some() {
+            if let Some(client) = Box::pin(self.replica_read()).await {
+                return Ok(client);
+            }
         }
         self.checkout(self.location.shard).await
     }
@@ -381,10 +385,7 @@ impl TenantDb {
         }
         let shard = self.location.shard;
         let client = self.checkout(shard).await?;
-        let started = Instant::now();
-        let result = self.write_plain(client, sql, params, rows).await;
-        self.count(shard, started, result.as_ref().map(Outcome::size));
-        result
+        self.write_plain(client, sql, params, rows).await
     }
 
     /// [`TenantDb::write_one`] for a tenant not moving, on a checked-out client.
@@ -396,10 +397,14 @@ impl TenantDb {
         rows: bool,
     ) -> Result<Outcome, DbError> {
         let shard = client.shard;
-        let statement = client
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| self.query_error_on(shard, e))?;
+        let started = Instant::now();
+        let statement = match client.prepare_cached(sql).await {
+            Ok(statement) => statement,
+            Err(e) => {
+                client.count(started, Err::<u64, _>(&e));
+                return Err(self.query_error_on(shard, e));
+            }
+        };
         // First the statement alone, in a transaction of its own: one message,
         // what an application without the router sends. A tenant without a
         // fence row on the shard (every tenant not moving or just moved) needs
@@ -416,6 +421,7 @@ impl TenantDb {
         );
         match result {
             Ok(out) => {
+                client.count(started, Ok::<_, &()>(out.size()));
                 self.wrote(position);
                 if out.is_empty() {
                     // A statement that changed no row fired no fence trigger.
@@ -426,10 +432,14 @@ impl TenantDb {
                 }
                 Ok(out)
             }
+            // Counted by the declared write: the refusal changed nothing.
             Err(e) if is_fence_refusal(&e) => {
                 Box::pin(self.write_declared(client, &statement, params, rows)).await
             }
-            Err(e) => Err(self.query_error_on(shard, e)),
+            Err(e) => {
+                client.count(started, Err::<u64, _>(&e));
+                Err(self.query_error_on(shard, e))
+            }
         }
     }
 
@@ -452,6 +462,7 @@ impl TenantDb {
         rows: bool,
     ) -> Result<Outcome, DbError> {
         let shard = client.shard;
+        let started = Instant::now();
         let mut side = Side {
             shard,
             unbegun: false,
@@ -477,6 +488,7 @@ impl TenantDb {
             self.wrote(position);
             out
         });
+        client.count(started, result.as_ref().map(Outcome::size));
         if let Ok(out) = &result {
             drop(side.client.take()); // committed: back to the pool
             if out.is_empty() {
@@ -522,18 +534,15 @@ impl TenantDb {
     }
 
     /// Counts a statement of this tenant on `shard`, begun at `started`, that
-    /// returned or affected `size` rows (or failed).
+    /// returned or affected `size` rows (or failed), run on no
+    /// [`TenantClient`] of its own (those count with [`TenantClient::count`]).
     fn count<E>(&self, shard: ShardIndex, started: Instant, size: Result<u64, &E>) {
         let (rows, errors) = match size {
             Ok(rows) => (rows, 0),
             Err(_) => (0, 1),
         };
         let db_time = started.elapsed();
-        if let Some(tally) = &self.tally {
-            use std::sync::atomic::Ordering::Relaxed;
-            tally[0].fetch_add(1, Relaxed);
-            tally[1].fetch_add(db_time.as_micros() as u64, Relaxed);
-        }
+        self.tally(db_time);
         self.table.load(shard).record(
             self.tenant.as_str(),
             Cost {
@@ -544,6 +553,15 @@ impl TenantDb {
                 ..Cost::default()
             },
         );
+    }
+
+    /// Adds a statement to the request's tally, when its span records one.
+    fn tally(&self, db_time: std::time::Duration) {
+        if let Some(tally) = &self.tally {
+            use std::sync::atomic::Ordering::Relaxed;
+            tally[0].fetch_add(1, Relaxed);
+            tally[1].fetch_add(db_time.as_micros() as u64, Relaxed);
+        }
     }
 
     /// A connection within the shard's wait: first the tenant's slot (when the
@@ -560,82 +578,54 @@ impl TenantDb {
         shard: ShardIndex,
         source: Source,
     ) -> Result<TenantClient, DbError> {
-        let settings = self.table.map().shard(shard).pool();
-        let unavailable = |cause: PoolError| DbError::Unavailable {
-            tenant: self.tenant.clone(),
-            shard: self.shard_name(shard).to_owned(),
-            map_version: self.map_version(),
-            cause: Box::new(cause),
-        };
-        let (pool, limiter) = match source {
-            Source::ReplicaMode => {
-                // Building a pool fails only on a bad configuration, which the
-                // shard's own pool would have shown already.
-                let pool = self.table.replica_pool(shard).map_err(|reason| {
-                    tracing::error!(shard = self.shard_name(shard), %reason, "cannot build the replica-mode pool");
-                    unavailable(PoolError::Closed)
-                })?;
-                (pool, None)
-            }
-            Source::ReadReplica(i) => {
-                let replicas = self
-                    .table
-                    .read_replicas(shard)
-                    .ok_or_else(|| unavailable(PoolError::Closed))?;
-                let replica = &replicas.replicas[i];
-                (&replica.pool, replica.limiter.as_deref())
-            }
-            Source::Primary => (self.table.pool(shard), self.table.limiter(shard)),
-        };
+        let (pool, limiter) = self.pool_of(shard, source)?;
         let waited = Instant::now();
-        let got = async {
-            Ok(match limiter {
-                None => (pool.get().await.map_err(unavailable)?, None),
-                Some(limiter) => {
-                    let slot = limiter
-                        .acquire(self.tenant.as_str(), settings.wait_timeout)
-                        .await
-                        .ok_or_else(|| {
-                            unavailable(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait))
-                        })?;
-                    let mut timeouts = pool.timeouts();
-                    timeouts.wait = Some(settings.wait_timeout.saturating_sub(waited.elapsed()));
-                    (
-                        pool.timeout_get(&timeouts).await.map_err(unavailable)?,
-                        Some(slot),
-                    )
-                }
-            })
-        }
-        .await;
-        if !matches!(source, Source::ReplicaMode) {
-            self.table.load(shard).record(
-                self.tenant.as_str(),
-                Cost {
-                    pool_wait: waited.elapsed(),
-                    errors: u64::from(got.is_err()),
-                    ..Cost::default()
-                },
-            );
-        }
-        let (client, slot) = got?;
-        if let Some(setting) = self.table.map().tenant_setting() {
-            // Session-wide, and set at every checkout: the previous user's tenant
-            // never survives into this one.
-            client
-                .execute(
-                    "SELECT set_config($1, $2, false)",
-                    &[&setting, &self.tenant.as_str()],
-                )
+        // A pool without a per-tenant cap, the common case, inline; the cap's
+        // wait boxed: inline, its future would grow every handler's future,
+        // which is copied each time it moves.
+        let got = match limiter {
+            None => pool
+                .get()
                 .await
-                .map_err(|e| self.query_error_on(shard, e))?;
+                .map(|client| (client, None))
+                .map_err(|cause| self.unavailable(shard, cause)),
+            Some(limiter) => Box::pin(self.capped_get(shard, pool, limiter, waited)).await,
+        };
+        let checked_out = Instant::now();
+        let pool_wait = checked_out.saturating_duration_since(waited);
+        let load = &self.table.loads()[shard.get()];
+        // Replica-mode connections apply a move's row images: the move's work,
+        // not the tenant's wait.
+        let counted = !matches!(source, Source::ReplicaMode);
+        let (client, slot) = match got {
+            Ok(got) => got,
+            Err(e) => {
+                if counted {
+                    let failed = Cost {
+                        pool_wait,
+                        errors: 1,
+                        ..Cost::default()
+                    };
+                    load.record(self.tenant.as_str(), failed);
+                }
+                return Err(e);
+            }
+        };
+        if counted {
+            load.checkout(pool_wait, false);
         }
-        Ok(TenantClient {
+        let client = TenantClient {
             client,
             _slot: slot,
-            _held: HoldTimer {
-                since: Instant::now(),
-                load: Arc::clone(&self.table.loads()[shard.get()]),
+            held: HoldTimer {
+                since: checked_out,
+                pool_wait: if counted {
+                    pool_wait
+                } else {
+                    std::time::Duration::ZERO
+                },
+                spend: Default::default(),
+                load: Arc::clone(load),
                 tenant: self.tenant.clone(),
             },
             db: self.clone(),
@@ -644,7 +634,97 @@ impl TenantDb {
                 Source::ReadReplica(i) => Some(i),
                 _ => None,
             },
+        };
+        if let Some(setting) = self.table.map().tenant_setting() {
+            // Session-wide, and set at every checkout: the previous user's
+            // tenant never survives into this one.
+            Box::pin(client.raw().execute(
+                "SELECT set_config($1, $2, false)",
+                &[&setting, &self.tenant.as_str()],
+            ))
+            .await
+            .map_err(|e| self.query_error_on(shard, e))?;
+        }
+        Ok(client)
+    }
+
+    /// The pool a checkout from `source` takes from, and the per-tenant cap
+    /// in front of it, if any.
+    fn pool_of(
+        &self,
+        shard: ShardIndex,
+        source: Source,
+    ) -> Result<
+        (
+            &deadpool_postgres::Pool,
+            Option<&crate::limit::TenantLimiter>,
+        ),
+        DbError,
+    > {
+        Ok(match source {
+            Source::ReplicaMode => {
+                // Building a pool fails only on a bad configuration, which the
+                // shard's own pool would have shown already.
+                let pool = self.table.replica_pool(shard).map_err(|reason| {
+                    tracing::error!(shard = self.shard_name(shard), %reason, "cannot build the replica-mode pool");
+                    self.unavailable(shard, PoolError::Closed)
+                })?;
+                (pool, None)
+            }
+            Source::ReadReplica(i) => {
+                let replicas = self
+                    .table
+                    .read_replicas(shard)
+                    .ok_or_else(|| self.unavailable(shard, PoolError::Closed))?;
+                let replica = &replicas.replicas[i];
+                (&replica.pool, replica.limiter.as_deref())
+            }
+            Source::Primary => (self.table.pool(shard), self.table.limiter(shard)),
         })
+    }
+
+    /// A connection behind the shard's per-tenant cap: first the tenant's
+    /// slot, then the pool, both within the shard's wait.
+    async fn capped_get(
+        &self,
+        shard: ShardIndex,
+        pool: &deadpool_postgres::Pool,
+        limiter: &crate::limit::TenantLimiter,
+        waited: Instant,
+    ) -> Result<
+        (
+            deadpool_postgres::Object,
+            Option<tokio::sync::OwnedSemaphorePermit>,
+        ),
+        DbError,
+    > {
+        let wait = self.table.map().shard(shard).pool().wait_timeout;
+        let slot = limiter
+            .acquire(self.tenant.as_str(), wait)
+            .await
+            .ok_or_else(|| {
+                self.unavailable(
+                    shard,
+                    PoolError::Timeout(deadpool_postgres::TimeoutType::Wait),
+                )
+            })?;
+        let mut timeouts = pool.timeouts();
+        timeouts.wait = Some(wait.saturating_sub(waited.elapsed()));
+        let client = pool
+            .timeout_get(&timeouts)
+            .await
+            .map_err(|cause| self.unavailable(shard, cause))?;
+        Ok((client, Some(slot)))
+    }
+
+    /// [`DbError::Unavailable`]: no connection to `shard` within its wait.
+    fn unavailable(&self, shard: ShardIndex, cause: PoolError) -> DbError {
+        DbError::Unavailable {
+            tenant: self.tenant.clone(),
+            shard: self.shard_name(shard).to_owned(),
+            map_version: self.map_version(),
+            cause: Box::new(cause),
+        }
     }
 
     /// Opens a write transaction that declares this handle's map version (which

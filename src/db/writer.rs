@@ -323,8 +323,11 @@ impl TenantWriter {
         let started = Instant::now();
         let shard = self.primary.shard;
         let result = self.statement_counted(sql, params, rows).await;
-        self.db
-            .count(shard, started, result.as_ref().map(Outcome::size));
+        let size = result.as_ref().map(Outcome::size);
+        match self.primary.client.as_ref() {
+            Some(client) => client.count(started, size),
+            None => self.db.count(shard, started, size),
+        }
         result
     }
 

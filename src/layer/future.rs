@@ -81,7 +81,7 @@ where
                     if let Some(value) =
                         token.and_then(|t| http::HeaderValue::from_str(&t.to_string()).ok())
                     {
-                        response.headers_mut().insert(crate::TOKEN_HEADER, value);
+                        response.headers_mut().insert(super::TOKEN.clone(), value);
                     }
                 }
                 Poll::Ready(result)

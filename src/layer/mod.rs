@@ -44,6 +44,10 @@ use tower_service::Service;
 
 pub use future::ResponseFuture;
 
+/// [`crate::TOKEN_HEADER`] as a header name made once: looking a header up
+/// by a `&str` parses and validates the name on every request.
+static TOKEN: http::HeaderName = http::HeaderName::from_static(crate::TOKEN_HEADER);
+
 use crate::rejection::RejectionBody;
 use crate::tenant::TenantExtractor;
 use crate::{Rejection, ShardRouter};
@@ -258,7 +262,7 @@ where
             }
         };
         let mut db = self.router.resolve(tenant);
-        if let Some(value) = parts.headers.get(crate::TOKEN_HEADER) {
+        if let Some(value) = parts.headers.get(&TOKEN) {
             // The client's last write: replicas serve it only once past it. A
             // token that cannot be read sends its reads to the primary.
             db = match value.to_str().ok().and_then(|v| v.parse().ok()) {

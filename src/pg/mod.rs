@@ -396,7 +396,9 @@ pub(crate) fn pool_for(
         .max_size(settings.max_size)
         .wait_timeout(Some(settings.wait_timeout))
         .create_timeout(Some(settings.connect_timeout))
-        .recycle_timeout(Some(settings.connect_timeout))
+        // No recycle timeout: fast recycling only asks whether the connection
+        // is closed, without a round trip, so it never waits; a timeout there
+        // would only arm a timer at every checkout.
         .runtime(Runtime::Tokio1)
         .build()
         .map_err(|e| e.to_string())
