@@ -70,20 +70,17 @@ struct Args {
     /// pgbouncer's address for configuration D.
     #[arg(long, default_value = "127.0.0.1:6432")]
     pgbouncer: String,
-    /// A against B only, both servers up at once, taking turns in short
-    /// slices (A B, B A, ...): this many pairs per workload. Drift in the
-    /// machine's speed, slow next to a slice, then hits both sides of a pair
-    /// alike. 0: the rounds above instead.
+    /// A against B only, side by side: both servers loaded at the same time,
+    /// each from half the connections, so that both see the machine exactly
+    /// alike; this many runs per workload, each with freshly started servers
+    /// (a process's memory layout biases it for as long as it lives). Each
+    /// side's CPU is its server's and its own Postgres backends', from
+    /// `schedstat`. 0: the rounds above instead.
     #[arg(long, default_value = "0")]
-    pairs: usize,
-    /// Seconds of load per slice in `--pairs` mode.
-    #[arg(long, default_value = "2")]
+    together: usize,
+    /// Seconds of load per run in `--together` mode, after 1 s of warm-up.
+    #[arg(long, default_value = "3")]
     slice: f64,
-    /// In `--pairs` mode, load A and B at the same time, each from half the
-    /// connections, rather than in turns: both see the machine exactly alike.
-    /// Each side's CPU is its server's and its own Postgres backends'.
-    #[arg(long)]
-    together: bool,
 }
 
 #[derive(Subcommand)]
@@ -331,11 +328,7 @@ fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
-/// [`cpu_ns`] of every process named `postgres` (its backends are one thread each).
-fn postgres_cpu_ns() -> u64 {
-    postgres_pids().into_iter().map(cpu_ns).sum()
-}
-
+/// Every process named `postgres`: the server's backends and its background processes.
 fn postgres_pids() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -400,126 +393,95 @@ async fn backends_of(admin: &tokio_postgres::Client, pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// A against B, both up at once, in alternating slices: per pair, the ratio
-/// of throughput and of CPU per request (server and Postgres, from
-/// `schedstat`); medians and quartiles over the pairs.
-async fn run_pairs(args: &Args, single: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// A against B side by side (`--together`): per run, the ratio of
+/// throughput and of CPU per request; medians and quartiles over the runs.
+async fn run_together(args: &Args, single: &str) -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("load-harness-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let tenants = 100;
     let dbs = vec![single.to_owned()];
-    let start = start_server;
-    let (a_addr, b_addr) = (free_addr(), free_addr());
-    let a = start(Command::new(sibling("axum_app")).args([
-        "--map",
-        router_map(&dbs, &dir, "A.toml").to_str().unwrap(),
-        "--listen",
-        &a_addr.to_string(),
-        "--admin-listen",
-        "127.0.0.1:0",
-    ]));
-    let b = start(Command::new(std::env::current_exe()?).args([
-        "serve-baseline",
-        "--db-url",
-        &format!("{SERVER}/{single}"),
-        "--listen",
-        &b_addr.to_string(),
-    ]));
-    wait_listening(a_addr).await;
-    wait_listening(b_addr).await;
+    let map = router_map(&dbs, &dir, "A.toml");
     let admin = admin().await;
     let slice = Duration::from_secs_f64(args.slice);
+    let half = (args.connections / 2).max(1);
     for workload in [Workload::Get, Workload::Post, Workload::Mix] {
         let name = format!("{workload:?}").to_lowercase();
         if !args.workloads.contains(&name) {
             continue;
         }
-        reset_notes(&dbs, tenants).await?;
-        for addr in [a_addr, b_addr] {
-            drive(
-                addr,
-                tenants,
-                args.connections,
-                Duration::from_secs(1),
-                workload,
-            )
-            .await;
-        }
         let steal_before = steal_ticks();
         let started = Instant::now();
         let (mut rps, mut cpu) = (Vec::new(), Vec::new());
         let mut errors = 0;
-        for pair in 0..args.pairs {
-            let mut figures = [(0.0, 0.0); 2];
-            let mut split = [(0.0, 0.0); 2];
-            if args.together {
-                let pids = [a.0.id(), b.0.id()];
-                let backends = [
-                    backends_of(&admin, pids[0]).await,
-                    backends_of(&admin, pids[1]).await,
-                ];
-                let own = |side: usize| -> (u64, u64) {
-                    (
-                        cpu_ns(pids[side]),
-                        backends[side].iter().map(|p| cpu_ns(*p)).sum(),
-                    )
-                };
-                let before = [own(0), own(1)];
-                let half = (args.connections / 2).max(1);
-                let (oa, ob) = tokio::join!(
-                    drive(a_addr, tenants, half, slice, workload),
-                    drive(b_addr, tenants, half, slice, workload)
-                );
-                for (side, o) in [(0, oa), (1, ob)] {
-                    let after = own(side);
-                    let app = after.0.saturating_sub(before[side].0) as f64;
-                    let pg = after.1.saturating_sub(before[side].1) as f64;
-                    errors += o.errors;
-                    let per_request = |ns: f64| ns / 1e3 / o.latencies.len().max(1) as f64;
-                    figures[side] = (o.rps(), per_request(app + pg));
-                    split[side] = (per_request(app), per_request(pg));
-                }
-            }
-            let order = match (args.together, pair % 2) {
-                (true, _) => vec![],
-                (false, 0) => vec![0, 1],
-                (false, _) => vec![1, 0],
+        for run in 1..=args.together {
+            reset_notes(&dbs, tenants).await?;
+            let (a_addr, b_addr) = (free_addr(), free_addr());
+            let servers = [
+                start_server(Command::new(sibling("axum_app")).args([
+                    "--map",
+                    map.to_str().unwrap(),
+                    "--listen",
+                    &a_addr.to_string(),
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                ])),
+                start_server(Command::new(std::env::current_exe()?).args([
+                    "serve-baseline",
+                    "--db-url",
+                    &format!("{SERVER}/{single}"),
+                    "--listen",
+                    &b_addr.to_string(),
+                ])),
+            ];
+            wait_listening(a_addr).await;
+            wait_listening(b_addr).await;
+            let warm = Duration::from_secs(1);
+            tokio::join!(
+                drive(a_addr, tenants, half, warm, workload),
+                drive(b_addr, tenants, half, warm, workload)
+            );
+            let pids = [servers[0].0.id(), servers[1].0.id()];
+            let backends = [
+                backends_of(&admin, pids[0]).await,
+                backends_of(&admin, pids[1]).await,
+            ];
+            let own = |side: usize| -> (u64, u64) {
+                (
+                    cpu_ns(pids[side]),
+                    backends[side].iter().map(|p| cpu_ns(*p)).sum(),
+                )
             };
-            for side in order {
-                let (addr, server) = if side == 0 {
-                    (a_addr, &a)
-                } else {
-                    (b_addr, &b)
-                };
-                let pid = server.0.id();
-                let (app, pg) = (cpu_ns(pid), postgres_cpu_ns());
-                let o = drive(addr, tenants, args.connections, slice, workload).await;
-                let (app, pg) = (
-                    cpu_ns(pid).saturating_sub(app) as f64,
-                    postgres_cpu_ns().saturating_sub(pg) as f64,
-                );
+            let before = [own(0), own(1)];
+            let outcomes = tokio::join!(
+                drive(a_addr, tenants, half, slice, workload),
+                drive(b_addr, tenants, half, slice, workload)
+            );
+            // (requests/s, CPU µs per request: all, app, Postgres) per side.
+            let mut figures = [(0.0, 0.0, 0.0, 0.0); 2];
+            for (side, o) in [(0, outcomes.0), (1, outcomes.1)] {
+                let after = own(side);
+                let app = after.0.saturating_sub(before[side].0) as f64;
+                let pg = after.1.saturating_sub(before[side].1) as f64;
                 errors += o.errors;
                 let per_request = |ns: f64| ns / 1e3 / o.latencies.len().max(1) as f64;
-                figures[side] = (o.rps(), per_request(app + pg));
-                split[side] = (per_request(app), per_request(pg));
+                figures[side] = (
+                    o.rps(),
+                    per_request(app + pg),
+                    per_request(app),
+                    per_request(pg),
+                );
             }
+            drop(servers);
+            let [a, b] = figures;
             println!(
-                "pair {:>2} {:<9} A {:>6.0} req/s {:>5.1} µs/req ({:>5.1} app + {:>5.1} pg)   B {:>6.0} req/s {:>5.1} µs/req ({:>5.1} + {:>5.1})   A/B throughput {:.3}  CPU per request {:.3}",
-                pair + 1,
+                "run {run:>2} {:<9} A {:>6.0} req/s {:>5.1} µs/req ({:>5.1} app + {:>5.1} pg)   B {:>6.0} req/s {:>5.1} µs/req ({:>5.1} + {:>5.1})   A/B throughput {:.3}  CPU per request {:.3}",
                 workload.label(),
-                figures[0].0,
-                figures[0].1,
-                split[0].0,
-                split[0].1,
-                figures[1].0,
-                figures[1].1,
-                split[1].0,
-                split[1].1,
-                figures[0].0 / figures[1].0,
-                figures[0].1 / figures[1].1
+                a.0, a.1, a.2, a.3, b.0, b.1, b.2, b.3,
+                a.0 / b.0,
+                a.1 / b.1
             );
-            rps.push(figures[0].0 / figures[1].0);
-            cpu.push(figures[0].1 / figures[1].1);
+            rps.push(a.0 / b.0);
+            cpu.push(a.1 / b.1);
         }
         let steal = (steal_ticks() - steal_before) as f64 / 100.0 / started.elapsed().as_secs_f64();
         let quartiles = |mut v: Vec<f64>| {
@@ -530,16 +492,16 @@ async fn run_pairs(args: &Args, single: &str) -> Result<(), Box<dyn std::error::
         let (r1, r2, r3) = quartiles(rps);
         let (c1, c2, c3) = quartiles(cpu);
         println!(
-            "{}: A/B over {} pairs of {:.1} s slices: throughput median {r2:.3} (quartiles {r1:.3}-{r3:.3}, target >= 0.97); \
+            "{}: A/B side by side, {} runs of {:.1} s: throughput median {r2:.3} (quartiles {r1:.3}-{r3:.3}, target >= 0.97); \
              CPU per request median {c2:.3} (quartiles {c1:.3}-{c3:.3}, target <= 1.03); errors {errors}; steal {:.1}% of a CPU",
             workload.label(),
-            args.pairs,
+            args.together,
             args.slice,
             steal * 100.0
         );
     }
     println!(
-        "machine: {} cores; {} connections",
+        "machine: {} cores; {} connections, half to each side",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         args.connections
     );
@@ -687,8 +649,8 @@ async fn harness(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         tokio::spawn(connection);
         client.batch_execute(SCHEMA).await?;
     }
-    let result = if args.pairs > 0 {
-        run_pairs(&args, &single).await
+    let result = if args.together > 0 {
+        run_together(&args, &single).await
     } else {
         run_configs(&args, &single, &four).await
     };

@@ -281,6 +281,9 @@ impl TenantDb {
         self.query_error_on(self.location.shard, cause)
     }
 
+    // Cold: kept out of line, the request path's code stays dense in the
+    // instruction cache.
+    #[cold]
     fn query_error_on(&self, shard: ShardIndex, cause: tokio_postgres::Error) -> DbError {
         if is_fence_refusal(&cause) {
             self.table.load(shard).fence_refused();
@@ -415,10 +418,18 @@ impl TenantDb {
         // sees a fence raised after the statement took its snapshot.
         // After the statement commits: where a replica must have replayed to
         // show it. Pipelined, so no extra round trip.
-        let (result, position) = tokio::join!(
-            run(&client, &statement, params, rows),
-            self.position_if_wanted(&client)
-        );
+        let (result, position) = if self.wants_position() {
+            // Boxed: rarely wanted, and large.
+            Box::pin(async {
+                tokio::join!(
+                    run(&client, &statement, params, rows),
+                    position_of(&client, true)
+                )
+            })
+            .await
+        } else {
+            (run(&client, &statement, params, rows).await, None)
+        };
         match result {
             Ok(out) => {
                 client.count(started, Ok::<_, &()>(out.size()));
@@ -441,15 +452,6 @@ impl TenantDb {
                 Err(self.query_error_on(shard, e))
             }
         }
-    }
-
-    /// Where the primary's WAL is after a write, when the shard has replicas
-    /// to read it back from (boxed: rarely wanted, and large).
-    async fn position_if_wanted(&self, client: &TenantClient) -> Option<crate::replicas::Lsn> {
-        if !self.wants_position() {
-            return None;
-        }
-        Box::pin(position_of(client, true)).await
     }
 
     /// [`TenantDb::write_plain`] again after the fence refused the statement
@@ -718,6 +720,7 @@ impl TenantDb {
     }
 
     /// [`DbError::Unavailable`]: no connection to `shard` within its wait.
+    #[cold]
     fn unavailable(&self, shard: ShardIndex, cause: PoolError) -> DbError {
         DbError::Unavailable {
             tenant: self.tenant.clone(),

@@ -14,7 +14,9 @@ pub(super) enum ReadAfter {
     /// Nothing: any replica within its lag bound.
     Nothing,
     /// The client's last write on this tenant.
-    Token(ReadToken),
+    /// Boxed: a token is 64 bytes, rare, and every handle (moved and cloned
+    /// several times a request) would otherwise carry its room.
+    Token(Box<ReadToken>),
     /// Unknown (a token that could not be read): the primary.
     Primary,
 }
@@ -45,7 +47,7 @@ impl TenantDb {
             return self;
         }
         self.read_after = if token.shard() == self.shard() {
-            ReadAfter::Token(token)
+            ReadAfter::Token(Box::new(token))
         } else {
             ReadAfter::Primary
         };
