@@ -21,5 +21,8 @@ cargo build --release --features chrono --examples
   echo "== WHOLE_MOVE=300000,1000000 cargo bench --bench moves (slowest writes during whole moves)"
   WHOLE_MOVE=300000,1000000 cargo bench --bench moves 2>&1 | grep -vE "^\s*(Compiling|Finished|Running)"
   echo "== load harness";                ./target/release/examples/load_harness --seconds 5 --connections 32 --rounds 5
+  echo "== load harness, A and B side by side"
+  ./target/release/examples/load_harness --together 16 --slice 3 --connections 32 --workloads get,post
+  echo "== instructions and L1 misses per request"; CACHE_SIM=1 bash benches/callgrind_ab.sh 2000
 } | tee "$out"
 echo "figures written to $out"

@@ -5,6 +5,7 @@
 # machine does (CPU seconds from /proc are not, on two shared cores).
 #
 #   bash benches/callgrind_ab.sh [REQUESTS]      # default 4000 per workload
+#   CACHE_SIM=1 bash benches/callgrind_ab.sh     # also simulated L1 misses per request
 #
 # Counts the server process only (both send the same statements to Postgres;
 # the script checks that with log_statement). Needs valgrind and python3.
@@ -42,7 +43,7 @@ PY
 # rest of the arguments start on `port`, after 400 requests of warm-up.
 count() {
   local method=$1 port=$2; shift 2
-  RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$dir/cg.%p" "$@" >"$dir/server.log" 2>&1 &
+  RUST_LOG=info valgrind --tool=callgrind ${CACHE_SIM:+--cache-sim=yes} --callgrind-out-file="$dir/cg.%p" "$@" >"$dir/server.log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 400); do
     python3 -c "import socket; socket.create_connection(('127.0.0.1', $port))" 2>/dev/null && break
@@ -53,17 +54,21 @@ count() {
   python3 "$dir/load.py" "$port" "$requests" "$method"
   callgrind_control -d "$pid" >/dev/null 2>&1
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  local total
-  total=$(grep -h '^summary:' "$dir"/cg.$pid.1 | awk '{print $2}')
+  # Instructions per request; with CACHE_SIM, then instruction-cache and
+  # data-cache (read + write) L1 misses per request.
+  grep -h '^summary:' "$dir"/cg.$pid.1 |
+    awk -v n="$requests" '{ if (NF > 2) printf "%d %d %d\n", $2 / n, $5 / n, ($6 + $7) / n; else printf "%d\n", $2 / n }'
   rm -f "$dir"/cg.$pid*
-  echo $((total / requests))
 }
 
 a_server=(./target/release/examples/axum_app --map "$dir/map.toml" --listen 127.0.0.1:3811 --admin-listen 127.0.0.1:3812)
 b_server=(./target/release/examples/load_harness serve-baseline --db-url "postgres://postgres@127.0.0.1:5432/$db" --listen 127.0.0.1:3813)
 echo "instructions per request (server process, callgrind), $requests requests, 4 keep-alive connections"
 for method in GET POST; do
-  a=$(count "$method" 3811 "${a_server[@]}")
-  b=$(count "$method" 3813 "${b_server[@]}")
+  read -r a a_i1 a_d1 <<<"$(count "$method" 3811 "${a_server[@]}")"
+  read -r b b_i1 b_d1 <<<"$(count "$method" 3813 "${b_server[@]}")"
   python3 -c "print(f'$method: A {$a:,}  B {$b:,}  A/B {$a / $b:.3f}')"
+  if [ -n "${CACHE_SIM:-}" ]; then
+    echo "  L1 misses per request: instructions A $a_i1 B $b_i1, data A $a_d1 B $b_d1"
+  fi
 done

@@ -5,7 +5,14 @@
 //! ```text
 //! bash examples/pgbouncer.sh        # optional: pgbouncer (transaction pooling) on 127.0.0.1:6432 for D
 //! cargo run --release --example load_harness -- --seconds 5 --connections 32 --rounds 3
+//! cargo run --release --example load_harness -- --together 16 --workloads get,post
 //! ```
+//!
+//! `--together N` compares A with B only, side by side: both servers loaded
+//! at once from half the connections each, N times with fresh processes, each
+//! side's CPU per request its server's and its own Postgres backends'. It is
+//! the steadiest A/B figure on a shared machine; the rounds below suit the
+//! other configurations.
 //!
 //! * A: `axum_app` (the router) on 1 shard.
 //! * B: the baseline, an idiomatic plain app written without the router: one
@@ -81,6 +88,9 @@ struct Args {
     /// Seconds of load per run in `--together` mode, after 1 s of warm-up.
     #[arg(long, default_value = "3")]
     slice: f64,
+    /// A's per-tenant counting in `--together` mode (0: off, as E).
+    #[arg(long, default_value = "1000")]
+    top_tenants: usize,
 }
 
 #[derive(Subcommand)]
@@ -424,6 +434,8 @@ async fn run_together(args: &Args, single: &str) -> Result<(), Box<dyn std::erro
                     &a_addr.to_string(),
                     "--admin-listen",
                     "127.0.0.1:0",
+                    "--top-tenants",
+                    &args.top_tenants.to_string(),
                 ])),
                 start_server(Command::new(std::env::current_exe()?).args([
                     "serve-baseline",
