@@ -6,6 +6,7 @@
 #
 #   bash benches/callgrind_ab.sh [REQUESTS]      # default 4000 per workload
 #   CACHE_SIM=1 bash benches/callgrind_ab.sh     # also simulated L1 misses per request
+#   A_ARGS=--around-router bash benches/callgrind_ab.sh   # more arguments for A
 #
 # Counts the server process only (both send the same statements to Postgres;
 # the script checks that with log_statement). Needs valgrind and python3.
@@ -61,7 +62,7 @@ count() {
   rm -f "$dir"/cg.$pid*
 }
 
-a_server=(./target/release/examples/axum_app --map "$dir/map.toml" --listen 127.0.0.1:3811 --admin-listen 127.0.0.1:3812)
+a_server=(./target/release/examples/axum_app --map "$dir/map.toml" --listen 127.0.0.1:3811 --admin-listen 127.0.0.1:3812 ${A_ARGS:-})
 b_server=(./target/release/examples/load_harness serve-baseline --db-url "postgres://postgres@127.0.0.1:5432/$db" --listen 127.0.0.1:3813)
 echo "instructions per request (server process, callgrind), $requests requests, 4 keep-alive connections"
 for method in GET POST; do

@@ -38,6 +38,7 @@ use shard_router::status::StatusService;
 use shard_router::tenant::HeaderExtractor;
 use shard_router::{DbError, ShardRouter, ShardRouterLayer, TenantDb};
 use std::future::IntoFuture;
+use tower_layer::Layer;
 
 use uuid::Uuid;
 
@@ -54,6 +55,11 @@ struct Args {
     /// (Prometheus). Keep it off the public network.
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin_listen: SocketAddr,
+    /// Put the shard router's layer around the router rather than around
+    /// each route (`Router::layer`): axum then has one boxed service less per
+    /// request (docs/handlers.md, "Around the routes or around the router").
+    #[arg(long)]
+    around_router: bool,
     /// Tenants ranked per shard by the per-tenant load counting (0: off).
     #[arg(long, default_value_t = shard_router::accounting::DEFAULT_TOP_TENANTS)]
     top_tenants: usize,
@@ -125,11 +131,14 @@ async fn list_notes(db: TenantDb) -> Result<Json<Vec<Note>>, AppError> {
     ))
 }
 
+/// The notes routes.
+fn notes() -> Router {
+    Router::new().route("/notes", get(list_notes).post(create_note))
+}
+
 /// The application: the notes routes behind the shard router.
 fn app(router: ShardRouter) -> Router {
-    Router::new()
-        .route("/notes", get(list_notes).post(create_note))
-        .layer(ShardRouterLayer::new(router, HeaderExtractor::default()))
+    notes().layer(ShardRouterLayer::new(router, HeaderExtractor::default()))
 }
 
 /// The operators' side, on its own listener: the router's status and metrics
@@ -151,9 +160,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
     tracing::info!(addr = %listener.local_addr()?, admin = %admin_listener.local_addr()?,
         map_version = router.version(), "listening");
-    tokio::try_join!(
-        axum::serve(admin_listener, admin(router.clone())).into_future(),
-        axum::serve(listener, app(router)).into_future(),
-    )?;
+    let admin = axum::serve(admin_listener, admin(router.clone())).into_future();
+    if args.around_router {
+        let app = ShardRouterLayer::new(router, HeaderExtractor::default()).layer(notes());
+        let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(app);
+        tokio::try_join!(admin, axum::serve(listener, app).into_future())?;
+    } else {
+        tokio::try_join!(admin, axum::serve(listener, app(router)).into_future())?;
+    }
     Ok(())
 }

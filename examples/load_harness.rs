@@ -88,6 +88,10 @@ struct Args {
     /// Seconds of load per run in `--together` mode, after 1 s of warm-up.
     #[arg(long, default_value = "3")]
     slice: f64,
+    /// In `--together` mode, A with the layer around the router rather than
+    /// around each route (`axum_app --around-router`).
+    #[arg(long)]
+    around_router: bool,
     /// A's per-tenant counting in `--together` mode (0: off, as E).
     #[arg(long, default_value = "1000")]
     top_tenants: usize,
@@ -427,16 +431,20 @@ async fn run_together(args: &Args, single: &str) -> Result<(), Box<dyn std::erro
             reset_notes(&dbs, tenants).await?;
             let (a_addr, b_addr) = (free_addr(), free_addr());
             let servers = [
-                start_server(Command::new(sibling("axum_app")).args([
-                    "--map",
-                    map.to_str().unwrap(),
-                    "--listen",
-                    &a_addr.to_string(),
-                    "--admin-listen",
-                    "127.0.0.1:0",
-                    "--top-tenants",
-                    &args.top_tenants.to_string(),
-                ])),
+                start_server(
+                    Command::new(sibling("axum_app"))
+                        .args(args.around_router.then_some("--around-router"))
+                        .args([
+                            "--map",
+                            map.to_str().unwrap(),
+                            "--listen",
+                            &a_addr.to_string(),
+                            "--admin-listen",
+                            "127.0.0.1:0",
+                            "--top-tenants",
+                            &args.top_tenants.to_string(),
+                        ]),
+                ),
                 start_server(Command::new(std::env::current_exe()?).args([
                     "serve-baseline",
                     "--db-url",

@@ -12,6 +12,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// One HTTP/1.1 request on a fresh connection; returns (status, body).
+/// Starts the example with `args` (its `--listen` among them) and waits until
+/// it accepts connections on `addr`.
+async fn start_example(addr: SocketAddr, args: &[&str]) -> common::Server {
+    let server = common::Server(
+        Command::new(common::example_binary("axum_app"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return server;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the example never listened on {addr}");
+}
+
 async fn http(addr: SocketAddr, method: &str, tenant: Option<&str>, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let tenant_header = tenant
@@ -53,31 +73,19 @@ async fn notes_api_over_http_routes_each_tenant_to_its_shard() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap()
     };
-    let _server = common::Server(
-        Command::new(common::example_binary("axum_app"))
-            .args([
-                "--map",
-                map_path.to_str().unwrap(),
-                "--listen",
-                &addr.to_string(),
-                "--admin-listen",
-                &admin.to_string(),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     // Wait until it accepts connections (it creates the schema first).
-    let mut ready = false;
-    for _ in 0..200 {
-        if TcpStream::connect(addr).await.is_ok() {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(ready, "the example never listened on {addr}");
+    let _server = start_example(
+        addr,
+        &[
+            "--map",
+            map_path.to_str().unwrap(),
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ],
+    )
+    .await;
 
     let tenants: Vec<String> = (0..12)
         .map(|i| format!("org-{i}"))
@@ -142,6 +150,46 @@ async fn notes_api_over_http_routes_each_tenant_to_its_shard() {
         .sum();
     assert_eq!(ok, 13 * 3, "{metrics}");
     assert!(metrics.contains("shard_router_map_version 1"), "{metrics}");
+
+    // The same routes with the layer around the router (`--around-router`):
+    // the same answers, the same shards.
+    let around: SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let _around_server = start_example(
+        around,
+        &[
+            "--around-router",
+            "--map",
+            map_path.to_str().unwrap(),
+            "--listen",
+            &around.to_string(),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let (status, body) = http(
+        around,
+        "POST",
+        Some("acme"),
+        "{\"body\":\"note 2 of acme\"}",
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = http(around, "GET", Some("acme"), "").await;
+    assert_eq!(status, 200);
+    let notes: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(notes.len(), 3, "{body}");
+    assert_eq!(
+        notes_of(&shards.url(1), "acme").await,
+        3,
+        "acme is pinned to b"
+    );
+    let (status, body) = http(around, "GET", None, "").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("missing_tenant"));
 }
 
 /// The example app, following a control database, moves a tenant while
@@ -177,30 +225,18 @@ async fn a_tenant_of_the_example_moves_while_clients_post_and_get_at_full_speed(
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap()
     };
-    let _server = common::Server(
-        Command::new(common::example_binary("axum_app"))
-            .args([
-                "--control",
-                &control_url,
-                "--listen",
-                &addr.to_string(),
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut ready = false;
-    for _ in 0..200 {
-        if TcpStream::connect(addr).await.is_ok() {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(ready, "the example never listened on {addr}");
+    let _server = start_example(
+        addr,
+        &[
+            "--control",
+            &control_url,
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
 
     let acked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
