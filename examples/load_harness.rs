@@ -329,7 +329,9 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// CPU nanoseconds of process `pid` so far, every thread's, from
 /// `/proc/<pid>/task/*/schedstat`: time on a CPU as the scheduler counts it,
-/// exact where `stat`'s ticks are sampled; 0 if it is gone.
+/// exact where `stat`'s ticks are sampled; 0 if it is gone (a thread or
+/// backend that ends during a measurement takes its time with it: the
+/// servers' runtime threads and pooled connections live throughout).
 fn cpu_ns(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
@@ -368,6 +370,15 @@ fn steal_ticks() -> u64 {
         .unwrap_or(0)
 }
 
+/// The port of [`SERVER`].
+fn pg_port() -> i32 {
+    SERVER
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5432)
+}
+
 /// The Postgres backends serving process `pid`: its sockets' inodes, their
 /// local ports in `/proc/net/tcp{,6}`, then `pg_stat_activity.client_port`.
 async fn backends_of(admin: &tokio_postgres::Client, pid: u32) -> Vec<u32> {
@@ -392,7 +403,7 @@ async fn backends_of(admin: &tokio_postgres::Client, pid: u32) -> Vec<u32> {
                 addr.rsplit_once(':')
                     .and_then(|(_, p)| i32::from_str_radix(p, 16).ok())
             };
-            if f.len() > 9 && inodes.contains(f[9]) && port(f[2]) == Some(5432) {
+            if f.len() > 9 && inodes.contains(f[9]) && port(f[2]) == Some(pg_port()) {
                 ports.extend(port(f[1]));
             }
         }
@@ -461,17 +472,16 @@ async fn run_together(args: &Args, single: &str) -> Result<(), Box<dyn std::erro
                 drive(b_addr, tenants, half, warm, workload)
             );
             let pids = [servers[0].0.id(), servers[1].0.id()];
-            let backends = [
-                backends_of(&admin, pids[0]).await,
-                backends_of(&admin, pids[1]).await,
-            ];
-            let own = |side: usize| -> (u64, u64) {
-                (
-                    cpu_ns(pids[side]),
-                    backends[side].iter().map(|p| cpu_ns(*p)).sum(),
-                )
-            };
-            let before = [own(0), own(1)];
+            // Each side's backends and their CPU so far; looked for again at
+            // the end, so that a connection opened during the window counts
+            // (from 0: all of its time is in the window).
+            let mut before: [std::collections::HashMap<u32, u64>; 2] = Default::default();
+            for side in 0..2 {
+                for pid in backends_of(&admin, pids[side]).await {
+                    before[side].insert(pid, cpu_ns(pid));
+                }
+            }
+            let app_before = [cpu_ns(pids[0]), cpu_ns(pids[1])];
             let outcomes = tokio::join!(
                 drive(a_addr, tenants, half, slice, workload),
                 drive(b_addr, tenants, half, slice, workload)
@@ -479,11 +489,20 @@ async fn run_together(args: &Args, single: &str) -> Result<(), Box<dyn std::erro
             // (requests/s, CPU µs per request: all, app, Postgres) per side.
             let mut figures = [(0.0, 0.0, 0.0, 0.0); 2];
             for (side, o) in [(0, outcomes.0), (1, outcomes.1)] {
-                let after = own(side);
-                let app = after.0.saturating_sub(before[side].0) as f64;
-                let pg = after.1.saturating_sub(before[side].1) as f64;
+                let app = cpu_ns(pids[side]).saturating_sub(app_before[side]) as f64;
+                let mut backends: Vec<u32> = backends_of(&admin, pids[side]).await;
+                backends.extend(before[side].keys());
+                backends.sort_unstable();
+                backends.dedup();
+                let pg: u64 = backends
+                    .iter()
+                    .map(|pid| cpu_ns(*pid).saturating_sub(*before[side].get(pid).unwrap_or(&0)))
+                    .sum();
+                let pg = pg as f64;
                 errors += o.errors;
-                let per_request = |ns: f64| ns / 1e3 / o.latencies.len().max(1) as f64;
+                // Per answered request: a failure would make a side look cheap.
+                let served = (o.latencies.len() as u64).saturating_sub(o.errors).max(1);
+                let per_request = |ns: f64| ns / 1e3 / served as f64;
                 figures[side] = (
                     o.rps(),
                     per_request(app + pg),
@@ -505,7 +524,7 @@ async fn run_together(args: &Args, single: &str) -> Result<(), Box<dyn std::erro
         }
         let steal = (steal_ticks() - steal_before) as f64 / 100.0 / started.elapsed().as_secs_f64();
         let quartiles = |mut v: Vec<f64>| {
-            v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+            v.sort_by(f64::total_cmp);
             let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
             (at(0.25), at(0.5), at(0.75))
         };

@@ -165,7 +165,6 @@ impl ShardLoad {
         self.counters.fence_refusals.fetch_add(1, Relaxed);
     }
 
-    /// Adds `cost` to `tenant` (a statement, or a checkout when it counts none).
     /// Counts `cost` in the shard's counters and charges it to `tenant`: a
     /// statement's (`statements > 0`) or a checkout's.
     pub(crate) fn record(&self, tenant: &str, cost: Cost) {
@@ -208,6 +207,7 @@ impl ShardLoad {
         self.update(tenant, |entry| entry.add(cost));
     }
 
+    /// Applies `change` to `tenant`'s entry, making room for it if it is new.
     fn update(&self, tenant: &str, change: impl FnOnce(&mut Entry)) {
         if self.top == 0 {
             return;

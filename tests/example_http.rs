@@ -11,7 +11,6 @@ use shard_router::{Migrations, TenantId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// One HTTP/1.1 request on a fresh connection; returns (status, body).
 /// Starts the example with `args` (its `--listen` among them) and waits until
 /// it accepts connections on `addr`.
 async fn start_example(addr: SocketAddr, args: &[&str]) -> common::Server {
@@ -32,6 +31,7 @@ async fn start_example(addr: SocketAddr, args: &[&str]) -> common::Server {
     panic!("the example never listened on {addr}");
 }
 
+/// One HTTP/1.1 request on a fresh connection; returns (status, body).
 async fn http(addr: SocketAddr, method: &str, tenant: Option<&str>, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let tenant_header = tenant

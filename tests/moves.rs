@@ -676,6 +676,17 @@ async fn a_router_on_the_old_map_is_refused_by_the_fence_on_both_shards() {
                 .await
                 .unwrap_err();
             assert!(err.is_fenced(), "{err}");
+            // The tenant's counts on shard a: (statements, errors).
+            let counts = || {
+                stale
+                    .tenant_load()
+                    .into_iter()
+                    .filter(|s| s.shard == "a")
+                    .flat_map(|s| s.tenants)
+                    .find(|t| t.tenant == tenant)
+                    .map_or((0, 0), |t| (t.statements, t.errors))
+            };
+            let before = counts();
             let err = db
                 .execute(
                     "UPDATE projects SET name = 'stale-none' WHERE tenant_id = $1 AND false",
@@ -684,6 +695,9 @@ async fn a_router_on_the_old_map_is_refused_by_the_fence_on_both_shards() {
                 .await
                 .unwrap_err();
             assert!(err.is_fenced(), "{err}");
+            // Counted as the caller saw it: one statement, failed.
+            let after = counts();
+            assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1));
         }
     }
     for i in 0..2 {

@@ -432,20 +432,27 @@ impl TenantDb {
         };
         match result {
             Ok(out) => {
-                client.count(started, Ok::<_, &()>(out.size()));
                 self.wrote(position);
-                if out.is_empty() {
+                let checked = if out.is_empty() {
                     // A statement that changed no row fired no fence trigger.
-                    let min = Box::pin(fence_of(&client, &self.tenant))
-                        .await
-                        .map_err(|e| self.query_error_on(shard, e))?;
-                    self.fenced(shard, min)?;
-                }
-                Ok(out)
+                    Box::pin(async {
+                        let min = fence_of(&client, &self.tenant)
+                            .await
+                            .map_err(|e| self.query_error_on(shard, e))?;
+                        self.fenced(shard, min)
+                    })
+                    .await
+                } else {
+                    Ok(())
+                };
+                // Counted as the caller sees it: a fence check that fails
+                // fails the write.
+                client.count(started, checked.as_ref().map(|()| out.size()));
+                checked.map(|()| out)
             }
-            // Counted by the declared write: the refusal changed nothing.
+            // Counted by the declared write, from `started`.
             Err(e) if is_fence_refusal(&e) => {
-                Box::pin(self.write_declared(client, &statement, params, rows)).await
+                Box::pin(self.write_declared(client, &statement, params, rows, started)).await
             }
             Err(e) => {
                 client.count(started, Err::<u64, _>(&e));
@@ -455,16 +462,17 @@ impl TenantDb {
     }
 
     /// [`TenantDb::write_plain`] again after the fence refused the statement
-    /// alone: in a transaction that declares the handle's map version.
+    /// alone: in a transaction that declares the handle's map version. One
+    /// statement in the counts, from `started` (the refused attempt's).
     async fn write_declared(
         &self,
         client: TenantClient,
         statement: &tokio_postgres::Statement,
         params: &[&(dyn ToSql + Sync)],
         rows: bool,
+        started: Instant,
     ) -> Result<Outcome, DbError> {
         let shard = client.shard;
-        let started = Instant::now();
         let mut side = Side {
             shard,
             unbegun: false,
@@ -490,20 +498,27 @@ impl TenantDb {
             self.wrote(position);
             out
         });
-        client.count(started, result.as_ref().map(Outcome::size));
-        if let Ok(out) = &result {
-            drop(side.client.take()); // committed: back to the pool
-            if out.is_empty() {
-                // A statement that changed no row fired no fence trigger.
-                self.check_fence_on(shard).await?;
+        let result = match result {
+            Ok(out) => {
+                drop(side.client.take()); // committed: back to the pool
+                if out.is_empty() {
+                    // A statement that changed no row fired no fence trigger.
+                    self.check_fence_on(shard).await.map(|()| out)
+                } else {
+                    Ok(out)
+                }
             }
-        } else if let Err(e) = &result {
-            if e.as_db_error().is_some() {
-                side.clean = true; // the server answered: the transaction is over
-                drop(side.client.take());
+            Err(e) => {
+                if e.as_db_error().is_some() {
+                    side.clean = true; // the server answered: the transaction is over
+                    drop(side.client.take());
+                }
+                Err(self.query_error_on(shard, e))
             }
-        }
-        result.map_err(|e| self.query_error_on(shard, e))
+        };
+        // Counted apart from the connection, gone back to the pool by now.
+        self.count(shard, started, result.as_ref().map(Outcome::size));
+        result
     }
 
     /// [`TenantWriter::check_fence`] for a statement already committed.
@@ -616,7 +631,7 @@ impl TenantDb {
         if counted {
             load.checkout(pool_wait, false);
         }
-        let client = TenantClient {
+        let mut client = TenantClient {
             client,
             _slot: slot,
             held: HoldTimer {
@@ -646,6 +661,8 @@ impl TenantDb {
             ))
             .await
             .map_err(|e| self.query_error_on(shard, e))?;
+            // Held from here, as before the setting (the checkout's work).
+            client.held.since = Instant::now();
         }
         Ok(client)
     }

@@ -321,13 +321,10 @@ impl TenantWriter {
     ) -> Result<Outcome, DbError> {
         self.ensure_open()?;
         let started = Instant::now();
-        let shard = self.primary.shard;
         let result = self.statement_counted(sql, params, rows).await;
-        let size = result.as_ref().map(Outcome::size);
-        match self.primary.client.as_ref() {
-            Some(client) => client.count(started, size),
-            None => self.db.count(shard, started, size),
-        }
+        self.primary
+            .client()
+            .count(started, result.as_ref().map(Outcome::size));
         result
     }
 
