@@ -11,6 +11,12 @@ use shard_router::{Migrations, TenantId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// A loopback address nothing listens on yet.
+fn free_addr() -> SocketAddr {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap()
+}
+
 /// Starts the example with `args` (its `--listen` among them) and waits until
 /// it accepts connections on `addr`.
 async fn start_example(addr: SocketAddr, args: &[&str]) -> common::Server {
@@ -65,14 +71,8 @@ async fn notes_api_over_http_routes_each_tenant_to_its_shard() {
         report.outcome.unwrap();
     }
 
-    let addr: SocketAddr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
-    let admin: SocketAddr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
+    let addr: SocketAddr = free_addr();
+    let admin: SocketAddr = free_addr();
     // Wait until it accepts connections (it creates the schema first).
     let _server = start_example(
         addr,
@@ -153,10 +153,7 @@ async fn notes_api_over_http_routes_each_tenant_to_its_shard() {
 
     // The same routes with the layer around the router (`--around-router`):
     // the same answers, the same shards.
-    let around: SocketAddr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
+    let around: SocketAddr = free_addr();
     let _around_server = start_example(
         around,
         &[
@@ -221,10 +218,7 @@ async fn a_tenant_of_the_example_moves_while_clients_post_and_get_at_full_speed(
         .await
         .unwrap();
 
-    let addr: SocketAddr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
+    let addr: SocketAddr = free_addr();
     let _server = start_example(
         addr,
         &[

@@ -38,7 +38,8 @@ use crate::TenantId;
 pub struct TenantClient {
     pub(super) client: Object,
     pub(super) _slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Counts the connection's hold time for its tenant when it goes back.
+    /// Charges the connection's wait, statements and hold time to its
+    /// tenant when it goes back.
     pub(super) held: HoldTimer,
     /// Who and where, for errors.
     pub(super) db: TenantDb,
